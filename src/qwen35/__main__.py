@@ -1,0 +1,3 @@
+from qwen35.cli.main import main
+
+main()

@@ -1,0 +1,132 @@
+"""The Python API: `load()` a checkpoint, then `chat`, `stream_chat`, `generate`, `stream_generate`, `logits`.
+
+Streaming is the primitive: every non-streaming call folds the stream it would have produced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+from qwen35.generate import generate_tokens
+from qwen35.loading import load_model, resolve_checkpoint
+from qwen35.models import Qwen35Model
+from qwen35.sampling import SamplingParams
+from qwen35.tokenizer import IncrementalDecoder, StopStrings, ThinkingSplitter, Tokenizer, parse_tool_calls
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A streamed fragment of a reply. The last piece of a stream carries `finish_reason` and token counts."""
+
+    kind: Literal["thinking", "answer"]
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A whole reply: the answer text, the thinking text (empty when thinking is off) and usage."""
+
+    text: str
+    thinking: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+def fold(pieces: Iterable[Piece]) -> Reply:
+    """The non-streaming reply of a stream."""
+    text, thinking, last = [], [], None
+    for piece in pieces:
+        (thinking if piece.kind == "thinking" else text).append(piece.text)
+        last = piece
+    assert last is not None and last.finish_reason is not None, "a stream always ends with a finishing piece"
+    content, calls = parse_tool_calls("".join(text))
+    return Reply(content, "".join(thinking), last.finish_reason, last.prompt_tokens, last.completion_tokens, calls)
+
+
+class Qwen35:
+    """A loaded model with its tokenizer, chat template and default sampling settings."""
+
+    def __init__(self, model: Qwen35Model, tokenizer: Tokenizer, defaults: SamplingParams, path: Path):
+        self.model, self.tokenizer, self.defaults, self.path = model, tokenizer, defaults, path
+        self.config = model.config
+
+    # -- raw model access -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Full forward, no cache: (T, V) fp32 logits for one sequence, or (B, T, V) for a 2-D batch."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.model.embed_tokens.weight.device)
+        out = self.model(ids if ids.ndim == 2 else ids[None]).float()
+        return out if ids.ndim == 2 else out[0]
+
+    # -- completion -------------------------------------------------------------------------------------------
+    def stream_generate(self, prompt: str, **sampling: Any) -> Iterator[Piece]:
+        """Raw completion of `prompt` (no chat template), streamed."""
+        return self._stream(self.tokenizer.encode(prompt), self.defaults.updated(**sampling), thinking=False)
+
+    def generate(self, prompt: str, **sampling: Any) -> Reply:
+        return fold(self.stream_generate(prompt, **sampling))
+
+    # -- chat -------------------------------------------------------------------------------------------------
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    enable_thinking: bool | None = None) -> str:
+        """The prompt text the chat template renders for `messages` (ends with the assistant generation prompt)."""
+        return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                  enable_thinking=enable_thinking)
+
+    def stream_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    enable_thinking: bool | None = None, **sampling: Any) -> Iterator[Piece]:
+        """Reply to a conversation, streamed as thinking and answer pieces."""
+        prompt = self.chat_prompt(messages, tools, enable_thinking)
+        starts_thinking = prompt.rstrip().endswith("<think>")
+        return self._stream(self.tokenizer.encode(prompt), self.defaults.updated(**sampling), starts_thinking)
+
+    def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+             enable_thinking: bool | None = None, **sampling: Any) -> Reply:
+        return fold(self.stream_chat(messages, tools, enable_thinking, **sampling))
+
+    def _stream(self, prompt_ids: list[int], params: SamplingParams, thinking: bool) -> Iterator[Piece]:
+        tok = self.tokenizer
+        eos = set() if params.ignore_eos else set(tok.eos_token_ids)
+        decoder, stops, splitter = IncrementalDecoder(tok), StopStrings(params.stop), ThinkingSplitter(thinking)
+        count, finish, stopped = 0, "length", False
+        for token in generate_tokens(self.model, prompt_ids, params, tok.eos_token_ids, tok.vocab_size):
+            count += 1
+            if token in eos:
+                finish = "stop"
+                break
+            text, stopped = stops.feed(decoder.add(token))
+            yield from (Piece(kind, t) for kind, t in splitter.feed(text) if t)
+            if stopped:
+                finish = "stop"
+                break
+        if not stopped:  # release what the decoder and the stop matcher still hold
+            text, stopped = stops.feed(decoder.flush())
+            finish = "stop" if stopped else finish
+            yield from (Piece(kind, t) for kind, t in splitter.feed(text if stopped else text + stops.flush()) if t)
+        yield from (Piece(kind, t) for kind, t in splitter.flush() if t)
+        yield Piece("answer", "", finish, len(prompt_ids), count)
+
+
+def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfloat16", device: str | None = None,
+         progress: Callable[[int, int], None] | None = None) -> Qwen35:
+    """Load a checkpoint directory or Hugging Face repo id; None loads the built-in default model."""
+    if path_or_repo is None:
+        from qwen35.default_model import default_model_path
+        path = default_model_path()
+    else:
+        path = resolve_checkpoint(path_or_repo)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
+    model = load_model(path, dtype=dtype, device=device, progress=progress)
+    return Qwen35(model, Tokenizer.from_dir(path), SamplingParams.from_generation_config(path), path)

@@ -1,0 +1,110 @@
+"""`qwen35 <command>`: argument parsing and dispatch; each command lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rich.console import Console
+
+SAMPLING_FLAGS = {  # flag -> (SamplingParams field, type, help)
+    "--temperature": ("temperature", float, "0 = greedy"),
+    "--top-k": ("top_k", int, "keep the k most likely tokens (0 = off)"),
+    "--top-p": ("top_p", float, "nucleus sampling mass"),
+    "--min-p": ("min_p", float, "drop tokens below min_p x the top probability"),
+    "--presence-penalty": ("presence_penalty", float, "OpenAI presence penalty"),
+    "--frequency-penalty": ("frequency_penalty", float, "OpenAI frequency penalty"),
+    "--repetition-penalty": ("repetition_penalty", float, "HF repetition penalty (1 = off)"),
+    "--max-tokens": ("max_tokens", int, "most tokens to generate"),
+    "--seed": ("seed", int, "same seed, same text"),
+}
+
+
+def _model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
+    p.add_argument("-m", "--model", help="checkpoint directory or Hugging Face repo id (default: the built-in model)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    if sampling:
+        group = p.add_argument_group("sampling (defaults come from the checkpoint's generation_config.json)")
+        for flag, (dest, kind, text) in SAMPLING_FLAGS.items():
+            group.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+        group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+        group.add_argument("--ignore-eos", dest="ignore_eos", action="store_true", default=None,
+                           help="go on past the end-of-turn token until --max-tokens")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    names = [dest for dest, _, _ in SAMPLING_FLAGS.values()] + ["stop", "ignore_eos"]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen35", description="Run Qwen3.5 models on your own machine.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log loading details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="chat in the terminal (or one-shot with -p)")
+    _model_args(chat)
+    chat.add_argument("-p", "--prompt", help="one-shot: print the reply to this message and exit")
+    chat.add_argument("-s", "--system", help="system prompt")
+    chat.add_argument("--think", choices=["on", "off"], default=None, help="thinking mode (default: the template's)")
+    chat.add_argument("--show-thinking", action="store_true", help="one-shot: also print the thinking (to stderr)")
+
+    gen = sub.add_parser("generate", help="raw completion of a prompt (no chat template)")
+    _model_args(gen)
+    gen.add_argument("prompt", help="text to continue ('-' reads standard input)")
+
+    info = sub.add_parser("info", help="layer pattern, parameters, memory estimates of a model")
+    _model_args(info, sampling=False)
+
+    quant = sub.add_parser("quantize", help="write an int8 / int4 weight-only copy of a checkpoint")
+    quant.add_argument("src", help="checkpoint directory or Hugging Face repo id")
+    quant.add_argument("dst", help="output directory")
+    quant.add_argument("--bits", type=int, choices=[8, 4], default=4)
+    quant.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=64, help="int4 group along K")
+    quant.add_argument("--head", action="store_true", help="also the LM head / embedding (int8)")
+
+    train = sub.add_parser("train", help="train a model from scratch (recipe 'nano': the built-in default)")
+    train.add_argument("recipe", choices=["nano"])
+    train.add_argument("--out", required=True, help="where the finished checkpoint goes")
+    train.add_argument("--work", default="runs/nano", help="tokenizer, checkpoints and logs (resumable)")
+    train.add_argument("--minutes", type=float, default=75.0, help="wall-time budget for all stages")
+    train.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def load_for(args: argparse.Namespace, console: Console):
+    """Load the model named by --model with a status line; the built-in default is created on first use."""
+    from qwen35.api import load
+
+    with console.status(f"Loading {args.model or 'the built-in default model'}…", spinner="dots"):
+        return load(args.model, dtype=args.dtype, device=args.device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    err = Console(stderr=True)
+    try:
+        if args.command == "chat":
+            from qwen35.cli.chat import run_chat
+            run_chat(args, err)
+        elif args.command == "generate":
+            from qwen35.cli.chat import run_generate
+            run_generate(args, err)
+        elif args.command == "info":
+            from qwen35.cli.info import run_info
+            run_info(args, Console())
+        elif args.command == "quantize":
+            from qwen35.cli.info import run_quantize
+            run_quantize(args, err)
+        elif args.command == "train":
+            from qwen35.train.nano import NanoRecipe, run_nano
+            run_nano(args.out, args.work, NanoRecipe(minutes=args.minutes, seed=args.seed),
+                     command="qwen35 " + " ".join(sys.argv[1:] if argv is None else argv))
+    except (ValueError, FileNotFoundError, ConnectionError, FloatingPointError) as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,106 @@
+"""The engine: runs the scheduler's plan on the model, one batched forward per decode step.
+
+Running sequences share one left-padded `ModelCache` (rows in the scheduler's running order): a sequence joins
+it when its prompt is prefilled (`merge_caches`) and leaves it when it finishes or is aborted (`select_rows`).
+Every row then computes exactly what it would alone, so greedy output does not depend on the company it keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from qwen35.cache import ModelCache, make_cache, merge_caches, select_rows
+from qwen35.engine.scheduler import Scheduler, Sequence
+from qwen35.models import Qwen35Model
+from qwen35.sampling import SamplingParams, sample
+
+
+@dataclass(frozen=True)
+class Event:
+    """A token produced for a sequence; `finish_reason` is set on its last token."""
+
+    seq_id: str
+    token: int
+    finish_reason: str | None = None
+
+
+class Engine:
+    def __init__(self, model: Qwen35Model, eos_ids: Seq[int] = (), sample_limit: int | None = None,
+                 scheduler: Scheduler | None = None):
+        self.model, self.eos, self.sample_limit = model, set(eos_ids), sample_limit
+        self.scheduler = scheduler or Scheduler()
+        self.device = model.embed_tokens.weight.device
+        self.batch: ModelCache | None = None
+
+    def add(self, seq_id: str, prompt: list[int], params: SamplingParams) -> None:
+        limit = self.model.config.max_position_embeddings
+        if not prompt or len(prompt) >= limit:
+            raise ValueError(f"prompt of {len(prompt)} tokens: need 1 to {limit - 1} for this model")
+        seq = Sequence(seq_id, list(prompt), params)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.scheduler.add(seq)
+
+    def abort(self, seq_id: str) -> None:
+        """Drop a sequence and free its state (its row leaves the running batch)."""
+        index = next((i for i, s in enumerate(self.scheduler.running) if s.id == seq_id), None)
+        seq = self.scheduler.abort(seq_id)
+        if seq is not None and index is not None:
+            self._keep([i for i in range(len(self.scheduler.running) + 1) if i != index])
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """One prefill chunk (if a sequence is waiting and there is room), then one decode step for all running."""
+        events: list[Event] = []
+        job = self.scheduler.next_prefill()
+        if job is not None:
+            seq, start, end = job
+            seq.cache = seq.cache or make_cache(self.model.config, 1, self.device)
+            logits = self.model(torch.tensor([seq.prompt[start:end]], device=self.device), seq.cache,
+                                last_only=True)[0, -1]
+            if self.scheduler.prefilled(seq, end):
+                event = self._sample(seq, logits)
+                events.append(event)
+                if event.finish_reason is None:
+                    self.scheduler.admit(seq)
+                    self.batch = seq.cache if self.batch is None else merge_caches([self.batch, seq.cache])
+                seq.cache = None
+        running = list(self.scheduler.running)
+        if running:
+            ids = torch.tensor([[s.generated[-1]] for s in running], device=self.device)
+            logits = self.model(ids, self.batch)[:, -1]
+            keep = []
+            for row, seq in enumerate(running):
+                event = self._sample(seq, logits[row])
+                events.append(event)
+                if event.finish_reason is None:
+                    keep.append(row)
+                else:
+                    self.scheduler.finish(seq, event.finish_reason)
+            if len(keep) < len(running):
+                self._keep(keep)
+        return events
+
+    def _keep(self, rows: list[int]) -> None:
+        self.batch = select_rows(self.batch, rows) if rows else None
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> Event:
+        if self.sample_limit is not None and self.sample_limit < logits.shape[-1]:
+            logits = logits.clone()
+            logits[self.sample_limit:] = float("-inf")
+        if not torch.isfinite(logits).any():
+            return Event(seq.id, -1, "error")
+        generated = torch.tensor(seq.generated, dtype=torch.long, device=self.device)
+        token = sample(logits, generated, seq.params, seq.generator)
+        seq.generated.append(token)
+        total = len(seq.prompt) + len(seq.generated)
+        reason = ("stop" if token in self.eos and not seq.params.ignore_eos else
+                  "length" if len(seq.generated) >= seq.params.max_tokens
+                  or total >= self.model.config.max_position_embeddings else None)
+        return Event(seq.id, token, reason)

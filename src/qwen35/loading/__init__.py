@@ -1,0 +1,8 @@
+"""Checkpoint discovery and loading (safetensors only, never pickle)."""
+
+from qwen35.loading.checkpoint import CheckpointError, load_model, weight_files
+from qwen35.loading.hub import resolve_checkpoint
+from qwen35.loading.save import official_state_dict, save_model, save_state_dict
+
+__all__ = ["CheckpointError", "load_model", "official_state_dict", "resolve_checkpoint", "save_model",
+           "save_state_dict", "weight_files"]

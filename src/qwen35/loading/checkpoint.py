@@ -1,0 +1,194 @@
+"""Load an official Qwen3.5 checkpoint (Hugging Face layout) into `Qwen35Model`, strictly.
+
+Tensors are read one at a time from memory-mapped safetensors files straight into a model built on the meta
+device, so peak memory is the model itself. Every tensor must be accounted for: a missing, unexpected,
+wrong-shape or truncated tensor is an error that names the tensor and the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from qwen35.config import ModelConfig, load_config
+from qwen35.models import Qwen35Model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SKIPPED_PREFIXES = {"mtp.": "multi-token-prediction head (not used for plain generation)",
+                    "model.visual.": "vision tower (not loaded by the text model)"}
+QUANT_PARTS = (".qweight", ".scales", ".zeros")
+_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is; the message says which file and tensor, and what to do."""
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards named by `model.safetensors.index.json`, else all."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: not a valid shard index ({e!r}); re-download it") from None
+        missing = [n for n in names if not (directory / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) {missing} that are not in {directory}; "
+                                  "the download is incomplete")
+        return [directory / n for n in names]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        found = sorted(p.name for p in directory.iterdir())[:10]
+        hint = " (pickle .bin files are never loaded: convert them to safetensors)" if any(
+            n.endswith((".bin", ".pt", ".pth")) for n in found) else ""
+        raise CheckpointError(f"{directory}: no *.safetensors weights found (files: {found}){hint}")
+    return files
+
+
+def _checkpoint_name(name: str) -> str | None:
+    """Official name -> our parameter name; None for tensors we knowingly skip."""
+    if any(name.startswith(p) for p in SKIPPED_PREFIXES):
+        return None
+    for prefix in ("model.language_model.", "model."):  # multimodal layout, then text-only (CausalLM) layout
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name  # lm_head.weight
+
+
+def _diagnose(file: Path, error: Exception) -> CheckpointError:
+    """Turn a safetensors parse failure into a message naming the first tensor the file does not hold."""
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        data = file.stat().st_size - 8 - n
+        for name, info in header.items():
+            if name != "__metadata__" and info["data_offsets"][1] > data:
+                return CheckpointError(f"{file}: tensor '{name}' is truncated (needs bytes up to "
+                                       f"{info['data_offsets'][1]}, file has {data}); re-download the file")
+    except Exception:  # the header itself is unreadable: report the library's error
+        pass
+    return CheckpointError(f"{file}: not a readable safetensors file ({error}); re-download it")
+
+
+def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16, device: str = "cpu",
+               progress: Callable[[int, int], None] | None = None) -> Qwen35Model:
+    """Build a `Qwen35Model` from a checkpoint directory; `progress(done, total)` is called per file."""
+    directory = Path(directory)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}")
+    config = load_config(directory)
+    quant = _quant_config(directory)
+    with torch.device("meta"):
+        model = Qwen35Model(config)
+    expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head appears once
+    loaded: dict[str, torch.Tensor] = {}
+    quantized: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # module -> qweight / scales / zeros
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+    skipped: dict[str, int] = defaultdict(int)
+    files = weight_files(directory)
+    for i, file in enumerate(files):
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise _diagnose(file, e) from None
+        with handle as f:
+            for name in f.keys():
+                ours = _checkpoint_name(name)
+                if ours is None:
+                    skipped[next(p for p in SKIPPED_PREFIXES if name.startswith(p))] += 1
+                    continue
+                if ours == "lm_head.weight" and config.tie_word_embeddings:
+                    skipped["lm_head.weight (tied to the embedding)"] += 1
+                    continue
+                tensor = _read(f, name, file)
+                if quant is not None and ours.endswith(QUANT_PARTS):
+                    module, part = ours.rsplit(".", 1)
+                    quantized[module][part] = tensor
+                    continue
+                if m := _EXPERT.match(ours):  # per-expert tensors are stacked into Experts' fused weights
+                    experts[m[1]][int(m[2])][m[3]] = tensor
+                    continue
+                if ours not in expected:
+                    raise CheckpointError(f"{file}: unexpected tensor '{name}' (this config has no such "
+                                          "parameter); is config.json from the same checkpoint?")
+                loaded[ours] = _checked(tensor, expected[ours], name, file, dtype)
+        if progress:
+            progress(i + 1, len(files))
+    for prefix, per_expert in experts.items():
+        loaded.update(_stack_experts(prefix, per_expert, config, expected, dtype))
+    if quant is not None:
+        from qwen35.quant.checkpoint import build_quantized
+        build_quantized(model, quantized, quant)
+        expected = {name: p.shape for name, p in model.named_parameters()}
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{directory}: missing tensor(s) {missing[:5]}{more} "
+                              f"(looked in {[f.name for f in files]}); the checkpoint is incomplete")
+    for prefix, count in skipped.items():
+        log.info("skipped %d tensor(s) under %s: %s", count, prefix, SKIPPED_PREFIXES.get(prefix, "unused"))
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if config.tie_word_embeddings and not (quant is not None and quant.head):
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.to(device).eval()
+
+
+def _quant_config(directory: Path):
+    """The checkpoint's QuantConfig when `qwen35 quantize` wrote it, else None."""
+    raw = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    if raw is None:
+        return None
+    from qwen35.quant.quantize import QuantConfig
+    try:
+        return QuantConfig.from_dict(raw)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{directory / 'config.json'}: {e}") from None
+
+
+def _read(f, name: str, file: Path) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: tensor '{name}' cannot be read ({e}); re-download the file") from None
+
+
+def _checked(tensor: torch.Tensor, shape: torch.Size, name: str, file: Path, dtype: torch.dtype) -> torch.Tensor:
+    if tensor.shape != shape:
+        raise CheckpointError(f"{file}: tensor '{name}' has shape {tuple(tensor.shape)}, the config implies "
+                              f"{tuple(shape)}; config.json and weights do not match")
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{file}: tensor '{name}' has dtype {tensor.dtype}; expected floating point weights")
+    return tensor.to(dtype)
+
+
+def _stack_experts(prefix: str, per_expert: dict[int, dict[str, torch.Tensor]], config: ModelConfig,
+                   expected: dict[str, torch.Size], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Fuse `experts.{e}.{gate,up,down}_proj.weight` into gate_up_proj (E, 2I, H) and down_proj (E, H, I)."""
+    want = set(range(config.num_experts))
+    if set(per_expert) != want or any(len(parts) != 3 for parts in per_expert.values()):
+        have = sorted(per_expert)
+        raise CheckpointError(f"'{prefix}': expected gate/up/down weights for experts 0..{config.num_experts - 1}, "
+                              f"found experts {have[:8]}{'...' if len(have) > 8 else ''} (some incomplete)")
+    gate_up = torch.stack([torch.cat([per_expert[e]["gate_proj"], per_expert[e]["up_proj"]]) for e in sorted(want)])
+    down = torch.stack([per_expert[e]["down_proj"] for e in sorted(want)])
+    out = {}
+    for name, tensor in ((f"{prefix}.gate_up_proj", gate_up), (f"{prefix}.down_proj", down)):
+        if name not in expected or tensor.shape != expected[name]:
+            raise CheckpointError(f"'{name}': stacked expert weights have shape {tuple(tensor.shape)}, the config "
+                                  f"implies {tuple(expected.get(name, ()))}")
+        out[name] = tensor.to(dtype)
+    return out

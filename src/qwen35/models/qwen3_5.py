@@ -1,0 +1,277 @@
+"""The Qwen3.5 text decoder (dense `qwen3_5` and MoE `qwen3_5_moe`), top to bottom.
+
+A stack of pre-norm residual blocks; `config.layer_types[i]` picks the token mixer of block i: Gated DeltaNet
+(linear attention with a fixed-size recurrent state) or gated full attention with partial, interleaved
+multimodal RoPE. Parameter names are the reference's (`model.language_model.` stripped), so official
+checkpoints load without renaming. The model only does math: state lives in a `ModelCache` passed in.
+Shapes: B batch, T new tokens, S cached slots, H hidden, hd head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen35.cache import DeltaCache, KVCache, ModelCache
+from qwen35.config import ModelConfig
+from qwen35.ops import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
+
+
+class RMSNorm(nn.Module):
+    """Zero-centred RMSNorm: y = x_hat * (1 + w), computed in fp32 and cast back at the end."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+class GatedRMSNorm(nn.Module):
+    """DeltaNet output norm: (w * cast(x_hat)) * silu(z), with a plain (not 1 + w) weight shared by all heads."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return ((self.weight * xf.to(x.dtype)) * F.silu(z.float())).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """All routed experts as stacked weights: gate_up_proj (E, 2I, H) with rows [gate; up], down_proj (E, H, I)."""
+
+    def __init__(self, n: int, hidden: int, inner: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * inner, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n, hidden, inner))
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (N, H); index, weight (N, k): each token's chosen experts and their mixing weights."""
+        out = torch.zeros_like(x)
+        for e in index.unique().tolist():
+            token, slot = torch.where(index == e)
+            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weight[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+class SparseMoE(nn.Module):
+    """Softmax router, top-k renormalised, plus a shared expert scaled by a sigmoid gate."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(h, config.num_experts, bias=False)
+        self.experts = Experts(config.num_experts, h, config.moe_intermediate_size)
+        self.shared_expert = MLP(h, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(h, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.gate(flat)
+        weight, index = torch.softmax(logits, dim=-1, dtype=torch.float).topk(self.top_k, dim=-1)
+        weight = (weight / weight.sum(-1, keepdim=True)).to(logits.dtype)
+        out = self.experts(flat, index, weight)
+        out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return out.reshape(x.shape)
+
+
+def rotary_cos_sin(config: ModelConfig, positions: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (B, T, rotary_dim) for positions (3, B, T) = (t, h, w), with interleaved M-RoPE sections.
+
+    Frequency i follows axis h when i % 3 == 1 and i < 3*s_h, axis w when i % 3 == 2 and i < 3*s_w, else t;
+    for text the three axes are equal and this is ordinary RoPE.
+    """
+    rd = config.rotary_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float, device=positions.device) / rd))
+    _, s_h, s_w = config.mrope_section
+    axis = [1 if i % 3 == 1 and i < 3 * s_h else 2 if i % 3 == 2 and i < 3 * s_w else 0 for i in range(rd // 2)]
+    freqs = positions[..., None].float() * inv_freq  # (3, B, T, rd/2)
+    idx = torch.arange(rd // 2, device=positions.device)
+    freqs = freqs[torch.tensor(axis, device=positions.device), :, :, idx].permute(1, 2, 0)  # (B, T, rd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on the first rotary_dim channels of x (B, heads, T, hd); the rest pass through."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]
+    x1, x2 = rot[..., : rd // 2], rot[..., rd // 2:]
+    cos, sin = cos[:, None], sin[:, None]
+    return torch.cat([rot * cos + torch.cat([-x2, x1], dim=-1) * sin, rest], dim=-1)
+
+
+class GatedAttention(nn.Module):
+    """GQA softmax attention with q/k RMSNorm, partial RoPE and a per-head sigmoid output gate."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, hd = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        self.q_proj = nn.Linear(h, 2 * self.n_heads * hd, bias=False)  # per head: [query | gate]
+        self.k_proj = nn.Linear(h, self.n_kv * hd, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, h, bias=False)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: KVCache | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, gate = self.q_proj(x).view(b, t, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q = self.q_norm(q).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        causal = mask is None and t > 1 and k.shape[2] == t
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        o = o.transpose(1, 2).reshape(b, t, -1) * torch.sigmoid(gate.reshape(b, t, -1))
+        return self.o_proj(o)
+
+
+class GatedDeltaNet(nn.Module):
+    """Linear attention with a delta-rule recurrent state, a short causal conv on q/k/v and a gated output norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.hk, self.hv = config.linear_num_key_heads, config.linear_num_value_heads
+        self.dk, self.dv = config.linear_key_head_dim, config.linear_value_head_dim
+        self.key_dim, self.value_dim = self.hk * self.dk, self.hv * self.dv
+        channels = 2 * self.key_dim + self.value_dim
+        self.in_proj_qkv = nn.Linear(h, channels, bias=False)  # [q (Hk*dk) | k (Hk*dk) | v (Hv*dv)]
+        self.in_proj_z = nn.Linear(h, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(h, self.hv, bias=False)
+        self.in_proj_a = nn.Linear(h, self.hv, bias=False)
+        self.conv1d = nn.Conv1d(channels, channels, config.linear_conv_kernel_dim, groups=channels, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(self.hv))
+        self.dt_bias = nn.Parameter(torch.ones(self.hv))
+        self.norm = GatedRMSNorm(self.dv, config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, h, bias=False)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache: DeltaCache | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        if pad_mask is not None:  # zero inputs at left pads: the state then stays exactly as at a sequence start
+            x = x * pad_mask[..., None].to(x.dtype)
+        mixed, conv_state = causal_conv1d(self.in_proj_qkv(x).transpose(1, 2), self.conv1d.weight.squeeze(1),
+                                          cache.conv if cache is not None else None)
+        q, k, v = mixed.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = _l2norm(q.reshape(b, t, self.hk, self.dk).float()) * self.dk ** -0.5
+        k = _l2norm(k.reshape(b, t, self.hk, self.dk).float())
+        v = v.reshape(b, t, self.hv, self.dv)
+        beta = self.in_proj_b(x).sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)  # log decay <= 0
+        state = cache.state if cache is not None else None
+        rule = recurrent_gated_delta_rule if (state is not None and t == 1) else chunk_gated_delta_rule
+        o, state = rule(q, k, v, g, beta, state)
+        if cache is not None:
+            cache.conv, cache.state = conv_state, state
+        z = self.in_proj_z(x).view(b, t, self.hv, self.dv)
+        return self.out_proj(self.norm(o, z).reshape(b, t, self.value_dim))
+
+
+def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        if layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(config)
+        else:
+            self.self_attn = GatedAttention(config)
+        self.mlp = SparseMoE(config) if config.is_moe else MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope, attn_mask, pad_mask, cache) -> torch.Tensor:
+        u = self.input_layernorm(x)
+        if self.layer_type == "linear_attention":
+            x = x + self.linear_attn(u, pad_mask, cache)
+        else:
+            x = x + self.self_attn(u, rope, attn_mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen35Model(nn.Module):
+    """Token ids -> next-token logits. Tied heads share the embedding matrix."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, t) for t in config.layer_types)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T or 1, V).
+
+        attention_mask (B, T): 1 for real tokens, 0 for left padding (None: all real). position_ids (3, B, T)
+        overrides the default text positions (multimodal inputs). With a cache, the new tokens continue it.
+        """
+        b, t = input_ids.shape
+        real = (torch.ones(b, t, dtype=torch.bool, device=input_ids.device) if attention_mask is None
+                else attention_mask.bool())
+        seen = cache.seen if cache is not None else torch.zeros(b, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            pos = (seen[:, None] + real.long().cumsum(1) - 1).clamp(min=0)
+            position_ids = pos[None].expand(3, b, t)
+        past_valid = cache.valid if cache is not None else real[:, :0]
+        valid = torch.cat([past_valid, real], dim=1)  # (B, S + T)
+        attn_mask = _attention_mask(valid, t) if not bool(valid.all()) or (t > 1 and past_valid.shape[1]) else None
+        pad_mask = None if bool(real.all()) else real
+
+        x = self.embed_tokens(input_ids)
+        rope = rotary_cos_sin(self.config, position_ids, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, attn_mask, pad_mask, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.seen = seen + real.sum(1)
+            cache.valid = valid
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+
+def _attention_mask(valid: torch.Tensor, t: int) -> torch.Tensor:
+    """(B, 1, T, S+T) boolean: causal over slots, real keys only; a query always sees itself (pads stay finite)."""
+    total = valid.shape[1]
+    q_slot = torch.arange(total - t, total, device=valid.device)[:, None]
+    k_slot = torch.arange(total, device=valid.device)[None, :]
+    allowed = (k_slot <= q_slot)[None] & valid[:, None, :]
+    return (allowed | (k_slot == q_slot)[None])[:, None]

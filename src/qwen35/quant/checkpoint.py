@@ -1,0 +1,131 @@
+"""Quantized checkpoints: written tensor by tensor from a memory-mapped source, loaded without full weights.
+
+Layout: the official names, with each quantized weight `X.weight` replaced by `X.qweight` + `X.scales`
+(+ `X.zeros` for int4); routed experts stay per expert. config.json carries
+`"quantization_config": {"quant_method": "qwen35-weight-only", "bits": 4, "group_size": 64, "head": false}`.
+Shards of at most `shard_bytes` keep peak memory near one shard, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qwen35.config import ModelConfig, load_config
+from qwen35.models import Qwen35Model
+from qwen35.models.qwen3_5 import Experts
+from qwen35.quant.linear import int8_quantize, make_linear
+from qwen35.quant.quantize import Int8Embedding, QuantConfig, QuantExperts, _large, _set, quantize_parts
+
+COPIED = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+          "preprocessor_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)$")
+
+
+def _quantized_modules(config: ModelConfig, cfg: QuantConfig) -> set[str]:
+    """Our module names whose `.weight` is stored quantized."""
+    with torch.device("meta"):
+        meta = Qwen35Model(config)
+    names = {n for n, m in meta.named_modules() if _large(n, m)}
+    for n, m in meta.named_modules():
+        if isinstance(m, Experts):
+            names |= {f"{n}.{e}.{p}" for e in range(config.num_experts) for p in ("gate_proj", "up_proj", "down_proj")}
+    if cfg.head:
+        names |= {"lm_head"} | ({"embed_tokens"} if not config.tie_word_embeddings else set())
+    return names
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, cfg: QuantConfig, dtype: torch.dtype = torch.bfloat16,
+                        shard_bytes: int = 1 << 30, progress: Callable[[int, int], None] | None = None) -> Path:
+    """`qwen35 quantize SRC DST`: stream every tensor of SRC once; never hold more than one shard."""
+    from qwen35.loading.checkpoint import _checkpoint_name, weight_files
+
+    src, dst = Path(src), Path(dst)
+    config = load_config(src)
+    targets = _quantized_modules(config, cfg)
+    if cfg.head and config.tie_word_embeddings:
+        targets.add("embed_tokens")  # tied: the one table is stored once, as the head's int8 rows
+    dst.mkdir(parents=True, exist_ok=True)
+    files = weight_files(src)
+    total = sum(len(safe_open(str(f), "pt").keys()) for f in files)
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    done, size, n_shards = 0, 0, 0
+
+    def flush() -> None:
+        nonlocal shard, size, n_shards
+        if shard:
+            n_shards += 1
+            name = f"model-{n_shards:05d}.safetensors"
+            save_file(shard, str(dst / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                ours = _checkpoint_name(key)
+                module = ours.removesuffix(".weight") if ours else None
+                tensor = f.get_tensor(key)
+                if module in targets and ours.endswith(".weight"):
+                    parts = (int8_quantize(tensor, dtype) if module in ("lm_head", "embed_tokens")
+                             else quantize_parts(tensor, cfg, dtype))
+                    if module == "embed_tokens" and config.tie_word_embeddings:
+                        key = "lm_head.weight"  # tied: the one int8 table serves head and embedding
+                    base = key.removesuffix(".weight")
+                    for part, t in parts.items():
+                        shard[f"{base}.{part}"] = t.contiguous()
+                        size += t.numel() * t.element_size()
+                elif ours is not None and not (ours == "lm_head.weight" and config.tie_word_embeddings):
+                    shard[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                    size += tensor.numel() * tensor.element_size()
+                done += 1
+                if size >= shard_bytes:
+                    flush()
+                if progress:
+                    progress(done, total)
+    flush()
+    raw = json.loads((src / "config.json").read_text())
+    raw["quantization_config"] = cfg.to_dict()
+    raw["dtype"] = str(dtype).removeprefix("torch.")
+    (dst / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    for name in COPIED:
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+    return dst
+
+
+def build_quantized(model: Qwen35Model, groups: dict[str, dict[str, torch.Tensor]], cfg: QuantConfig) -> set[str]:
+    """Swap the quantized modules of a meta-device model for ones built from stored parts; returns their names."""
+
+    def make(parts: dict[str, torch.Tensor]) -> nn.Module:
+        return make_linear(parts, cfg.group_size)
+
+    experts: dict[str, dict[int, dict[str, nn.Module]]] = defaultdict(lambda: defaultdict(dict))
+    for name, parts in groups.items():
+        if m := _EXPERT.match(name):
+            experts[m[1]][int(m[2])][m[3]] = parts
+        elif name == "lm_head":
+            model.lm_head = make(parts)
+            if model.config.tie_word_embeddings:
+                model.embed_tokens = Int8Embedding(model.lm_head)
+        elif name == "embed_tokens":
+            model.embed_tokens = Int8Embedding(make(parts))
+        else:
+            _set(model, name, make(parts))
+    for prefix, per in experts.items():
+        gate_up = [make({k: torch.cat([per[e]["gate_proj"][k], per[e]["up_proj"][k]]) for k in per[e]["gate_proj"]})
+                   for e in sorted(per)]
+        _set(model, prefix, QuantExperts(gate_up, [make(per[e]["down_proj"]) for e in sorted(per)]))
+    model.quantization = cfg
+    return set(groups)

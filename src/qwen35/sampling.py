@@ -1,0 +1,104 @@
+"""Sampling settings and the sampler: a pure function from logits (and the tokens so far) to the next token."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling options. temperature 0 is greedy; penalties follow the OpenAI / HF definitions."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 512
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default=())
+    ignore_eos: bool = False  # keep going past EOS until max_tokens (benchmarks, tests)
+
+    def __post_init__(self) -> None:
+        checks = [("temperature", self.temperature >= 0 and math.isfinite(self.temperature), ">= 0"),
+                  ("top_k", self.top_k >= 0, ">= 0 (0 turns it off)"),
+                  ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+                  ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
+                  ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+                  ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+                  ("repetition_penalty", 0 < self.repetition_penalty <= 10, "in (0, 10]"),
+                  ("max_tokens", self.max_tokens >= 1, ">= 1")]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"sampling option {name}={getattr(self, name)!r} is invalid: must be {allowed}")
+
+    def updated(self, **changes: Any) -> "SamplingParams":
+        """A copy with the given options changed (None values are ignored); unknown names are an error."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown sampling option(s) {unknown}; known: {sorted(known)}")
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if isinstance(changes.get("stop"), str):
+            changes["stop"] = (changes["stop"],)
+        elif "stop" in changes:
+            changes["stop"] = tuple(changes["stop"])
+        return replace(self, **changes)
+
+    @classmethod
+    def from_generation_config(cls, directory: Path) -> "SamplingParams":
+        """Defaults from the checkpoint's generation_config.json (do_sample false means greedy)."""
+        file = Path(directory) / "generation_config.json"
+        if not file.exists():
+            return cls()
+        try:
+            raw = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from None
+        options = {k: raw[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                                       "presence_penalty", "frequency_penalty") if raw.get(k) is not None}
+        if raw.get("do_sample") is False:
+            options["temperature"] = 0.0
+        return cls(**options)
+
+
+def apply_penalties(logits: torch.Tensor, generated: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits (V,) fp32; generated (n,) token ids produced so far in this reply."""
+    if generated.numel() == 0:
+        return logits
+    counts = torch.bincount(generated, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+    if params.repetition_penalty != 1.0:  # HF/CTRL: shrink positive logits, grow negative ones, of seen tokens
+        seen = counts > 0
+        scaled = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, scaled, logits)
+    if params.presence_penalty or params.frequency_penalty:  # OpenAI definition
+        logits = logits - params.presence_penalty * (counts > 0).to(logits.dtype) - params.frequency_penalty * counts
+    return logits
+
+
+def sample(logits: torch.Tensor, generated: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator | None = None) -> int:
+    """Next token from logits (V,) after penalties, temperature, top-k, top-p and min-p."""
+    logits = apply_penalties(logits.float(), generated, params)
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = logits.topk(min(params.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,230 @@
+"""Qwen3.5 tokenizer: `tokenizer.json` via the `tokenizers` library, and the chat template in a Jinja sandbox."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+ROLES = ("system", "user", "assistant", "tool")
+MEDIA_TYPES = ("image", "image_url", "video")
+IM_END = "<|im_end|>"
+BUILD_HINT = ("build one offline with `qwen35.tokenizer.build_qwen35_tokenizer(dir)` or use the checkpoint "
+              "directory downloaded from the Hugging Face Hub")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-download it or {BUILD_HINT}") from e
+
+
+def _no_underscore(name: Any) -> Any:
+    if isinstance(name, str) and name.startswith("_"):
+        raise jinja2.exceptions.SecurityError(f"chat templates cannot set namespace attribute {name!r}")
+    return name
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """`namespace()` refusing underscore attributes, a sandbox hole transformers closes the same way."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        attrs = dict(*args[1:], **kwargs)
+        jinja2.utils.Namespace.__init__(args[0], {_no_underscore(k): v for k, v in attrs.items()})
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        jinja2.utils.Namespace.__setitem__(self, _no_underscore(name), value)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    """HF's `tojson`: plain json.dumps keeping non-ASCII; Jinja's own HTML-escapes, which changes the tokens."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """Compile in the sandboxed environment transformers uses (same options and globals), so renders match HF."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, namespace=_Namespace,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(source)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-only deep copy, as transformers makes: the template cannot mutate the caller's data or reach methods
+    of caller objects. Anything else (say a PIL image in an image part) becomes an inert "<TypeName>" string;
+    templates only test whether media keys are present."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):  # str subclasses (enums, numpy) carry extra methods
+        return str.__str__(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return f"<{type(value).__name__}>"
+
+
+def _check_content(content: Any, where: str, role: str) -> None:
+    if isinstance(content, str) or (content is None and role in ("assistant", "tool")):
+        return
+    if not isinstance(content, list):
+        raise ValueError(f"{where}.content must be a string or a list of parts, got {type(content).__name__}")
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            continue
+        if kind in MEDIA_TYPES and role != "system":
+            continue
+        raise ValueError(f"{where}.content[{j}] must be {{'type': 'text', 'text': str}} or an image/video part"
+                         f"{'' if role != 'system' else ' (system messages take text only)'}, got {part!r}")
+
+
+def _normalize_tool_call(call: Any, where: str) -> dict:
+    """OpenAI shape `{"function": {"name", "arguments"}}` or flat `{"name", "arguments"}`; JSON-string args parsed."""
+    if not isinstance(call, dict):
+        raise ValueError(f"{where} must be a dict, got {type(call).__name__}")
+    fn = call.get("function", call)
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ValueError(f"{where} needs a non-empty string function name")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}.arguments is not valid JSON: {e}") from e
+    if not isinstance(args, dict):
+        raise ValueError(f"{where}.arguments must be a JSON object, got {type(args).__name__}")
+    return {**call, "function": {**fn, "arguments": args}} if "function" in call else {**call, "arguments": args}
+
+
+def validate_messages(messages: Any) -> list[dict]:
+    """Check the chat shape up front so mistakes surface as a ValueError naming the message, not a Jinja trace."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise ValueError(f"{where} must be a dict, got {type(message).__name__}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ValueError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+        message = _plain(message)
+        _check_content(message.get("content"), where, role)
+        reasoning = message.get("reasoning_content")
+        if reasoning is not None and (role != "assistant" or not isinstance(reasoning, str)):
+            raise ValueError(f"{where}.reasoning_content must be a string on an assistant message")
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if role != "assistant" or not isinstance(calls, list):
+                raise ValueError(f"{where}.tool_calls must be a list on an assistant message")
+            message["tool_calls"] = [_normalize_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
+        out.append(message)
+    return out
+
+
+class Tokenizer:
+    """Encode/decode with a `tokenizer.json` and render chats with the checkpoint's own chat template."""
+
+    def __init__(self, tokenizer: HFTokenizer, chat_template: str | None = None,
+                 eos_token_ids: Iterable[int] = (), source: str = "<memory>") -> None:
+        self._tk = tokenizer
+        self.chat_template = chat_template
+        self.source = source
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos_token_ids))
+        try:
+            self._template = None if chat_template is None else compile_chat_template(chat_template)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"chat template of {source} has a syntax error: {e}") from e
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load `tokenizer.json` (required), the chat template and the EOS ids from a checkpoint directory.
+
+        Template: `chat_template.jinja`, else `tokenizer_config.json["chat_template"]` (a string, or a list of
+        {name, template} where "default" is used). A missing template only fails when a chat is rendered.
+        EOS ids: `generation_config.json` `eos_token_id`, the tokenizer_config `eos_token`, and `<|im_end|>`.
+        """
+        path = Path(path)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise FileNotFoundError(f"{tok_file} not found; {BUILD_HINT}")
+        try:
+            tokenizer = HFTokenizer.from_file(str(tok_file))
+        except Exception as e:  # the Rust loader raises a bare Exception for any parse error
+            raise ValueError(f"{tok_file} could not be loaded ({e}); it is corrupt or not a Hugging Face "
+                             f"tokenizer.json: {BUILD_HINT}") from e
+        config_file = path / "tokenizer_config.json"
+        config = _read_json(config_file) if config_file.is_file() else {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file} must hold a JSON object; re-download it or {BUILD_HINT}")
+        template = cls._find_template(path, config)
+        gen_file = path / "generation_config.json"
+        gen = _read_json(gen_file) if gen_file.is_file() else {}
+        value = gen.get("eos_token_id") if isinstance(gen, dict) else None
+        eos = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
+        eos_token = config.get("eos_token")  # a string or an AddedToken dict
+        names = (eos_token.get("content") if isinstance(eos_token, dict) else eos_token, IM_END)
+        eos += [i for i in (tokenizer.token_to_id(n) for n in names if isinstance(n, str)) if i is not None]
+        return cls(tokenizer, template, eos, source=str(path))
+
+    @staticmethod
+    def _find_template(path: Path, config: dict) -> str | None:
+        jinja_file = path / "chat_template.jinja"
+        if jinja_file.is_file():
+            return jinja_file.read_text(encoding="utf-8")
+        template = config.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{path / 'tokenizer_config.json'}: chat_template must be a string or a list of "
+                             "{name, template} with a 'default' entry")
+        return template
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens the tokenizer knows, specials included (248,077 for Qwen3.5; the embedding is padded larger)."""
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tk.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids; special-token text such as `<|im_start|>` is parsed as the special token."""
+        return self._tk.encode(text).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            add_generation_prompt: bool = True, enable_thinking: bool | None = None,
+                            **kwargs: Any) -> str:
+        """Render a chat to prompt text. `enable_thinking=None` leaves the template's own default in force."""
+        if self._template is None:
+            raise ValueError(f"no chat template for {self.source}: add chat_template.jinja (or a chat_template "
+                             "entry in tokenizer_config.json) to the directory")
+        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+            raise ValueError("tools must be a list of JSON-schema dicts like {'type': 'function', 'function': {...}}")
+        context = {"messages": validate_messages(messages), "tools": _plain(tools),
+                   "add_generation_prompt": add_generation_prompt, **_plain(kwargs)}
+        if enable_thinking is not None:
+            context["enable_thinking"] = bool(enable_thinking)
+        try:
+            return self._template.render(**context)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"chat template of {self.source} failed: {type(e).__name__}: {e}") from e

@@ -1,0 +1,1 @@
+"""Training: pretraining from scratch and chat fine-tuning of the same model classes inference uses."""

@@ -1,0 +1,187 @@
+"""Loader and config errors: every bad checkpoint gives a clear error naming the file and tensor, never a crash."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import VOCAB
+from qwen35.config import ConfigError, load_config
+from qwen35.loading import CheckpointError, load_model, resolve_checkpoint, save_model
+
+
+@pytest.fixture()
+def ckpt(reference_checkpoint, tmp_path) -> Path:
+    """A writable copy of a tiny official checkpoint."""
+    src = reference_checkpoint("dense-tied")[0]
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(ckpt: Path, edit) -> None:
+    tensors = load_file(ckpt / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+
+def _logits(model, n=20):
+    ids = torch.arange(n)[None] % VOCAB
+    with torch.no_grad():
+        return model(ids)
+
+
+def test_sharded_checkpoint_equals_single_file(ckpt, tmp_path):
+    tensors = load_file(ckpt / "model.safetensors")
+    names = sorted(tensors)
+    sharded = tmp_path / "sharded"
+    shutil.copytree(ckpt, sharded)
+    (sharded / "model.safetensors").unlink()
+    weight_map = {}
+    for i, part in enumerate((names[::2], names[1::2])):
+        file = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, sharded / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    a, b = load_model(ckpt, dtype=torch.float32), load_model(sharded, dtype=torch.float32)
+    assert torch.equal(_logits(a), _logits(b))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", torch.float16])
+def test_dtypes(ckpt, dtype):
+    model = load_model(ckpt, dtype=dtype)
+    want = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    assert all(p.dtype == want for p in model.parameters())
+    assert torch.isfinite(_logits(model)).all()
+
+
+def test_tied_head_shares_embedding(ckpt):
+    model = load_model(ckpt, dtype=torch.float32)
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_skips_mtp_and_vision_tensors(ckpt, caplog):
+    _rewrite(ckpt, lambda t: t.update({"mtp.fc.weight": torch.zeros(4, 4)}))
+    with caplog.at_level("INFO"):
+        load_model(ckpt, dtype=torch.float32)
+    assert "mtp." in caplog.text and "model.visual." in caplog.text
+
+
+def test_missing_tensor(ckpt):
+    _rewrite(ckpt, lambda t: t.pop("model.language_model.layers.1.linear_attn.A_log"))
+    with pytest.raises(CheckpointError, match=r"missing tensor.*layers\.1\.linear_attn\.A_log"):
+        load_model(ckpt)
+
+
+def test_unexpected_tensor(ckpt):
+    _rewrite(ckpt, lambda t: t.update({"model.language_model.layers.0.bogus.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor 'model\.language_model\.layers\.0\.bogus"):
+        load_model(ckpt)
+
+
+def test_wrong_shape(ckpt):
+    _rewrite(ckpt, lambda t: t.update({"model.language_model.norm.weight": torch.zeros(7)}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.language_model\.norm\.weight' has shape \(7,\)"):
+        load_model(ckpt)
+
+
+def test_truncated_file_names_the_tensor(ckpt):
+    file = ckpt / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor '.*' is truncated"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 3, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}", b"\xff" * 64])
+def test_garbage_file(ckpt, content):
+    (ckpt / "model.safetensors").write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: .*re-download"):
+        load_model(ckpt)
+
+
+def test_index_naming_a_missing_shard(ckpt):
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match="model-00002.safetensors"):
+        load_model(ckpt)
+
+
+def test_pickle_weights_are_refused(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(model_type="llama"), r"'model_type' = 'llama'"),
+    (lambda c: c["text_config"].update(num_key_value_heads=3), r"'num_attention_heads' = 4 .*divisible by num_key_value_heads \(3\)"),
+    (lambda c: c["text_config"].update(layer_types=["linear_attention"] * 3), r"'layer_types'.*exactly num_hidden_layers \(4\)"),
+    (lambda c: c["text_config"].update(layer_types=["mamba"] * 4), r"'layer_types' = 'mamba'"),
+    (lambda c: c["text_config"].update(hidden_size=-5), r"'hidden_size' = -5"),
+    (lambda c: c["text_config"].update(hidden_size="64"), r"'hidden_size' = '64'"),
+    (lambda c: c["text_config"].pop("linear_num_key_heads"), r"'linear_num_key_heads' is missing"),
+    (lambda c: c["text_config"]["rope_parameters"].update(rope_type="yarn"), r"rope_type' = 'yarn'"),
+    (lambda c: c["text_config"]["rope_parameters"].update(mrope_section=[1, 1, 1]), r"mrope_section' = \[1, 1, 1\]"),
+    (lambda c: c["text_config"].update(hidden_act="gelu"), r"'hidden_act' = 'gelu'"),
+])
+def test_bad_config_names_field_and_value(ckpt, edit, message):
+    raw = json.loads((ckpt / "config.json").read_text())
+    edit(raw)
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=message):
+        load_config(ckpt)
+
+
+def test_corrupt_config_json(ckpt):
+    (ckpt / "config.json").write_text("{ nope")
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        load_config(ckpt)
+
+
+def test_layer_pattern_from_interval_when_list_absent(ckpt):
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["text_config"].pop("layer_types")
+    raw["text_config"]["full_attention_interval"] = 2
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    assert load_config(ckpt).layer_types == ("linear_attention", "full_attention") * 2
+
+
+def test_save_then_load_round_trip(ckpt, tmp_path):
+    model = load_model(ckpt, dtype=torch.float32)
+    again = load_model(save_model(model, tmp_path / "again", torch.float32), dtype=torch.float32)
+    assert torch.equal(_logits(model), _logits(again))
+
+
+def test_repo_id_resolves_from_the_hf_cache(ckpt, tmp_path, monkeypatch):
+    """A repo id is looked up in the normal Hugging Face cache (here a cache made by hand, offline)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = tmp_path / "hub"
+    repo = hub / "models--Qwen--Qwen3.5-Tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(ckpt, repo / "snapshots" / ("0" * 40))
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    path = resolve_checkpoint("Qwen/Qwen3.5-Tiny")
+    assert (path / "config.json").exists()
+    assert torch.isfinite(_logits(load_model(path))).all()
+
+
+def test_repo_id_without_network_says_how_to_pass_a_path(tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConnectionError, match="no network connection.*pass the local directory"):
+        resolve_checkpoint("Qwen/Qwen3.5-0.8B")
+
+
+def test_bad_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a local directory nor a Hugging Face repo id"):
+        resolve_checkpoint(str(tmp_path / "no" / "such" / "dir"))

@@ -1,0 +1,99 @@
+"""Weight-only quantization: kernels vs their dequantized reference, the model transform, quantized checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import VOCAB
+from qwen35.loading import load_model
+from qwen35.quant import Int4Linear, Int8Linear, QuantConfig, quantize, quantize_checkpoint
+from qwen35.quant.linear import dequantize, int4_quantize, int8_quantize, make_linear, pack_nibbles, unpack_nibbles
+from qwen35.quant.quantize import Int8Embedding, QuantExperts
+
+# Tolerance of a packed kernel against x @ dequantize(W)^T in bf16: a few bf16 ulps of the output scale.
+KERNEL_RTOL = 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits, group", [(8, 0), (4, 32), (4, 128)], ids=["int8", "int4-g32", "int4-g128"])
+def test_kernel_matches_dequantized_reference(bits, group, dtype):
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 256, generator=g) / 16, torch.randn(3, 7, 256, generator=g).to(dtype)
+    parts = int8_quantize(w, dtype) if bits == 8 else int4_quantize(w, group, dtype)
+    layer = make_linear(parts, group)
+    assert isinstance(layer, Int8Linear if bits == 8 else Int4Linear)
+    ref = x.float() @ dequantize(parts, group).T
+    err = (layer(x).float() - ref).abs().max().item()
+    assert err <= KERNEL_RTOL * ref.abs().max().item()
+
+
+def test_quantization_error_is_bounded():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    int8, int4 = dequantize(int8_quantize(w, torch.float32), 0), dequantize(int4_quantize(w, 64, torch.float32), 64)
+    assert ((int8 - w).abs() <= w.abs().amax(1, keepdim=True) / 254 + 1e-6).all()
+    step = (w.reshape(64, 4, 64).amax(-1) - w.reshape(64, 4, 64).amin(-1)) / 15
+    assert ((int4 - w).reshape(64, 4, 64).abs().amax(-1) <= step / 2 + 1e-5).all()
+
+
+def test_nibble_packing_round_trips():
+    q = torch.randint(0, 16, (32, 64), dtype=torch.int32)
+    packed = pack_nibbles(q)
+    assert packed.shape == (32, 32) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_nibbles(packed), q)
+    assert int(packed[0, 0]) == int(q[0, 0]) | int(q[0, 1]) << 4  # low nibble = even column
+
+
+def test_int4_falls_back_to_int8_where_the_kernel_cannot(reference_checkpoint):
+    model = quantize(load_model(reference_checkpoint("dense-untied-mha")[0], dtype="float32"), bits=4, group_size=64)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"Int4Linear", "Int8Linear"} <= kinds  # in_proj_z has 72 outputs: not a multiple of 16
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_replaces_large_linears_only(reference_checkpoint, bits):
+    model = quantize(load_model(reference_checkpoint("moe-untied")[0], dtype="bfloat16"), bits=bits, group_size=32)
+    layer = model.layers[0]
+    assert isinstance(layer.linear_attn.in_proj_qkv, (Int8Linear, Int4Linear))
+    assert isinstance(layer.linear_attn.in_proj_a, nn.Linear) and isinstance(layer.mlp.gate, nn.Linear)
+    assert isinstance(layer.mlp.experts, QuantExperts) and isinstance(layer.mlp.shared_expert_gate, nn.Linear)
+    assert isinstance(model.layers[3].self_attn.q_proj, (Int8Linear, Int4Linear))
+    assert layer.linear_attn.A_log.dtype == torch.bfloat16 and isinstance(layer.linear_attn.conv1d, nn.Conv1d)
+    assert isinstance(model.lm_head, nn.Linear) and model.quantization == QuantConfig(bits, 32)
+    ids = torch.randint(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids)).all()
+
+
+@pytest.mark.parametrize("name", ["dense-tied", "moe-untied"])
+@pytest.mark.parametrize("bits, head", [(8, False), (4, False), (4, True)])
+def test_quantized_checkpoint_loads_to_the_same_model(reference_checkpoint, tmp_path, name, bits, head):
+    src = reference_checkpoint(name)[0]
+    cfg = QuantConfig(bits, 32, head)
+    dst = quantize_checkpoint(src, tmp_path / "q", cfg, dtype=torch.float32, shard_bytes=20_000)
+    config = json.loads((dst / "config.json").read_text())
+    assert config["quantization_config"] == cfg.to_dict()
+    index = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1  # streamed into several shards
+    assert not any(k.endswith(("q_proj.weight", "in_proj_qkv.weight", "down_proj.weight")) for k in index)
+    in_memory = quantize(load_model(src, dtype="float32"), bits, 32, head)
+    loaded = load_model(dst, dtype="float32")
+    assert loaded.quantization == cfg
+    assert isinstance(loaded.embed_tokens, Int8Embedding) == head
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), in_memory(ids))
+
+
+def test_bad_quantization_config_is_a_clear_error(reference_checkpoint, tmp_path):
+    dst = quantize_checkpoint(reference_checkpoint("dense-tied")[0], tmp_path / "q", QuantConfig(8))
+    raw = json.loads((dst / "config.json").read_text())
+    raw["quantization_config"]["quant_method"] = "gptq"
+    (dst / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="quant_method='gptq' is not supported"):
+        load_model(dst)
+    with pytest.raises(ValueError, match="bits=3"):
+        QuantConfig(bits=3)
