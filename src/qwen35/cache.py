@@ -3,7 +3,8 @@
 Full-attention layers keep K/V (B, Hkv, S, hd); Gated DeltaNet layers keep the last K-1 pre-conv inputs
 (B, C, K-1) and the recurrent state (B, Hv, dk, dv) in fp32. `ModelCache` owns one per layer plus what the
 whole batch shares: how many real tokens each sequence has seen (for positions) and which cached slots are real
-(left padding, so sequences of different lengths run in one batch exactly as they would alone).
+(left padding, so sequences of different lengths run in one batch exactly as they would alone), and each
+sequence's rope offset: after a prompt with images, positions continue at seen + rope_delta (M-RoPE).
 The recurrent state cannot be trimmed: a cache is only ever extended, never rolled back.
 """
 
@@ -68,6 +69,7 @@ class ModelCache:
     layers: list[LayerCache]
     seen: torch.Tensor  # (B,) real (non-pad) tokens consumed per sequence
     valid: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.bool))  # (B, S) real slots
+    rope_delta: torch.Tensor | None = None  # (B,) position shift after images (None: all zero, text only)
 
     @property
     def length(self) -> int:
@@ -109,7 +111,10 @@ def merge_caches(caches: list[ModelCache]) -> ModelCache:
         else:
             layers.append(DeltaCache(torch.cat([p.conv for p in parts]), torch.cat([p.state for p in parts])))
     valid = torch.cat([_pad_left(c.valid, length - c.length, 1, False) for c in caches])
-    return ModelCache(layers, torch.cat([c.seen for c in caches]), valid)
+    delta = None
+    if any(c.rope_delta is not None for c in caches):
+        delta = torch.cat([torch.zeros_like(c.seen) if c.rope_delta is None else c.rope_delta for c in caches])
+    return ModelCache(layers, torch.cat([c.seen for c in caches]), valid, delta)
 
 
 def select_rows(cache: ModelCache, rows: list[int]) -> ModelCache:
@@ -125,4 +130,5 @@ def select_rows(cache: ModelCache, rows: list[int]) -> ModelCache:
                                   layer.length - start))
         else:
             layers.append(DeltaCache(layer.conv[index], layer.state[index]))
-    return ModelCache(layers, cache.seen[index], valid[:, start:])
+    delta = None if cache.rope_delta is None else cache.rope_delta[index]
+    return ModelCache(layers, cache.seen[index], valid[:, start:], delta)

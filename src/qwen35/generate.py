@@ -12,26 +12,50 @@ import torch
 
 from qwen35.cache import ModelCache, make_cache
 from qwen35.models import Qwen35Model
+from qwen35.models.vision import ImageInputs
 from qwen35.sampling import SamplingParams, sample
 
 PREFILL_CHUNK = 512  # prompt tokens per forward during prefill: bounds activation memory on long prompts
 
 
-def prefill(model: Qwen35Model, ids: torch.Tensor, cache: ModelCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+def prefill_chunk(model: Qwen35Model, ids: torch.Tensor, cache: ModelCache, start: int, end: int,
+                  images: ImageInputs | None = None) -> torch.Tensor:
+    """Prompt ids[:, start:end] (B=1 with images) into the cache; returns the chunk's last logits (B, 1, V).
+
+    With images, the chunk's image tokens take their features and every token its M-RoPE position; the last chunk
+    records the rope delta in the cache so decoding continues at the right positions.
+    """
+    if images is None:
+        return model(ids[:, start:end], cache, last_only=True)
+    image_id = model.config.image_token_id
+    first = int((ids[0, :start] == image_id).sum())
+    count = int((ids[0, start:end] == image_id).sum())
+    embeds = model.embed(ids[:, start:end], images.features[first:first + count])
+    positions = images.positions[:, None, start:end].to(ids.device)
+    logits = model(ids[:, start:end], cache, position_ids=positions, last_only=True, inputs_embeds=embeds)
+    if end >= ids.shape[1]:
+        cache.rope_delta = torch.full_like(cache.seen, images.rope_delta)
+    return logits
+
+
+def prefill(model: Qwen35Model, ids: torch.Tensor, cache: ModelCache, chunk: int = PREFILL_CHUNK,
+            images: ImageInputs | None = None) -> torch.Tensor:
     """Feed prompt ids (B, T) into the cache in chunks; returns the last position's logits (B, V)."""
     logits = None
     for start in range(0, ids.shape[1], chunk):
-        logits = model(ids[:, start:start + chunk], cache, last_only=True)
+        logits = prefill_chunk(model, ids, cache, start, start + chunk, images)
     assert logits is not None, "prefill needs at least one token"
     return logits[:, -1]
 
 
 @torch.inference_mode()
 def generate_tokens(model: Qwen35Model, prompt_ids: Sequence[int], params: SamplingParams,
-                    eos_ids: Sequence[int] = (), sample_limit: int | None = None) -> Iterator[int]:
+                    eos_ids: Sequence[int] = (), sample_limit: int | None = None,
+                    images: ImageInputs | None = None) -> Iterator[int]:
     """Yield sampled tokens one by one; stops after an EOS token (which is yielded) or `params.max_tokens`.
 
-    `sample_limit` excludes ids >= it from sampling (the embedding rows past the tokenizer are untrained).
+    `sample_limit` excludes ids >= it from sampling (the embedding rows past the tokenizer are untrained);
+    `images` carries the encoded images of a multimodal prompt (`qwen35.vision.prepare`).
     """
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
@@ -41,7 +65,7 @@ def generate_tokens(model: Qwen35Model, prompt_ids: Sequence[int], params: Sampl
     device = model.embed_tokens.weight.device
     cache = make_cache(model.config, 1, device)
     generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    logits = prefill(model, torch.tensor([list(prompt_ids)], device=device), cache)[0]
+    logits = prefill(model, torch.tensor([list(prompt_ids)], device=device), cache, images=images)[0]
     eos = set() if params.ignore_eos else set(eos_ids)
     generated: list[int] = []
     while True:

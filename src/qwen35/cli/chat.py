@@ -22,6 +22,7 @@ HELP = """commands:
   /think on|off     switch thinking mode
   /system TEXT      set the system prompt (and reset)
   /thinking         show the last reply's thinking
+  /image PATH       attach an image file to your next message
   /exit             leave (or Ctrl-D)
 multi-line input: start and end with a line of three double quotes (\"\"\"); Ctrl-C stops a reply"""
 
@@ -85,6 +86,7 @@ def run_chat(args: argparse.Namespace, err: Console) -> None:
     console.print(f"[dim]{model.path.name} · {HELP.splitlines()[0]} /help[/]")
     history: list[dict] = []
     last_thinking = ""
+    images = list(args.image)  # attached to the next message
     while True:
         try:
             message = read_message(console)
@@ -106,21 +108,41 @@ def run_chat(args: argparse.Namespace, err: Console) -> None:
                 console.print("[dim]system prompt set; conversation cleared[/]")
             elif command == "/thinking":
                 console.print(Text(last_thinking or "(no thinking in the last reply)", style="dim italic"))
+            elif command == "/image" and rest.strip():
+                if model.vision is None:
+                    console.print("[red]this model has no vision tower; images need a Qwen3.5 checkpoint[/]")
+                else:
+                    images.append(rest.strip())
+                    console.print(f"[dim]image attached to your next message ({len(images)} pending)[/]")
             else:
                 console.print(HELP)
             continue
         if not message.strip():
             continue
-        history.append({"role": "user", "content": message})
+        history.append({"role": "user", "content": user_content(message, images)})
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        answer, last_thinking, _ = show_reply(model.stream_chat(messages, enable_thinking=think, **sampling), console)
+        try:
+            stream = model.stream_chat(messages, enable_thinking=think, **sampling)
+        except ValueError as e:  # a bad image or prompt: say so, forget this message, keep chatting
+            history.pop()
+            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            continue
+        images = []
+        answer, last_thinking, _ = show_reply(stream, console)
         history.append({"role": "assistant", "content": answer, "reasoning_content": last_thinking})
+
+
+def user_content(text: str, images: list[str]) -> str | list[dict]:
+    """A user message: plain text, or image parts (files, in order) followed by the text."""
+    if not images:
+        return text
+    return [{"type": "image", "image": path} for path in images] + [{"type": "text", "text": text}]
 
 
 def one_shot(model: Qwen35, args: argparse.Namespace, sampling: dict, think: bool | None, err: Console) -> None:
     """Print the reply's answer to stdout as it streams (thinking to stderr with --show-thinking)."""
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.prompt}]
+        {"role": "user", "content": user_content(args.prompt, args.image)}]
     for piece in model.stream_chat(messages, enable_thinking=think, **sampling):
         if piece.kind == "answer":
             sys.stdout.write(piece.text)

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("-s", "--system", help="system prompt")
     chat.add_argument("--think", choices=["on", "off"], default=None, help="thinking mode (default: the template's)")
     chat.add_argument("--show-thinking", action="store_true", help="one-shot: also print the thinking (to stderr)")
+    chat.add_argument("--image", action="append", default=[], metavar="PATH",
+                      help="attach an image file to the (first) message; repeatable (needs a vision checkpoint)")
 
     gen = sub.add_parser("generate", help="raw completion of a prompt (no chat template)")
     _model_args(gen)
@@ -65,12 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=64, help="int4 group along K")
     quant.add_argument("--head", action="store_true", help="also the LM head / embedding (int8)")
 
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _model_args(serve, sampling=False)
+    from qwen35.cli.serve import add_serve_args
+    add_serve_args(serve)
+
     train = sub.add_parser("train", help="train a model from scratch (recipe 'nano': the built-in default)")
     train.add_argument("recipe", choices=["nano"])
     train.add_argument("--out", required=True, help="where the finished checkpoint goes")
     train.add_argument("--work", default="runs/nano", help="tokenizer, checkpoints and logs (resumable)")
     train.add_argument("--minutes", type=float, default=75.0, help="wall-time budget for all stages")
     train.add_argument("--seed", type=int, default=0)
+
+    from qwen35.cli.arena import add_arena_parser, add_eval_parser
+    add_arena_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
@@ -99,6 +110,15 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "quantize":
             from qwen35.cli.info import run_quantize
             run_quantize(args, err)
+        elif args.command == "arena":
+            from qwen35.cli.arena import run_arena_command
+            run_arena_command(args, Console(), err)
+        elif args.command == "eval":
+            from qwen35.cli.arena import run_eval_command
+            run_eval_command(args, Console(), err)
+        elif args.command == "serve":
+            from qwen35.cli.serve import run_serve
+            run_serve(args, err)
         elif args.command == "train":
             from qwen35.train.nano import NanoRecipe, run_nano
             run_nano(args.out, args.work, NanoRecipe(minutes=args.minutes, seed=args.seed),

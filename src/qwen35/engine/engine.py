@@ -14,17 +14,30 @@ import torch
 
 from qwen35.cache import ModelCache, make_cache, merge_caches, select_rows
 from qwen35.engine.scheduler import Scheduler, Sequence
+from qwen35.generate import prefill_chunk
 from qwen35.models import Qwen35Model
+from qwen35.models.vision import ImageInputs
 from qwen35.sampling import SamplingParams, sample
+
+
+NUMERICAL_ERROR = "numerical error in model output (NaN/Inf logits)"
 
 
 @dataclass(frozen=True)
 class Event:
-    """A token produced for a sequence; `finish_reason` is set on its last token."""
+    """A token produced for a sequence; `finish_reason` is set on its last token.
+
+    finish_reason "error" (token -1) ends a sequence that cannot go on; `error` says why. With logprobs asked
+    for, `logprob` is the sampled token's log-probability (logit_bias included; penalties and temperature not)
+    and `top_logprobs` the most likely (token, logprob) pairs.
+    """
 
     seq_id: str
     token: int
     finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    error: str = ""
 
 
 class Engine:
@@ -35,11 +48,14 @@ class Engine:
         self.device = model.embed_tokens.weight.device
         self.batch: ModelCache | None = None
 
-    def add(self, seq_id: str, prompt: list[int], params: SamplingParams) -> None:
+    def add(self, seq_id: str, prompt: list[int], params: SamplingParams, logprobs: int | None = None,
+            logit_bias: dict[int, float] | None = None, images: ImageInputs | None = None) -> None:
+        """Queue a prompt; `images` are its encoded images (`qwen35.vision.prepare`), prompt ids already expanded."""
         limit = self.model.config.max_position_embeddings
         if not prompt or len(prompt) >= limit:
             raise ValueError(f"prompt of {len(prompt)} tokens: need 1 to {limit - 1} for this model")
-        seq = Sequence(seq_id, list(prompt), params)
+        seq = Sequence(seq_id, list(prompt), params, logprobs=logprobs, logit_bias=dict(logit_bias or {}),
+                       images=images)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self.scheduler.add(seq)
@@ -50,6 +66,11 @@ class Engine:
         seq = self.scheduler.abort(seq_id)
         if seq is not None and index is not None:
             self._keep([i for i in range(len(self.scheduler.running) + 1) if i != index])
+
+    def reset(self) -> list[str]:
+        """Drop every sequence and the batch state (after a failed step); returns the dropped ids."""
+        self.batch = None
+        return [seq.id for seq in self.scheduler.clear()]
 
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
@@ -62,8 +83,8 @@ class Engine:
         if job is not None:
             seq, start, end = job
             seq.cache = seq.cache or make_cache(self.model.config, 1, self.device)
-            logits = self.model(torch.tensor([seq.prompt[start:end]], device=self.device), seq.cache,
-                                last_only=True)[0, -1]
+            logits = prefill_chunk(self.model, torch.tensor([seq.prompt], device=self.device), seq.cache, start, end,
+                                   seq.images)[0, -1]
             if self.scheduler.prefilled(seq, end):
                 event = self._sample(seq, logits)
                 events.append(event)
@@ -94,8 +115,12 @@ class Engine:
         if self.sample_limit is not None and self.sample_limit < logits.shape[-1]:
             logits = logits.clone()
             logits[self.sample_limit:] = float("-inf")
-        if not torch.isfinite(logits).any():
-            return Event(seq.id, -1, "error")
+        if torch.isnan(logits).any() or torch.isposinf(logits).any() or not torch.isfinite(logits).any():
+            return Event(seq.id, -1, "error", error=NUMERICAL_ERROR)
+        if seq.logit_bias:
+            logits = logits.float().clone()
+            ids = torch.tensor(list(seq.logit_bias), device=self.device)
+            logits[ids] += torch.tensor(list(seq.logit_bias.values()), device=self.device)
         generated = torch.tensor(seq.generated, dtype=torch.long, device=self.device)
         token = sample(logits, generated, seq.params, seq.generator)
         seq.generated.append(token)
@@ -103,4 +128,9 @@ class Engine:
         reason = ("stop" if token in self.eos and not seq.params.ignore_eos else
                   "length" if len(seq.generated) >= seq.params.max_tokens
                   or total >= self.model.config.max_position_embeddings else None)
-        return Event(seq.id, token, reason)
+        if seq.logprobs is None:
+            return Event(seq.id, token, reason)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = logprobs.topk(seq.logprobs) if seq.logprobs else None
+        pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+        return Event(seq.id, token, reason, float(logprobs[token]), pairs)

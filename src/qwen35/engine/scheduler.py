@@ -25,6 +25,9 @@ class Sequence:
     finish_reason: str | None = None
     cache: Any = None
     generator: Any = None
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the k most likely
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits before sampling
+    images: Any = None  # opaque here: the prompt's encoded images (ImageInputs), read by the engine's prefill
 
 
 class Scheduler:
@@ -65,6 +68,13 @@ class Scheduler:
             return False
         self.waiting.popleft()
         return True
+
+    def clear(self) -> list[Sequence]:
+        """Drop every sequence (after a failed step); returns them so their owners can be told."""
+        dropped = [*self.waiting, *self.running]
+        self.waiting.clear()
+        self.running.clear()
+        return dropped
 
     def admit(self, seq: Sequence) -> None:
         self.running.append(seq)

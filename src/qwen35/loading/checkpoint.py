@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SKIPPED_PREFIXES = {"mtp.": "multi-token-prediction head (not used for plain generation)",
-                    "model.visual.": "vision tower (not loaded by the text model)"}
+                    "model.visual.": "vision tower (loaded beside the text model by `load_vision`)"}
 QUANT_PARTS = (".qweight", ".scales", ".zeros")
 _EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 

@@ -16,6 +16,7 @@ from torch import nn
 from qwen35.cache import DeltaCache, KVCache, ModelCache
 from qwen35.config import ModelConfig
 from qwen35.ops import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from qwen35.ops.cpu import Linear, deltanet_decode, fast_path, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -27,9 +28,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).type_as(x)
+        return rms_norm(x, self.weight, self.eps, offset=1.0)
 
 
 class GatedRMSNorm(nn.Module):
@@ -51,9 +50,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, inner: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inner, bias=False)
+        self.up_proj = Linear(hidden, inner, bias=False)
+        self.down_proj = Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -85,10 +84,10 @@ class SparseMoE(nn.Module):
         super().__init__()
         h = config.hidden_size
         self.top_k = config.num_experts_per_tok
-        self.gate = nn.Linear(h, config.num_experts, bias=False)
+        self.gate = Linear(h, config.num_experts, bias=False)
         self.experts = Experts(config.num_experts, h, config.moe_intermediate_size)
         self.shared_expert = MLP(h, config.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(h, 1, bias=False)
+        self.shared_expert_gate = Linear(h, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -134,10 +133,10 @@ class GatedAttention(nn.Module):
         super().__init__()
         h, hd = config.hidden_size, config.head_dim
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
-        self.q_proj = nn.Linear(h, 2 * self.n_heads * hd, bias=False)  # per head: [query | gate]
-        self.k_proj = nn.Linear(h, self.n_kv * hd, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv * hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * hd, h, bias=False)
+        self.q_proj = Linear(h, 2 * self.n_heads * hd, bias=False)  # per head: [query | gate]
+        self.k_proj = Linear(h, self.n_kv * hd, bias=False)
+        self.v_proj = Linear(h, self.n_kv * hd, bias=False)
+        self.o_proj = Linear(self.n_heads * hd, h, bias=False)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
 
@@ -167,18 +166,24 @@ class GatedDeltaNet(nn.Module):
         self.dk, self.dv = config.linear_key_head_dim, config.linear_value_head_dim
         self.key_dim, self.value_dim = self.hk * self.dk, self.hv * self.dv
         channels = 2 * self.key_dim + self.value_dim
-        self.in_proj_qkv = nn.Linear(h, channels, bias=False)  # [q (Hk*dk) | k (Hk*dk) | v (Hv*dv)]
-        self.in_proj_z = nn.Linear(h, self.value_dim, bias=False)
-        self.in_proj_b = nn.Linear(h, self.hv, bias=False)
-        self.in_proj_a = nn.Linear(h, self.hv, bias=False)
+        self.in_proj_qkv = Linear(h, channels, bias=False)  # [q (Hk*dk) | k (Hk*dk) | v (Hv*dv)]
+        self.in_proj_z = Linear(h, self.value_dim, bias=False)
+        self.in_proj_b = Linear(h, self.hv, bias=False)
+        self.in_proj_a = Linear(h, self.hv, bias=False)
         self.conv1d = nn.Conv1d(channels, channels, config.linear_conv_kernel_dim, groups=channels, bias=False)
         self.A_log = nn.Parameter(torch.zeros(self.hv))
         self.dt_bias = nn.Parameter(torch.ones(self.hv))
         self.norm = GatedRMSNorm(self.dv, config.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_dim, h, bias=False)
+        self.out_proj = Linear(self.value_dim, h, bias=False)
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache: DeltaCache | None) -> torch.Tensor:
         b, t, _ = x.shape
+        if t == 1 and cache is not None and cache.state is not None and (k := fast_path(x)) is not None:
+            flat = x.view(b, -1)  # decode on the CPU kernels: everything between the projections in one call
+            o = deltanet_decode(k, self.in_proj_qkv(flat), self.in_proj_z(flat), self.in_proj_b(flat),
+                                self.in_proj_a(flat), self.conv1d.weight.squeeze(1), self.A_log, self.dt_bias,
+                                self.norm.weight, self.norm.eps, cache)
+            return self.out_proj(o).view(b, 1, -1)
         if pad_mask is not None:  # zero inputs at left pads: the state then stays exactly as at a sequence start
             x = x * pad_mask[..., None].to(x.dtype)
         mixed, conv_state = causal_conv1d(self.in_proj_qkv(x).transpose(1, 2), self.conv1d.weight.squeeze(1),
@@ -232,17 +237,30 @@ class Qwen35Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, t) for t in config.layer_types)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, H); image features (n, H) replace the `<|image_pad|>` tokens, in order."""
+        x = self.embed_tokens(input_ids)
+        if image_features is None:
+            return x
+        mask = input_ids == self.config.image_token_id
+        n = int(mask.sum())
+        if n != image_features.shape[0]:
+            raise ValueError(f"{n} image tokens in the input but {image_features.shape[0]} image features; each "
+                             "image needs exactly as many <|image_pad|> tokens as it has merged patches")
+        return x.masked_scatter(mask[..., None], image_features.to(x.dtype))
+
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T or 1, V).
 
         attention_mask (B, T): 1 for real tokens, 0 for left padding (None: all real). position_ids (3, B, T)
-        overrides the default text positions (multimodal inputs). With a cache, the new tokens continue it.
+        overrides the default text positions (multimodal inputs); inputs_embeds (B, T, H) the token embeddings
+        (see `embed`). With a cache, the new tokens continue it, shifted by the cache's rope_delta.
         """
         b, t = input_ids.shape
         real = (torch.ones(b, t, dtype=torch.bool, device=input_ids.device) if attention_mask is None
@@ -250,13 +268,15 @@ class Qwen35Model(nn.Module):
         seen = cache.seen if cache is not None else torch.zeros(b, dtype=torch.long, device=input_ids.device)
         if position_ids is None:
             pos = (seen[:, None] + real.long().cumsum(1) - 1).clamp(min=0)
+            if cache is not None and cache.rope_delta is not None:
+                pos = pos + cache.rope_delta[:, None]
             position_ids = pos[None].expand(3, b, t)
         past_valid = cache.valid if cache is not None else real[:, :0]
         valid = torch.cat([past_valid, real], dim=1)  # (B, S + T)
         attn_mask = _attention_mask(valid, t) if not bool(valid.all()) or (t > 1 and past_valid.shape[1]) else None
         pad_mask = None if bool(real.all()) else real
 
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         rope = rotary_cos_sin(self.config, position_ids, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, attn_mask, pad_mask, cache.layers[i] if cache is not None else None)

@@ -3,13 +3,22 @@
 Stored form (what checkpoints hold, portable): int8 `qweight` (N, K) + `scales` (N,); int4 `qweight` (N, K/2)
 uint8 with two 4-bit values per byte (low nibble = even column), `scales` and `zeros` (N, K/G), where
 w = (q - 8) * scale + zero. The kernels' own packed layouts are derived from that at load time, never saved.
-Each layer has `dequantize()`: the plain reference the fast path is tested against.
+The layers run on qwen35's own CPU kernels (`qwen35.ops.cpu`) where they are available, else on PyTorch's.
+Few activation rows (decode) go to streaming GEMV kernels; many rows (prefill) dequantize 256 weight rows at a
+time into a GEMM, never the whole matrix.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from qwen35.ops.cpu import GEMV_ROWS, fast_path, kernels
+
+TILE_ROWS = 256  # weight rows dequantized at once for a many-row (prefill) product
 
 
 def int8_quantize(weight: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -51,8 +60,31 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
 
 
+def tiled_linear(x: torch.Tensor, out_features: int, rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """x (M, K) @ W^T where `rows(start, end)` dequantizes W[start:end] to x's dtype: one tile at a time."""
+    out = x.new_empty(x.shape[0], out_features)
+    for start in range(0, out_features, TILE_ROWS):
+        end = min(start + TILE_ROWS, out_features)
+        out[:, start:end] = F.linear(x, rows(start, end))
+    return out
+
+
+def int4_kernel_layout(qweight: torch.Tensor) -> torch.Tensor:
+    """Stored (N, K/2) nibbles (low = even column) -> the kernel's: per 64 columns, low = 0..31, high = 32..63."""
+    q = unpack_nibbles(qweight).to(torch.uint8)
+    n, k = q.shape
+    q = q.reshape(n, k // 64, 2, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def int4_kernel_values(packed: torch.Tensor) -> torch.Tensor:
+    """The kernel layout back to (N, K) values in [0, 15]."""
+    n = packed.shape[0]
+    return torch.stack([(packed & 15).reshape(n, -1, 32), (packed >> 4).reshape(n, -1, 32)], dim=2).reshape(n, -1)
+
+
 class Int8Linear(nn.Module):
-    """y = x (q * scale)^T with int8 weights per output channel; `aten._weight_int8pack_mm`."""
+    """y = x (q * scale)^T with int8 weights per output channel (qwen35's kernel, or `_weight_int8pack_mm`)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
         super().__init__()
@@ -62,23 +94,37 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales.to(x.dtype))
+        k = fast_path(x) if self.scales.dtype == torch.bfloat16 else None
+        if k is None:
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales.to(x.dtype))
+        elif flat.shape[0] <= GEMV_ROWS:
+            out = k.linear_int8(flat.contiguous(), self.qweight, self.scales)
+        else:
+            out = tiled_linear(flat, self.out_features, lambda a, b: (
+                self.qweight[a:b].to(x.dtype) * self.scales[a:b, None]))
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T with 4-bit grouped weights; `aten._weight_int4pack_mm_for_cpu`.
+    """y = x W^T with 4-bit grouped weights, on qwen35's kernel or `aten._weight_int4pack_mm_for_cpu`.
 
-    Holds only the kernel's own tiled layout and its (K/G, N, 2) scale/zero table, built once from the
-    portable stored parts (which are not kept: no second copy of the weights in memory).
+    Holds only one kernel's own layout and scale/zero tables, built once from the portable stored parts (which
+    are not kept: no second copy of the weights in memory).
     """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int):
         super().__init__()
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
         self.group_size = group_size
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight), 1))
-        self.register_buffer("scales_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous())
+        self.own_kernel = (kernels() is not None and scales.dtype == torch.bfloat16 and qweight.device.type == "cpu"
+                           and self.in_features % 64 == 0)
+        if self.own_kernel:
+            self.register_buffer("packed", int4_kernel_layout(qweight))
+            self.register_buffer("scales", scales.contiguous())
+            self.register_buffer("zeros", zeros.contiguous())
+        else:
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight), 1))
+            self.register_buffer("scales_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous())
 
     @staticmethod
     def supports(out_features: int, in_features: int, group_size: int) -> bool:
@@ -86,9 +132,22 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
-                                                           self.scales_zeros.to(x.dtype))
+        k = fast_path(x) if self.own_kernel else None
+        if not self.own_kernel:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
+                                                               self.scales_zeros.to(x.dtype))
+        elif k is not None and flat.shape[0] <= GEMV_ROWS:
+            out = k.linear_int4(flat.contiguous(), self.packed, self.scales, self.zeros, self.group_size)
+        else:
+            out = tiled_linear(flat, self.out_features, lambda a, b: self._rows(a, b).to(x.dtype))
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _rows(self, start: int, end: int) -> torch.Tensor:
+        """Weight rows [start, end) in fp32, from the kernel layout."""
+        q = int4_kernel_values(self.packed[start:end]).float()
+        n, g = end - start, self.group_size
+        w = (q.reshape(n, -1, g) - 8) * self.scales[start:end, :, None].float() + self.zeros[start:end, :, None].float()
+        return w.reshape(n, -1)
 
 
 def make_linear(parts: dict[str, torch.Tensor], group_size: int) -> nn.Module:

@@ -1,0 +1,106 @@
+"""Decode-speed CPU kernels (`cpu_kernels.cpp`), compiled on first use, each beside its plain PyTorch reference.
+
+The extension is built once per machine with `-march=native` into PyTorch's extension cache (about a minute;
+needs a C++ compiler and ninja). Where it cannot be used — no compiler, a CPU without AVX-512 BF16, or
+`QWEN35_KERNELS=0` — every caller falls back to PyTorch's own kernels, with the same results.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+GEMV_ROWS = 16  # up to this many activation rows the GEMV kernels beat oneDNN's GEMM (measured); above, GEMM
+NORM_ROWS = 256  # the fused RMSNorm runs rows one after another: for long prefills PyTorch's is faster
+
+
+@functools.cache
+def kernels() -> ModuleType | None:
+    """The compiled extension, or None where it is unavailable (the reason is logged once)."""
+    if os.environ.get("QWEN35_KERNELS", "1") == "0":
+        return None
+    if "avx512_bf16" not in _cpu_flags():
+        log.info("qwen35 CPU kernels need AVX-512 BF16; using PyTorch's kernels")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        log.warning("compiling qwen35's CPU kernels for this machine (once, about a minute)…")
+        module = load(name="qwen35_cpu_kernels", sources=[str(SOURCE)], verbose=False,
+                      extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as e:  # a missing compiler or ninja: fall back, say why  # noqa: BLE001
+        log.warning("qwen35 CPU kernels could not be built (%s); using PyTorch's kernels", e)
+        return None
+    return module if module.available() else None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def fast_path(x: torch.Tensor) -> ModuleType | None:
+    """The kernels, if this activation may use them: bf16 on the CPU, inference (no autograd graph)."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    return kernels()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T; few rows (decode) go to the streaming GEMV kernel. Reference: `F.linear`."""
+    k = fast_path(x)
+    rows = x.numel() // x.shape[-1]
+    if k is None or rows > GEMV_ROWS or weight.requires_grad and torch.is_grad_enabled() \
+            or weight.dtype != torch.bfloat16:
+        return F.linear(x, weight)
+    return k.linear_bf16(x.reshape(rows, -1).contiguous(), weight).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    """x_hat * (offset + w), in fp32, cast back once: offset 1 is Qwen3.5's zero-centred norm."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (offset + weight.float())).type_as(x)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 1.0) -> torch.Tensor:
+    k = fast_path(x)
+    if k is None or weight.dtype != torch.bfloat16 or (torch.is_grad_enabled() and weight.requires_grad) \
+            or x.numel() // x.shape[-1] > NORM_ROWS:
+        return rms_norm_reference(x, weight, eps, offset)
+    return k.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight, eps, offset).view(x.shape)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, same math) whose decode-shaped products use the GEMV kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight) if self.bias is None else F.linear(x, self.weight, self.bias)
+
+
+def deltanet_decode(k: ModuleType, qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+                    conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
+                    eps: float, cache) -> torch.Tensor:
+    """One token of a Gated DeltaNet layer between its projections and out_proj, fused (see the .cpp).
+
+    Inputs are (B, width) projections; the cache's conv history and recurrent state are updated in place.
+    The reference is the unfused path in `GatedDeltaNet.forward`, which the tests compare against.
+    """
+    if not cache.conv.is_contiguous():
+        cache.conv = cache.conv.contiguous()
+    if not cache.state.is_contiguous():
+        cache.state = cache.state.contiguous()
+    return k.deltanet_decode(qkv, z, b, a, cache.conv, conv_weight, A_log, dt_bias, cache.state, norm_weight, eps)

@@ -1,0 +1,41 @@
+"""Prometheus metrics of one server, in its own registry (no process-wide globals): GET /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from qwen35.engine import Event
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("qwen35_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("qwen35_prompt_tokens", "prompt tokens of admitted requests", registry=r)
+        self.generated_tokens = Counter("qwen35_generation_tokens", "tokens generated", registry=r)
+        self.errors = Counter("qwen35_sequence_errors", "sequences ended by an error (NaN/Inf logits, failed step)",
+                              registry=r)
+        self.queue_depth = Gauge("qwen35_queue_depth", "sequences waiting for a batch slot", registry=r)
+        self.batch_size = Gauge("qwen35_batch_size", "sequences in the running batch", registry=r)
+        self.ttft = Histogram("qwen35_time_to_first_token_seconds", "request arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("qwen35_request_latency_seconds", "request arrival to last token",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+
+    def on_step(self, running: int, waiting: int, events: list[Event]) -> None:
+        """Called by the engine thread after every step."""
+        self.batch_size.set(running)
+        self.queue_depth.set(waiting)
+        produced = sum(1 for e in events if e.token >= 0)
+        if produced:
+            self.generated_tokens.inc(produced)
+        failed = sum(1 for e in events if e.finish_reason == "error")
+        if failed:
+            self.errors.inc(failed)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

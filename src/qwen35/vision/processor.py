@@ -1,0 +1,107 @@
+"""The Qwen3.5 image processor: a decoded image -> patch rows for the vision tower, as the reference makes them.
+
+Matches transformers' PIL backend (`Qwen2VLImageProcessorPil`): RGB (alpha composited on white), `smart_resize` to
+multiples of patch x merge (32) within [min_pixels, max_pixels], bicubic resize in Pillow, x/255, (x - mean)/std,
+then patches ordered merge-block major, each flattened (channel, temporal, y, x) with the frame repeated along the
+temporal patch. Each image becomes (h/32) x (w/32) `<|image_pad|>` tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from qwen35.vision.fetch import ImageError
+
+QWEN35_DEFAULTS = {"min_pixels": 65536, "max_pixels": 16777216, "image_mean": (0.5, 0.5, 0.5),
+                   "image_std": (0.5, 0.5, 0.5)}  # the official preprocessor_config.json values
+MAX_ASPECT = 200
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    pixel_values: torch.Tensor  # (t * gh * gw, C * temporal * patch * patch) float32
+    grid: tuple[int, int, int]  # (t, gh, gw) in patches
+    num_tokens: int  # merged tokens = <|image_pad|> copies in the prompt
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = QWEN35_DEFAULTS["min_pixels"]
+    max_pixels: int = QWEN35_DEFAULTS["max_pixels"]
+    image_mean: tuple[float, ...] = QWEN35_DEFAULTS["image_mean"]
+    image_std: tuple[float, ...] = QWEN35_DEFAULTS["image_std"]
+    rescale_factor: float = 1 / 255
+    resample: int = Image.Resampling.BICUBIC
+
+    @classmethod
+    def from_config(cls, raw: dict[str, Any], vision: Any = None) -> "ImageProcessor":
+        """From a checkpoint's `preprocessor_config.json` (and its vision config for patch/merge sizes)."""
+        size = raw.get("size") or {}
+        out = cls(patch_size=raw.get("patch_size", getattr(vision, "patch_size", 16)),
+                  temporal_patch_size=raw.get("temporal_patch_size", getattr(vision, "temporal_patch_size", 2)),
+                  merge_size=raw.get("merge_size", getattr(vision, "spatial_merge_size", 2)),
+                  min_pixels=size.get("shortest_edge", raw.get("min_pixels", QWEN35_DEFAULTS["min_pixels"])),
+                  max_pixels=size.get("longest_edge", raw.get("max_pixels", QWEN35_DEFAULTS["max_pixels"])),
+                  image_mean=tuple(raw.get("image_mean", QWEN35_DEFAULTS["image_mean"])),
+                  image_std=tuple(raw.get("image_std", QWEN35_DEFAULTS["image_std"])),
+                  rescale_factor=raw.get("rescale_factor", 1 / 255), resample=raw.get("resample", 3))
+        if not 0 < out.min_pixels <= out.max_pixels:
+            raise ValueError(f"preprocessor size: need 0 < shortest_edge ({out.min_pixels}) <= longest_edge "
+                             f"({out.max_pixels}) (min/max pixels)")
+        return out
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """`smart_resize`: the nearest multiples of 32 keeping the aspect ratio, inside the pixel bounds."""
+        if min(height, width) <= 0:
+            raise ImageError(f"the image is {width}x{height} pixels: it has no pixels")
+        if max(height, width) / min(height, width) > MAX_ASPECT:
+            raise ImageError(f"the image is {width}x{height} pixels: the aspect ratio must be at most {MAX_ASPECT}")
+        f = self.factor
+        h, w = round(height / f) * f, round(width / f) * f
+        if h * w > self.max_pixels:
+            beta = math.sqrt(height * width / self.max_pixels)
+            h, w = max(f, math.floor(height / beta / f) * f), max(f, math.floor(width / beta / f) * f)
+        elif h * w < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (height * width))
+            h, w = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
+        return h, w
+
+    def num_tokens(self, height: int, width: int) -> int:
+        """`<|image_pad|>` tokens an image of this size becomes (known before decoding its pixels)."""
+        h, w = self.target_size(height, width)
+        return (h // self.factor) * (w // self.factor)
+
+    def __call__(self, image: Image.Image) -> ProcessedImage:
+        image = to_rgb(image)
+        h, w = self.target_size(image.height, image.width)
+        pixels = np.asarray(image.resize((w, h), resample=self.resample))  # (h, w, 3) uint8
+        x = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        x = (x - np.array(self.image_mean, dtype=np.float32)) / np.array(self.image_std, dtype=np.float32)
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        gh, gw = h // p, w // p
+        x = x.transpose(2, 0, 1).reshape(3, gh // m, m, p, gw // m, m, p)
+        x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (block row, block col, in row, in col, C, y, x)
+        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))  # the frame, twice in time
+        rows = torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * t * p * p))
+        return ProcessedImage(rows, (1, gh, gw), (gh // m) * (gw // m))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB; images with transparency are composited onto white first (the reference's convert_to_rgb)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")

@@ -1,0 +1,124 @@
+"""Images through the Python API and the CLI, on a tiny random vision-language checkpoint with a real tokenizer."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import qwen35
+import qwen35.api as api
+from qwen35.vision import ImageError
+
+tf = pytest.importorskip("transformers")
+skdata = pytest.importorskip("skimage.data")
+from test_vision_model import make_vl_reference  # noqa: E402  (needs transformers)
+
+NANO = Path(qwen35.__file__).parent / "assets" / "nano"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random VL model using the built-in tokenizer (whose <|image_pad|> is 12267), saved by transformers."""
+    tok = qwen35.load(None).tokenizer
+    ids = {name: tok.token_to_id(name) for name in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    ref = make_vl_reference(vocab=tok.vocab_size, image=ids["<|image_pad|>"], start=ids["<|vision_start|>"],
+                            end=ids["<|vision_end|>"])
+    path = tmp_path_factory.mktemp("vl-api")
+    ref.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(NANO / name, path / name)
+    (path / "preprocessor_config.json").write_text('{"size": {"shortest_edge": 4096, "longest_edge": 40000}}')
+    Image.fromarray(skdata.chelsea()).save(path / "cat.png")
+    return path, ref
+
+
+def record_tokens(monkeypatch) -> list[int]:
+    seen: list[int] = []
+    real = api.generate_tokens
+
+    def recording(*args, **kwargs):
+        for token in real(*args, **kwargs):
+            seen.append(token)
+            yield token
+
+    monkeypatch.setattr(api, "generate_tokens", recording)
+    return seen
+
+
+def test_image_chat_matches_reference_generate(checkpoint, monkeypatch):
+    path, ref = checkpoint
+    m = qwen35.load(path, dtype="float32")
+    assert m.vision is not None and m.processor.max_pixels == 40000
+    cat = Image.open(path / "cat.png")
+    messages = [{"role": "user", "content": [{"type": "image", "image": cat}, {"type": "text", "text": "What is it?"}]}]
+    tokens = record_tokens(monkeypatch)
+    reply = m.chat(messages, enable_thinking=False, temperature=0, repetition_penalty=1.0, max_tokens=16,
+                   ignore_eos=True)
+
+    prompt = m.tokenizer.encode(m.chat_prompt(messages, enable_thinking=False))
+    pix = tf.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil(
+        patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        size={"shortest_edge": 4096, "longest_edge": 40000})(cat, return_tensors="pt")
+    n = int(pix["image_grid_thw"].prod()) // 4
+    k = prompt.index(m.config.image_token_id)
+    ids = prompt[:k] + [m.config.image_token_id] * n + prompt[k + 1:]
+    with torch.no_grad():
+        out = ref.generate(input_ids=torch.tensor([ids]), pixel_values=pix["pixel_values"],
+                           image_grid_thw=pix["image_grid_thw"],
+                           mm_token_type_ids=torch.tensor([[int(i == m.config.image_token_id) for i in ids]]),
+                           max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    assert reply.prompt_tokens == len(ids) and reply.completion_tokens == 16
+    assert tokens == out[0, len(ids):].tolist()
+
+
+def test_image_sources_agree(checkpoint, monkeypatch):
+    """A PIL image, a file path and an OpenAI data: URL of the same PNG give the same reply."""
+    path, _ = checkpoint
+    m = qwen35.load(path, dtype="float32")
+    data = "data:image/png;base64," + base64.b64encode((path / "cat.png").read_bytes()).decode()
+    replies = []
+    for part in ({"type": "image", "image": Image.open(path / "cat.png")}, {"type": "image", "image": str(path / "cat.png")},
+                 {"type": "image_url", "image_url": {"url": data}}):
+        messages = [{"role": "user", "content": [part, {"type": "text", "text": "Describe."}]}]
+        replies.append(m.chat(messages, temperature=0, max_tokens=6, ignore_eos=True))
+    assert replies[0] == replies[1] == replies[2]
+
+
+def test_bad_images_and_text_models_fail_clearly(checkpoint, default_model):
+    path, _ = checkpoint
+    m = qwen35.load(path, dtype="float32")
+    truncated = io.BytesIO()
+    Image.fromarray(skdata.astronaut()).save(truncated, format="PNG")
+    for image, message in ((truncated.getvalue()[:2000], "truncated"), (str(path / "missing.png"), "does not exist"),
+                           ("http://169.254.169.254/x.png", "remote image URLs are disabled")):
+        with pytest.raises(ImageError, match=message):
+            m.chat([{"role": "user", "content": [{"type": "image", "image": image}]}], max_tokens=2)
+    assert m.chat([{"role": "user", "content": "still fine?"}], max_tokens=2).completion_tokens == 2
+    with pytest.raises(ImageError, match="no vision tower"):
+        default_model.chat([{"role": "user", "content": [{"type": "image", "image": str(path / "cat.png")}]}])
+
+
+def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qwen35", *args], input=stdin, capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "120"}, timeout=120)
+
+
+def test_cli_image_flag_and_command(checkpoint):
+    path, _ = checkpoint
+    common = ("chat", "-m", str(path), "--dtype", "float32", "--temperature", "0", "--max-tokens", "4", "--ignore-eos")
+    out = cli(*common, "-p", "What is it?", "--image", str(path / "cat.png"))
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
+    out = cli(*common, "-p", "What is it?", "--image", str(path / "nope.png"))
+    assert out.returncode == 2 and "image 1" in out.stderr and "does not exist" in out.stderr
+    out = cli(*common, stdin=f"/image {path / 'nope.png'}\nhi\n/image {path / 'cat.png'}\nWhat is it?\n/exit\n")
+    assert out.returncode == 0, out.stderr
+    assert "image attached" in out.stdout and "does not exist" in out.stdout
