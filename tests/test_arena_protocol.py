@@ -85,6 +85,30 @@ def test_api_key_from_the_environment_and_rate_limit(tmp_path, monkeypatch):
     assert elapsed >= 9 / 20 - 0.02  # 10 requests at 20 per second: at least 0.45 s
 
 
+def test_retry_after_is_honoured():
+    script = Script(fail_first=1, retry_after=1)
+    with ScriptedServer(script) as s:
+        client = OpenAIClient(parse_spec(f"name=r,url={s.url},model=r"), backoff_s=0.01)
+
+        async def once():
+            start = time.monotonic()
+            c = await client.complete([{"role": "user", "content": "hi"}])
+            await client.aclose()
+            return c, time.monotonic() - start
+
+        c, elapsed = asyncio.run(once())
+    assert c.ok and script.requests == 2 and elapsed >= 1.0
+
+
+def test_an_unreachable_endpoint_fails_fast(tmp_path):
+    with ScriptedServer() as s:
+        url = s.url  # the port is free again once the server is gone
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match="cannot reach"):
+        arena(url, tmp_path, Script())
+    assert time.monotonic() - start < 10
+
+
 def test_position_bias_and_tie_rules(tmp_path):
     script = Script(slot_a_bias=3)  # slot A gets 3 extra points: the order now decides some games
     with ScriptedServer(script) as s:
@@ -96,7 +120,7 @@ def test_position_bias_and_tie_rules(tmp_path):
 
 
 def test_unparsable_and_failed_judgments_are_explicit_error_records(tmp_path):
-    script = Script(unparsable_every=4, fail_first=2)  # two 500s are retried away; every 4th verdict unusable
+    script = Script(unparsable_every=4, fail_first=2)  # two 503s are retried away; every 4th verdict unusable
     with ScriptedServer(script) as s:
         run = arena(s.url, tmp_path, script)
     bad = [g for g in run.games if g.error]

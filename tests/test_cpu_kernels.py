@@ -66,10 +66,11 @@ def test_fused_decode_follows_the_plain_model(monkeypatch):
         return torch.stack(logits).float()
 
     fast, plain = run(True), run(False)
-    assert (fast - plain).abs().max().item() < 0.3  # logits of magnitude ~10: a few bf16 steps
+    diff = (fast - plain).abs().amax(-1)
+    assert diff.max().item() < 0.3  # logits of magnitude ~10: a few bf16 steps
     top2 = plain.topk(2, dim=-1).values
-    clear = (top2[..., 0] - top2[..., 1]) > 0.3  # greedy choices that bf16 rounding cannot flip
-    assert clear.sum() > 10 and torch.equal(fast.argmax(-1)[clear], plain.argmax(-1)[clear])
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * diff  # greedy choices these differences cannot flip
+    assert clear.sum() > 30 and torch.equal(fast.argmax(-1)[clear], plain.argmax(-1)[clear])
 
 
 def test_training_never_uses_the_kernels(monkeypatch):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from qwen35.eval.analysis import prompt_score, style_features
-from qwen35.eval.stats import (Battle, bootstrap_mean, bradley_terry, bt_bootstrap, cohen_kappa, exact_power, holm,
-                               required_prompts, sign_test, summarize, summary_from_counts, wilson)
+from qwen35.eval.stats import (Battle, bootstrap_mean, bradley_terry, bt_bootstrap, cohen_kappa, equivalence_p,
+                               exact_power, holm, required_prompts, sign_test, summarize, summary_from_counts,
+                               wilson)
 
 
 def test_published_counts_reproduce_the_reanalysis():
@@ -22,6 +23,8 @@ def test_published_counts_reproduce_the_reanalysis():
     assert abs(required_prompts(499 / 930, 0.07, power=0.9) - 2110) <= 10
     assert exact_power(1000, 499 / 930, 0.07) == pytest.approx(0.59, abs=0.01)  # table: N = 1,000 -> 0.59
     assert exact_power(2000, 499 / 930, 0.07) == pytest.approx(0.88, abs=0.01)
+    scores = [1.0] * 499 + [0.0] * 431 + [0.5] * 70  # "as good as" is not shown at ±5 pp, it is at ±10 pp
+    assert equivalence_p(scores, 0.05) == pytest.approx(0.15, abs=0.01) and equivalence_p(scores, 0.10) < 1e-5
 
 
 def test_prompt_bootstrap_matches_the_published_interval():

@@ -110,7 +110,7 @@ def _arena(args: argparse.Namespace, console: Console, err: Console) -> None:
     from qwen35.eval.prompts import save_jsonl
     from qwen35.eval.runner import ArenaRun, games_json, run_arena
     from qwen35.eval.specs import parse_spec
-    from qwen35.eval.stats import exact_power, required_prompts, summary_from_counts
+    from qwen35.eval.stats import equivalence_p, exact_power, required_prompts, summary_from_counts
 
     if args.arena_command == "stats":
         s = summary_from_counts(args.wins, args.losses, args.ties)
@@ -121,6 +121,10 @@ def _arena(args: argparse.Namespace, console: Console, err: Console) -> None:
                       f"{100 * s.decisive_ci.high:.1f}%)\nsign test (ties dropped), two-sided p = {s.sign_p:.4f}\n"
                       f"power of this design: {exact_power(s.n, s.decisive_share, s.ties / s.n):.2f}\n"
                       f"prompts for 80% power: {s.prompts_for_80_power}")
+        scores = [1.0] * args.wins + [0.0] * args.losses + [0.5] * args.ties
+        for margin in (0.05, 0.10):
+            console.print(f"equivalence (TOST) within ±{int(margin * 100)} pp of 50%: p = "
+                          f"{equivalence_p(scores, margin):.2g}")
         return
     if args.arena_command == "power":
         for power in (0.8, 0.9):

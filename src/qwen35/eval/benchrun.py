@@ -101,6 +101,7 @@ async def _run(name: str, items: list[Item], spec: ModelSpec, cache: Cache, ledg
         return score(item, c)
 
     try:
+        await client.preflight()
         results = await asyncio.gather(*(one(i) for i in items))
     finally:
         await client.aclose()

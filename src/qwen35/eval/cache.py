@@ -40,11 +40,6 @@ class Cache:
         self.db.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)",
                         (key, stage, json.dumps(value, ensure_ascii=False), time.time()))
 
-    def count(self, stage: str | None = None) -> int:
-        if stage is None:
-            return self.db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-        return self.db.execute("SELECT COUNT(*) FROM results WHERE stage = ?", (stage,)).fetchone()[0]
-
     def close(self) -> None:
         self.db.close()
 

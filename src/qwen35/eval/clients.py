@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import httpx
 
 from qwen35.eval.specs import Completion, ModelSpec
+from qwen35.sampling import SamplingParams
 
 THINK_END = "</think>"
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -67,6 +68,8 @@ def split_reasoning(text: str, reasoning: str = "") -> tuple[str, str]:
 class ChatClient(Protocol):
     spec: ModelSpec
 
+    async def preflight(self) -> None: ...
+
     async def complete(self, messages: list[dict[str, str]]) -> Completion: ...
 
     async def aclose(self) -> None: ...
@@ -92,12 +95,16 @@ class TokenBucket:
 class OpenAIClient:
     """POST {url}/chat/completions with the spec's sampling settings (extra fields passed through)."""
 
-    def __init__(self, spec: ModelSpec, backoff_s: float = 1.0, max_backoff_s: float = 60.0):
+    def __init__(self, spec: ModelSpec, backoff_s: float = 1.0, max_backoff_s: float = 60.0,
+                 limits: dict[str, tuple[asyncio.Semaphore, TokenBucket]] | None = None):
         self.spec, self.backoff_s, self.max_backoff_s = spec, backoff_s, max_backoff_s
         key = spec.api_key()
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.AsyncClient(base_url=spec.url.rstrip("/"), headers=headers, timeout=spec.timeout)
-        self.limit, self.bucket = asyncio.Semaphore(spec.concurrency), TokenBucket(spec.rps)
+        # specs that point at the same endpoint share its limits (the first spec's values)
+        limits = {} if limits is None else limits
+        self.limit, self.bucket = limits.setdefault(spec.url.rstrip("/"), (asyncio.Semaphore(spec.concurrency),
+                                                                            TokenBucket(spec.rps)))
 
     def body(self, messages: list[dict[str, str]]) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.spec.model, "messages": messages, **self.spec.sampling()}
@@ -106,13 +113,25 @@ class OpenAIClient:
         body.update(self.spec.extra)
         return body
 
+    async def preflight(self) -> None:
+        """Fail fast on an endpoint that is not there or refuses the key, instead of retrying every call."""
+        try:
+            r = await self.http.get("/models")
+        except httpx.TransportError as e:
+            raise ConnectionError(f"spec {self.spec.name!r}: cannot reach {self.spec.url} ({type(e).__name__}); "
+                                  f"is the server running and the URL right (it should end in /v1)?") from e
+        if r.status_code in (401, 403):
+            raise ValueError(f"spec {self.spec.name!r}: {self.spec.url} refused the request (HTTP {r.status_code});"
+                             f" set api_key_env=VAR to the variable that holds a valid key")
+
     async def complete(self, messages: list[dict[str, str]]) -> Completion:
-        body, error = self.body(messages), "no attempt made"
+        body, error, retry_after = self.body(messages), "no attempt made", 0.0
         async with self.limit:
             for attempt in range(self.spec.retries + 1):
                 if attempt:
                     delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-                    await asyncio.sleep(delay * (0.5 + random.random()))  # jitter spreads retries out
+                    # jitter spreads retries out; a server's Retry-After is a floor
+                    await asyncio.sleep(max(retry_after, delay * (0.5 + random.random())))
                 await self.bucket.acquire()
                 start = time.monotonic()
                 try:
@@ -122,6 +141,7 @@ class OpenAIClient:
                     continue
                 if r.status_code in RETRY_STATUS:
                     error = f"HTTP {r.status_code}: {r.text[:300]}"
+                    retry_after = _seconds(r.headers.get("retry-after"), self.max_backoff_s)
                     continue
                 if r.status_code != 200:
                     return Completion("", error=f"HTTP {r.status_code} (not retried): {r.text[:300]}")
@@ -133,6 +153,14 @@ class OpenAIClient:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+
+def _seconds(value: str | None, cap: float) -> float:
+    """A Retry-After header in seconds (the HTTP-date form is ignored), capped."""
+    try:
+        return min(cap, max(0.0, float(value))) if value else 0.0
+    except ValueError:
+        return 0.0
 
 
 def parse_response(data: dict[str, Any], latency: float) -> Completion:
@@ -151,7 +179,8 @@ def parse_response(data: dict[str, Any], latency: float) -> Completion:
 class LocalClient:
     """A model of this package run in-process (`qwen35.load`, optionally `qwen35.quantize`), one call at a time."""
 
-    def __init__(self, spec: ModelSpec, device: str | None = "cpu"):
+    def __init__(self, spec: ModelSpec, device: str | None = None):
+        SamplingParams().updated(**spec.sampling(), **spec.extra)  # a wrong option fails now, not on every answer
         self.spec, self.device, self.model, self.lock = spec, device, None, asyncio.Lock()
 
     def _load(self):
@@ -176,9 +205,14 @@ class LocalClient:
             except (ValueError, RuntimeError) as e:
                 return Completion("", error=f"{type(e).__name__}: {e}")
 
+    async def preflight(self) -> None:
+        """Nothing to check before loading (a bad path fails when the model is loaded)."""
+
     async def aclose(self) -> None:
         self.model = None
 
 
-def make_client(spec: ModelSpec, backoff_s: float = 1.0) -> ChatClient:
-    return LocalClient(spec) if spec.is_local else OpenAIClient(spec, backoff_s)
+def make_client(spec: ModelSpec, backoff_s: float = 1.0,
+                limits: dict[str, tuple[asyncio.Semaphore, TokenBucket]] | None = None) -> ChatClient:
+    """A client for `spec`; pass one `limits` dict to every client of a run so endpoints share their limits."""
+    return LocalClient(spec) if spec.is_local else OpenAIClient(spec, backoff_s, limits=limits)

@@ -8,6 +8,7 @@ as unverifiable, never guessed.
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 from dataclasses import dataclass
@@ -78,7 +79,8 @@ def verify(prompt: str, response: str, instruction_ids: list[str], kwargs: list[
                 followed.append(bool(response.strip()) and bool(inst.check_following(response)))
             except LookupError as e:
                 followed.append(None)
-                errors.append(f"{iid}: missing NLTK data ({str(e).strip().splitlines()[0][:80]})")
+                resource = re.search(r"Resource \x1b?\S*?(\w+)\S* not found", str(e))
+                errors.append(f"{iid}: needs NLTK data {resource.group(1) if resource else ''!r} (not installed)")
             except Exception as e:  # a verifier bug must not end the run: the instruction is unverifiable
                 followed.append(None)
                 errors.append(f"{iid}: verifier failed ({type(e).__name__}: {str(e)[:80]})")

@@ -34,6 +34,21 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def checkpoint_info(spec: ModelSpec) -> dict[str, Any] | None:
+    """For a local contestant: its directory, the sha256 of config.json and the weight files' sizes."""
+    if not spec.is_local:
+        return None
+    if spec.path == "default":
+        from qwen35.default_model import default_model_path
+        path = default_model_path()
+    else:
+        path = Path(spec.path)
+    if not (path / "config.json").is_file():
+        return {"path": str(spec.path), "note": "not a local directory (a hub id): resolved when loaded"}
+    return {"path": str(path), "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
+            "weights": {f.name: f.stat().st_size for f in sorted(path.glob("*.safetensors"))}}
+
+
 def prompts_hash(prompts: list[Prompt]) -> str:
     blob = json.dumps([p.to_json() for p in prompts], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -49,7 +64,7 @@ def manifest(command: str, prompts: list[Prompt], models: list[ModelSpec], judge
         "git_commit": _git_commit(),
         "versions": {p: _version(p) for p in PACKAGES},
         "prompts": {"count": len(prompts), "sha256": prompts_hash(prompts)},
-        "models": [m.public() for m in models],
-        "judges": [j.public() for j in judges],
+        "models": [{**m.public(), "checkpoint": checkpoint_info(m)} for m in models],
+        "judges": [{**j.public(), "checkpoint": checkpoint_info(j)} for j in judges],
         "settings": settings,
     }

@@ -1,7 +1,9 @@
 """The arena pipeline: generate every answer, then judge every pair of models on every prompt in both orders.
 
 Answers and judgments are looked up in the content-hash cache first, so a re-run (or a run after a crash) only
-makes the calls that are missing. Failures become explicit error records that the report counts.
+makes the calls that are missing. Failures become explicit error records that the report counts. A judgment
+whose verdict cannot be parsed is kept in the cache (the call itself succeeded), so a re-run reports the same
+error instead of quietly drawing a new verdict.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ class Arena:
     def __init__(self, run: ArenaRun, cache: Cache, ledger: Ledger, progress: Progress | None = None,
                  backoff_s: float = 1.0):
         self.run, self.cache, self.ledger, self.progress = run, cache, ledger, progress
-        self.clients: dict[str, ChatClient] = {s.name: make_client(s, backoff_s)
+        limits: dict = {}  # one semaphore and rate limit per endpoint URL, shared by its specs
+        self.clients: dict[str, ChatClient] = {s.name: make_client(s, backoff_s, limits)
                                                for s in [*run.contestants, *run.judges]}
         names = [s.name for s in [*run.contestants, *run.judges]]
         if len(set(names)) != len(names):
@@ -157,6 +160,8 @@ class Arena:
         names = [s.name for s in run.contestants]
         pairs = list(pairs or itertools.combinations(names, 2))
         try:
+            for client in self.clients.values():
+                await client.preflight()
             task = self._task("answers", len(run.contestants) * len(run.prompts))
             async with asyncio.TaskGroup() as tg:
                 for spec in run.contestants:

@@ -3,7 +3,8 @@
 It exists to test and demonstrate the arena pipeline without a real judge model (the built-in nano model cannot
 judge). As a judge it prefers the answer that covers more distinct words of the user prompt (3 or more more:
 "much better"; 1–2: "better"; equal: tie) — a rule, not a judgment of quality. It can inject failures (HTTP
-500s, unparsable verdicts) and position bias, and it counts requests, so tests can check retries and resume.
+503s with Retry-After, unparsable verdicts) and position bias, and it counts requests, so tests can check
+retries and resume.
 Run it by hand with `python -m qwen35.eval.scripted --port 8009`; it stops by itself after `--seconds`.
 """
 
@@ -29,7 +30,8 @@ _SECTION = re.compile(r"<\|The Start of Assistant ([AB])'s Answer\|>\n(.*?)\n<\|
 class Script:
     """What the endpoint does; counters are read by tests."""
 
-    fail_first: int = 0  # answer HTTP 500 to this many requests first (retries must cover them)
+    fail_first: int = 0  # answer HTTP 503 to this many requests first (retries must cover them)
+    retry_after: int = 0  # the Retry-After header (seconds) sent with those failures
     unparsable_every: int = 0  # every n-th judge reply has no verdict (0 = never)
     slot_a_bias: int = 0  # added to slot A's coverage: > 0 makes the judge position-biased
     reply_words: int = 12  # contestant mode: words per reply
@@ -71,9 +73,11 @@ def make_handler(script: Script) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: Any) -> None:  # keep test output clean
             pass
 
-        def _send(self, code: int, data: dict[str, Any]) -> None:
+        def _send(self, code: int, data: dict[str, Any], headers: dict[str, str] | None = None) -> None:
             blob = json.dumps(data).encode()
             self.send_response(code)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(blob)))
             self.end_headers()
@@ -95,7 +99,8 @@ def make_handler(script: Script) -> type[BaseHTTPRequestHandler]:
             if script.delay_s:
                 time.sleep(script.delay_s)
             if n <= script.fail_first:
-                return self._send(500, {"error": {"message": "scripted failure"}})
+                return self._send(503, {"error": {"message": "scripted failure"}},
+                                  {"Retry-After": str(script.retry_after)} if script.retry_after else None)
             messages = body.get("messages") or []
             model = str(body.get("model", "scripted"))
             is_judge = any(m.get("role") == "system" and "judge" in m.get("content", "") for m in messages)

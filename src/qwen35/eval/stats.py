@@ -77,6 +77,19 @@ def exact_power(n_prompts: int, decisive_share: float, tie_rate: float = 0.0, al
     return float(stats.binom.sf(critical - 1, n, decisive_share) + stats.binom.cdf(n - critical, n, decisive_share))
 
 
+def equivalence_p(scores: Sequence[float], margin: float = 0.05) -> float:
+    """TOST p-value that the mean per-prompt score lies within 0.5 ± margin ("as good as"), CLT standard error.
+    Small p supports equivalence; a large p means "as good as" is not shown at this margin."""
+    x = np.asarray(scores, dtype=float)
+    if x.size < 2:
+        return float("nan")
+    mean, se = float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size))
+    if se == 0:
+        return 0.0 if abs(mean - 0.5) < margin else 1.0
+    low, high = (mean - (0.5 - margin)) / se, ((0.5 + margin) - mean) / se
+    return float(max(stats.norm.sf(low), stats.norm.sf(high)))
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm–Bonferroni adjusted p-values (for per-category tests: several looks at the same data)."""
     order = np.argsort(p_values)

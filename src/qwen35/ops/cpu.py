@@ -1,13 +1,14 @@
 """Decode-speed CPU kernels (`cpu_kernels.cpp`), compiled on first use, each beside its plain PyTorch reference.
 
-The extension is built once per machine with `-march=native` into PyTorch's extension cache (about a minute;
-needs a C++ compiler and ninja). Where it cannot be used — no compiler, a CPU without AVX-512 BF16, or
+The extension is built once per machine with `-march=native` into ~/.cache/qwen35 (about a minute; needs a
+C++ compiler and ninja). Where it cannot be used — no compiler, a CPU without AVX-512 BF16, or
 `QWEN35_KERNELS=0` — every caller falls back to PyTorch's own kernels, with the same results.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -31,12 +32,17 @@ def kernels() -> ModuleType | None:
     if "avx512_bf16" not in _cpu_flags():
         log.info("qwen35 CPU kernels need AVX-512 BF16; using PyTorch's kernels")
         return None
+    flags = ["-O3", "-march=native", "-fopenmp"]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
+    build = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen35" / f"kernels-{digest[:16]}"
     try:
         from torch.utils.cpp_extension import load
 
-        log.warning("compiling qwen35's CPU kernels for this machine (once, about a minute)…")
-        module = load(name="qwen35_cpu_kernels", sources=[str(SOURCE)], verbose=False,
-                      extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        if not (build / "qwen35_cpu_kernels.so").exists():
+            log.warning("compiling qwen35's CPU kernels for this machine (once, about a minute)…")
+        build.mkdir(parents=True, exist_ok=True)
+        module = load(name="qwen35_cpu_kernels", sources=[str(SOURCE)], build_directory=str(build), verbose=False,
+                      extra_cflags=flags, extra_ldflags=["-fopenmp"])
     except Exception as e:  # a missing compiler or ninja: fall back, say why  # noqa: BLE001
         log.warning("qwen35 CPU kernels could not be built (%s); using PyTorch's kernels", e)
         return None

@@ -19,9 +19,8 @@ def _prepare(q, k, v, g, beta):
     group = v.shape[2] // k.shape[2]
     if group > 1:
         q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
-    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
-    g, beta = (x.transpose(1, 2).float() for x in (g, beta))
-    return q, k, v, g, beta
+    return tuple(x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+                 for x in (q, k, v, g, beta))
 
 
 def recurrent_gated_delta_rule(q, k, v, g, beta,
@@ -65,10 +64,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state: torch.Tensor | None = None,
     upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(upper, float("-inf")).exp()  # D, zero above diag
     k_beta = k * beta[..., None]
-    a = (k_beta @ k.transpose(-1, -2)) * decay
-    system = a.tril(-1) + torch.eye(chunk_size, dtype=q.dtype, device=q.device)  # I + A, unit lower triangular
-    u = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(system, k_beta * cum.exp()[..., None], upper=False, unitriangular=True)
+    a = (k_beta @ k.transpose(-1, -2)) * decay  # read as I + A: the solver takes the strict lower part, unit diagonal
+    rhs = torch.cat([v * beta[..., None], k_beta * cum.exp()[..., None]], dim=-1)
+    u, w = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True).split([dv, dk], dim=-1)
     scores = (q @ k.transpose(-1, -2)) * decay  # diagonal included
     q_decayed = q * cum.exp()[..., None]
     k_to_end = k * (cum[..., -1:] - cum).exp()[..., None]

@@ -1,0 +1,310 @@
+"""CPU speed and memory of qwen35 against transformers and llama.cpp, on shape-true Qwen3.5 checkpoints, one run.
+
+For each size (the real 0.8B/2B/4B/9B configs, random weights, official layout, real vocabulary; written once to
+--cache by `shape_true.py`) and each engine, a fresh process measures: prefill tok/s (512 and 4096 tokens), time
+to first token of a 512-token prompt, decode tok/s over 128 tokens (EOS ignored), peak RSS, and achieved weight
+bandwidth (weight bytes read per token x decode tok/s) as a share of a read bandwidth measured in this run.
+Engines: qwen35 bf16 / int8 / int4 (g64, int8 head), transformers bf16 (same checkpoint), and llama.cpp through
+llama-cpp-python (`make bench` builds it from source) on the same checkpoint converted by llama.cpp's own
+converter to F16, then quantized to Q8_0 / Q4_0. Same thread count everywhere. Prints a table, then one JSON line.
+
+    python benchmarks/bench_cpu.py --sizes 0.8B --engines all
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ENGINES = ["qwen35-bf16", "qwen35-int8", "qwen35-int4", "transformers-bf16", "llama-F16", "llama-Q8_0", "llama-Q4_0"]
+LLAMA_SRC = "llama-cpp-python==0.3.36"
+
+
+def read_bandwidth(threads: int) -> float:
+    """GB/s of one pass over 512 MB with PyTorch (best of 5): the ceiling decode is held against."""
+    import torch
+
+    torch.set_num_threads(threads)
+    data = torch.ones(64 << 20, dtype=torch.int64)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 8 / best / 1e9
+
+
+# -- workers: one engine, one size, in a fresh process (so peak RSS is its own) --------------------------------------
+
+def qwen35_worker(ckpt: Path, variant: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    import qwen35
+    from qwen35.cache import make_cache
+    from qwen35.generate import prefill
+    from qwen35.quant import QuantConfig, quantize_checkpoint
+
+    if variant != "bf16":  # the quantized checkpoint is its own artifact, made once by streaming the source
+        bits = 8 if variant == "int8" else 4
+        qdir = Path(args.cache) / f"{ckpt.name}-{variant}"
+        if not (qdir / "config.json").exists():
+            quantize_checkpoint(ckpt, qdir, QuantConfig(bits=bits, group_size=64, head=True))
+        ckpt = qdir
+    start = time.perf_counter()
+    m = qwen35.load(ckpt, dtype="bfloat16", device="cpu")
+    load_s = time.perf_counter() - start
+    model = m.model
+
+    def run_prefill(n: int) -> float:
+        ids = torch.randint(1000, 200000, (1, n), generator=torch.Generator().manual_seed(n))
+        with torch.inference_mode():
+            start = time.perf_counter()
+            prefill(model, ids, make_cache(model.config))
+            return time.perf_counter() - start
+
+    def run_decode(n: int) -> tuple[float, float]:
+        """(time to first token of a 512-token prompt, decode tok/s over n further tokens)."""
+        ids = torch.randint(1000, 200000, (1, 512), generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            cache = make_cache(model.config)
+            start = time.perf_counter()
+            token = prefill(model, ids, cache).argmax(-1, keepdim=True)
+            ttft = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(n):
+                token = model(token, cache)[:, -1].argmax(-1, keepdim=True)
+            return ttft, n / (time.perf_counter() - start)
+
+    return measure(run_prefill, run_decode, load_s, weight_bytes_qwen35(model), args)
+
+
+def weight_bytes_qwen35(model) -> int:
+    """Bytes one decode step reads: every parameter and buffer once, less an untied embedding (one row read)."""
+    seen, total = set(), 0
+    skip = set() if model.config.tie_word_embeddings else {id(t) for t in model.embed_tokens.state_dict().values()}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen and id(t) not in skip:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def transformers_worker(ckpt: Path, args: argparse.Namespace) -> dict:
+    import torch
+    import transformers as tf
+
+    start = time.perf_counter()
+    model = tf.AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    load_s = time.perf_counter() - start
+    text = model.model.language_model
+    tied = model.config.text_config.tie_word_embeddings
+    weight = sum(p.numel() * p.element_size() for n, p in text.named_parameters() if tied or "embed" not in n)
+    weight += 0 if tied else model.lm_head.weight.numel() * 2
+
+    def run_prefill(n: int) -> float:
+        ids = torch.randint(1000, 200000, (1, n), generator=torch.Generator().manual_seed(n))
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - start
+
+    def run_decode(n: int) -> tuple[float, float]:
+        ids = torch.randint(1000, 200000, (1, 512), generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            ttft, past = time.perf_counter() - start, out.past_key_values
+            start = time.perf_counter()
+            for _ in range(n):
+                out = model(input_ids=token, past_key_values=past, use_cache=True)
+                token, past = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+            return ttft, n / (time.perf_counter() - start)
+
+    return measure(run_prefill, run_decode, load_s, weight, args)
+
+
+def llama_worker(ckpt: Path, quant: str, args: argparse.Namespace) -> dict:
+    import llama_cpp
+
+    gguf = gguf_file(ckpt, quant, args)
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(str(gguf), n_ctx=max(args.prefill) + 64, n_threads=args.threads,
+                          n_threads_batch=args.threads, n_batch=512, verbose=False)
+    load_s = time.perf_counter() - start
+
+    def run_prefill(n: int) -> float:
+        llm.reset()
+        ids = [1000 + (i * 7919) % 199000 for i in range(n)]
+        start = time.perf_counter()
+        llm.eval(ids)
+        return time.perf_counter() - start
+
+    def run_decode(n: int) -> tuple[float, float]:
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval([1000 + (i * 7919) % 199000 for i in range(512)])
+        token = llm.sample(temp=0.0)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(n):
+            llm.eval([token])
+            token = llm.sample(temp=0.0)
+        return ttft, n / (time.perf_counter() - start)
+
+    return measure(run_prefill, run_decode, load_s, gguf_weight_bytes(gguf), args)
+
+
+def gguf_file(ckpt: Path, quant: str, args: argparse.Namespace) -> Path:
+    """The checkpoint in GGUF: converted by llama.cpp's converter (F16), then quantized by the library."""
+    import llama_cpp
+
+    src = llama_source(Path(args.cache))
+    f16 = Path(args.cache) / f"{ckpt.name}-F16.gguf"
+    if not f16.exists():
+        env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
+        subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", "f16",
+                        "--no-mtp", "--outfile", str(f16)], check=True, env=env, stdout=subprocess.DEVNULL)
+    if quant == "F16":
+        return f16
+    out = Path(args.cache) / f"{ckpt.name}-{quant}.gguf"
+    if not out.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
+        params.nthread = args.threads
+        if llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params) != 0:
+            raise RuntimeError(f"llama.cpp could not quantize {f16} to {quant}")
+    return out
+
+
+def llama_source(cache: Path) -> Path:
+    """llama.cpp as vendored by the llama-cpp-python source distribution (its converter and gguf-py)."""
+    root = cache / "src"
+    found = sorted(root.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    if not found:
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        LLAMA_SRC, "-d", str(root)], check=True)
+        for archive in root.glob("llama_cpp_python-*.tar.gz"):
+            subprocess.run(["tar", "xzf", str(archive), "-C", str(root)], check=True)
+        found = sorted(root.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    return found[-1]
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes of the tensors one decode step reads (all but an untied token embedding)."""
+    sys.path.insert(0, str(llama_source(path.parent) / "gguf-py"))
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    untied = "output.weight" in tensors
+    return sum(n for name, n in tensors.items() if not (untied and name == "token_embd.weight"))
+
+
+def measure(run_prefill, run_decode, load_s: float, weight_bytes: int, args: argparse.Namespace) -> dict:
+    run_prefill(32)  # warm-up: first-call allocations and kernel builds are not what is measured
+    prefill = {n: n / min(run_prefill(n) for _ in range(1 if n > 1024 else 2)) for n in args.prefill}
+    ttft, decode = run_decode(args.decode)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"load_s": load_s, "prefill": prefill, "ttft_s": ttft, "decode": decode, "peak_rss": rss,
+            "weight_bytes": weight_bytes}
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    engine, size = args.worker
+    ckpt = Path(args.cache) / size
+    family, variant = engine.split("-", 1)
+    if family == "qwen35":
+        result = qwen35_worker(ckpt, variant, args)
+    elif family == "transformers":
+        result = transformers_worker(ckpt, args)
+    else:
+        result = llama_worker(ckpt, variant, args)
+    print("RESULT " + json.dumps(result))
+
+
+# -- driver -------------------------------------------------------------------------------------------------------
+
+def run_one(engine: str, size: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, size, "--cache", args.cache, "--threads", str(args.threads),
+           "--decode", str(args.decode), "--prefill", ",".join(map(str, args.prefill))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
+    result = json.loads(line[len("RESULT "):])
+    result["prefill"] = {int(k): v for k, v in result["prefill"].items()}
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="0.8B", help="comma list of 0.8B,2B,4B,9B")
+    p.add_argument("--engines", default="all", help=f"comma list of {','.join(ENGINES)}, or all")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--prefill", default="512,4096", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "qwen35-bench"))
+    p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    sys.path.insert(0, str(HERE))
+    from shape_true import write_checkpoint
+
+    engines = ENGINES if args.engines == "all" else args.engines.split(",")
+    bandwidth = read_bandwidth(args.threads)
+    print(f"read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads); cpu: {cpu_name()}", flush=True)
+    rows = []
+    for size in args.sizes.split(","):
+        write_checkpoint(size, Path(args.cache) / size)
+        for engine in engines:
+            print(f"  {size} {engine} …", flush=True)
+            r = run_one(engine, size, args)
+            if "error" not in r:
+                r["bandwidth_gbs"] = r["weight_bytes"] * r["decode"] / 1e9
+                r["bandwidth_share"] = r["bandwidth_gbs"] / bandwidth
+            rows.append({"size": size, "engine": engine, **r})
+    print_table(rows, args)
+    print(json.dumps({"benchmark": "cpu", "threads": args.threads, "read_bandwidth_gbs": round(bandwidth, 2),
+                      "cpu": cpu_name(), "results": rows}))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    heads = ["size", "engine"] + [f"prefill {n}" for n in args.prefill] + ["TTFT s", "decode tok/s", "GB/s",
+                                                                             "of read bw", "peak RSS GB"]
+    print("\n| " + " | ".join(heads) + " |\n|" + "---|" * len(heads))
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['size']} | {r['engine']} | error: {r['error'][:80]} |")
+            continue
+        cells = [r["size"], r["engine"]] + [f"{r['prefill'][n]:.0f}" for n in args.prefill] + [
+            f"{r['ttft_s']:.2f}", f"{r['decode']:.1f}", f"{r['bandwidth_gbs']:.1f}",
+            f"{100 * r['bandwidth_share']:.0f}%", f"{r['peak_rss'] / 1e9:.2f}"]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
