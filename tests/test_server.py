@@ -25,7 +25,7 @@ import pytest
 import uvicorn
 
 from qwen35.server import ServerSettings, create_app
-from qwen35.server.text import ChoiceText
+from qwen35.tokenizer.choice import ChoiceText
 
 MODEL = "qwen35-nano"
 HI = [{"role": "user", "content": "Hello, how are you?"}]

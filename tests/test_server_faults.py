@@ -16,7 +16,7 @@ import pytest
 
 from qwen35.server import ServerSettings
 from qwen35.server.prepare import encode_chat
-from qwen35.server.text import ChoiceText, tool_calls_in
+from qwen35.tokenizer.choice import ChoiceText, tool_calls_in
 from test_server import HI, MODEL, assert_still_serving, running_server
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"

@@ -224,3 +224,15 @@ def test_vision_config_errors_name_the_field(vl):
             VisionConfig.from_dict({**raw, **change}, 64)
     with pytest.raises(ConfigError, match="out_hidden_size"):
         VisionConfig.from_dict(raw, 128)
+
+
+def test_quantized_checkpoint_keeps_the_vision_tower(vl, tmp_path):
+    from qwen35.quant import QuantConfig, quantize_checkpoint
+
+    _, _, vision, path = vl
+    dst = quantize_checkpoint(path, tmp_path / "q", QuantConfig(bits=8), dtype=torch.float32)
+    loaded = load_vision(dst, dtype=torch.float32)
+    assert loaded is not None
+    grids = [(1, 4, 6)]
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels(grids), grids), vision(pixels(grids), grids))

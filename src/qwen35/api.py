@@ -18,7 +18,7 @@ from qwen35.models import Qwen35Model
 from qwen35.ops.cpu import kernels
 from qwen35.models.vision import ImageInputs, VisionModel
 from qwen35.sampling import SamplingParams
-from qwen35.tokenizer import IncrementalDecoder, StopStrings, ThinkingSplitter, Tokenizer, parse_tool_calls
+from qwen35.tokenizer import ChoiceText, Tokenizer, tool_calls_in
 from qwen35.vision import ImagePolicy, ImageProcessor, image_sources, load_images, prepare
 
 
@@ -52,7 +52,7 @@ def fold(pieces: Iterable[Piece]) -> Reply:
         (thinking if piece.kind == "thinking" else text).append(piece.text)
         last = piece
     assert last is not None and last.finish_reason is not None, "a stream always ends with a finishing piece"
-    content, calls = parse_tool_calls("".join(text))
+    content, calls = tool_calls_in("".join(text))
     return Reply(content, "".join(thinking), last.finish_reason, last.prompt_tokens, last.completion_tokens, calls)
 
 
@@ -124,25 +124,13 @@ class Qwen35:
     def _stream(self, prompt_ids: list[int], params: SamplingParams, thinking: bool,
                 images: ImageInputs | None = None) -> Iterator[Piece]:
         tok = self.tokenizer
-        eos = set() if params.ignore_eos else set(tok.eos_token_ids)
-        decoder, stops, splitter = IncrementalDecoder(tok), StopStrings(params.stop), ThinkingSplitter(thinking)
-        count, finish, stopped = 0, "length", False
+        text = ChoiceText(tok, () if params.ignore_eos else tok.eos_token_ids, params.stop, thinking, tools=False)
         for token in generate_tokens(self.model, prompt_ids, params, tok.eos_token_ids, tok.vocab_size, images):
-            count += 1
-            if token in eos:
-                finish = "stop"
+            yield from (Piece(kind, t) for kind, t in text.feed(token))
+            if text.finish_reason is not None:
                 break
-            text, stopped = stops.feed(decoder.add(token))
-            yield from (Piece(kind, t) for kind, t in splitter.feed(text) if t)
-            if stopped:
-                finish = "stop"
-                break
-        if not stopped:  # release what the decoder and the stop matcher still hold
-            text, stopped = stops.feed(decoder.flush())
-            finish = "stop" if stopped else finish
-            yield from (Piece(kind, t) for kind, t in splitter.feed(text if stopped else text + stops.flush()) if t)
-        yield from (Piece(kind, t) for kind, t in splitter.flush() if t)
-        yield Piece("answer", "", finish, len(prompt_ids), count)
+        yield from (Piece(kind, t) for kind, t in text.close("length"))
+        yield Piece("answer", "", text.finish_reason, len(prompt_ids), text.tokens)
 
 
 def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfloat16", device: str | None = None,

@@ -45,7 +45,9 @@ def tables(run: ArenaRun, a: ArenaAnalysis, ledger_rows: list[dict[str, Any]]) -
                   f"{_pct(r.tie_rate_by_game[0])} / {_pct(r.tie_rate_by_game[1])}", str(r.errors),
                   str(r.incomplete_prompts)] for r in a.pairs]))
     if a.ratings:
-        out.append(("Bradley–Terry ratings (Elo scale, 95% prompt-bootstrap interval)",
+        coef = ", ".join(f"{n} {c:+.2f}" for n, c in zip(("length", "headers", "lists", "bold"),
+                                                          a.style_coefficients))
+        out.append((f"Bradley–Terry ratings (Elo scale, 95% prompt-bootstrap interval; style coefficients: {coef})",
                     ["model", "rating", "interval", "style-controlled", "interval"],
                     [[n, f"{a.ratings['plain'][n][0]:.0f}", f"[{a.ratings['plain'][n][1]:.0f}, "
                       f"{a.ratings['plain'][n][2]:.0f}]", f"{a.ratings['style'][n][0]:.0f}",

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -37,6 +38,11 @@ def kernels() -> ModuleType | None:
     build = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen35" / f"kernels-{digest[:16]}"
     try:
         from torch.utils.cpp_extension import load
+
+        if shutil.which("ninja") is None:  # the pip-installed ninja, when the environment is not activated
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
         if not (build / "qwen35_cpu_kernels.so").exists():
             log.warning("compiling qwen35's CPU kernels for this machine (once, about a minute)…")

@@ -85,7 +85,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, cfg: QuantConfig, dtyp
                     for part, t in parts.items():
                         shard[f"{base}.{part}"] = t.contiguous()
                         size += t.numel() * t.element_size()
-                elif ours is not None and not (ours == "lm_head.weight" and config.tie_word_embeddings):
+                elif (ours is not None or key.startswith("model.visual.")) and not (
+                        ours == "lm_head.weight" and config.tie_word_embeddings):  # the vision tower stays as it is
                     shard[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
                     size += tensor.numel() * tensor.element_size()
                 done += 1

@@ -24,7 +24,7 @@ from qwen35.server.errors import APIError, sse_error
 from qwen35.server.metrics import Metrics
 from qwen35.server.prepare import Job
 from qwen35.server.runner import Runner
-from qwen35.server.text import ChoiceText
+from qwen35.tokenizer.choice import ChoiceText
 
 
 class SSEResponse(StreamingResponse):

@@ -1,8 +1,8 @@
-"""Tokens of one choice -> text deltas, pushed one token at a time (the engine drives, not a generator).
+"""Tokens of one reply -> text deltas, pushed one token at a time (the Python API and the server both use it).
 
-The steps are those of `Qwen35._stream` in api.py, with the same pieces from qwen35.tokenizer, so a reply
-streamed by the server has the same text as `Qwen35.chat` and never splits a UTF-8 character. With tools, answer
-text from the first `<tool_call>` on is held back and parsed into OpenAI tool calls at the end.
+Incremental detokenization (never splits a UTF-8 character), stop strings, EOS and the thinking/answer split in
+one place, so a reply streamed by the server has the same text as `Qwen35.chat`. With tools, answer text from
+the first `<tool_call>` on is held back and parsed into OpenAI tool calls at the end.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from qwen35.tokenizer import IncrementalDecoder, StopStrings, ThinkingSplitter, Tokenizer, parse_tool_calls
+from qwen35.tokenizer.streaming import IncrementalDecoder, StopStrings, ThinkingSplitter, parse_tool_calls
+from qwen35.tokenizer.tokenizer import Tokenizer
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 
