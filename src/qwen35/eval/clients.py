@@ -186,7 +186,8 @@ class LocalClient:
     def _load(self):
         import qwen35
 
-        model = qwen35.load(None if self.spec.path == "default" else self.spec.path, self.spec.dtype, self.device)
+        device = "cpu" if self.spec.bits else self.device  # the int8/int4 layers use packed CPU kernels
+        model = qwen35.load(None if self.spec.path == "default" else self.spec.path, self.spec.dtype, device)
         return qwen35.quantize(model, bits=self.spec.bits) if self.spec.bits else model
 
     def _chat(self, messages: list[dict[str, str]]) -> Completion:
