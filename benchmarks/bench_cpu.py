@@ -3,7 +3,8 @@
 For each size (the real 0.8B/2B/4B/9B configs, random weights, official layout, real vocabulary; written once to
 --cache by `shape_true.py`) and each engine, a fresh process measures: prefill tok/s (512 and 4096 tokens), time
 to first token of a 512-token prompt, decode tok/s over 128 tokens (EOS ignored), peak RSS, and achieved weight
-bandwidth (weight bytes read per token x decode tok/s) as a share of a read bandwidth measured in this run.
+bandwidth (weight bytes read per token x decode tok/s) as a share of the read bandwidth measured by the same
+process right after its decode (this machine's bandwidth drifts by tens of percent between minutes).
 Engines: qwen35 bf16 / int8 / int4 (g64, int8 head), transformers bf16 (same checkpoint), and llama.cpp through
 llama-cpp-python (`make bench` builds it from source) on the same checkpoint converted by llama.cpp's own
 converter to F16, then quantized to Q8_0 / Q4_0. Same thread count everywhere. Prints a table, then one JSON line.
@@ -49,13 +50,12 @@ def qwen35_worker(ckpt: Path, variant: str, args: argparse.Namespace) -> dict:
     import qwen35
     from qwen35.cache import make_cache
     from qwen35.generate import prefill
-    from qwen35.quant import QuantConfig, quantize_checkpoint
 
-    if variant != "bf16":  # the quantized checkpoint is its own artifact, made once by streaming the source
-        bits = 8 if variant == "int8" else 4
+    if variant != "bf16":  # the quantized checkpoint is its own artifact, made once by `qwen35 quantize`
         qdir = Path(args.cache) / f"{ckpt.name}-{variant}"
-        if not (qdir / "config.json").exists():
-            quantize_checkpoint(ckpt, qdir, QuantConfig(bits=bits, group_size=64, head=True))
+        if not (qdir / "config.json").exists():  # in its own process: its memory is not this one's peak
+            subprocess.run([sys.executable, "-m", "qwen35", "quantize", str(ckpt), str(qdir), "--bits",
+                            "8" if variant == "int8" else "4", "--group-size", "64", "--head"], check=True)
         ckpt = qdir
     start = time.perf_counter()
     m = qwen35.load(ckpt, dtype="bfloat16", device="cpu")
@@ -214,7 +214,7 @@ def measure(run_prefill, run_decode, load_s: float, weight_bytes: int, args: arg
     ttft, decode = run_decode(args.decode)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"load_s": load_s, "prefill": prefill, "ttft_s": ttft, "decode": decode, "peak_rss": rss,
-            "weight_bytes": weight_bytes}
+            "weight_bytes": weight_bytes, "read_bw": read_bandwidth(args.threads)}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -273,9 +273,9 @@ def main() -> None:
         for engine in engines:
             print(f"  {size} {engine} …", flush=True)
             r = run_one(engine, size, args)
-            if "error" not in r:
+            if "error" not in r:  # against the read bandwidth of the same process, right after its decode
                 r["bandwidth_gbs"] = r["weight_bytes"] * r["decode"] / 1e9
-                r["bandwidth_share"] = r["bandwidth_gbs"] / bandwidth
+                r["bandwidth_share"] = r["bandwidth_gbs"] / r["read_bw"]
             rows.append({"size": size, "engine": engine, **r})
     print_table(rows, args)
     print(json.dumps({"benchmark": "cpu", "threads": args.threads, "read_bandwidth_gbs": round(bandwidth, 2),
@@ -294,14 +294,14 @@ def cpu_name() -> str:
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     heads = ["size", "engine"] + [f"prefill {n}" for n in args.prefill] + ["TTFT s", "decode tok/s", "GB/s",
-                                                                             "of read bw", "peak RSS GB"]
+                                                                             "read bw", "share", "peak RSS GB"]
     print("\n| " + " | ".join(heads) + " |\n|" + "---|" * len(heads))
     for r in rows:
         if "error" in r:
             print(f"| {r['size']} | {r['engine']} | error: {r['error'][:80]} |")
             continue
         cells = [r["size"], r["engine"]] + [f"{r['prefill'][n]:.0f}" for n in args.prefill] + [
-            f"{r['ttft_s']:.2f}", f"{r['decode']:.1f}", f"{r['bandwidth_gbs']:.1f}",
+            f"{r['ttft_s']:.2f}", f"{r['decode']:.1f}", f"{r['bandwidth_gbs']:.1f}", f"{r['read_bw']:.1f}",
             f"{100 * r['bandwidth_share']:.0f}%", f"{r['peak_rss'] / 1e9:.2f}"]
         print("| " + " | ".join(cells) + " |")
 

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define QWEN35_AVX512 1
@@ -38,9 +39,11 @@ inline __m512i load_bf16(const uint16_t* p, int64_t n) {  // n < 32: masked tail
   return n >= 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
 }
 
-inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+// Prefetch into L2 a little ahead of the loads (measured: T1 at 2 KB streams ~10% faster than the hardware
+// prefetcher alone, T0 at 1 KB ~30% slower).
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 
-constexpr int64_t kAhead = 1024;  // bytes of a weight row to prefetch ahead of the loads
+constexpr int64_t kAhead = 2048;  // bytes
 
 // One weight row against MB activation rows: y[m] = sum_k x[m, k] w[k]. Weight rows are read strictly in order
 // (one sequential stream per thread); U independent accumulators per activation row hide the dot latency.
@@ -53,6 +56,7 @@ void bf16_row(const uint16_t* x, const uint16_t* w, int64_t K, bf16* y, int64_t 
   int64_t k = 0;
   for (; k + 32 * U <= K; k += 32 * U) {
     prefetch(w + k + kAhead / 2);
+    if (U == 4) prefetch(w + k + kAhead / 2 + 64);
     for (int u = 0; u < U; ++u) {
       const __m512bh wv = as_bh(_mm512_loadu_si512(w + k + 32 * u));
       for (int m = 0; m < MB; ++m)
@@ -98,40 +102,48 @@ void int8_row(const float* x, const int8_t* w, float scale, int64_t K, bf16* y, 
   }
 }
 
-// int4 weights in the kernel layout: per 64 columns, 32 bytes whose low nibbles are columns 0..31 and high
-// nibbles columns 32..63. A nibble q becomes the exact bf16 value 128 + q by OR-ing the exponent bits 0x4300,
-// so w = (q - 8) s + z = (v - 136) s + z and  sum_k x_k w_k = s * sum x v + (z - 136 s) * sum x  per group.
-template <int MB>
+// int4 weights in the kernel layout: per 128 columns, 64 bytes. Byte L*16 + j (lane L, j < 8) holds column
+// L*8 + j in its low nibble and 64 + L*8 + j in its high one; byte L*16 + 8 + j holds 32 + L*8 + j and
+// 96 + L*8 + j. In-lane byte unpacks then give four vectors of 32 consecutive columns each, with no cross-lane
+// shuffle. A nibble q becomes the exact bf16 value 128 + q by OR-ing the exponent bits 0x4300, so
+// w = (q - 8) s + z = (v - 136) s + z and  sum_k x_k w_k = s * sum x v + (z - 136 s) * sum x  per group.
+// QPG: 32-column quarters per group (G / 32), a power of two known at compile time.
+template <int MB, int QPG>
 void int4_row(const uint16_t* x, const float* xsum, const uint8_t* w, const bf16* s, const bf16* z, int64_t K,
-              int64_t G, bf16* y, int64_t ldy) {
-  const int64_t groups = K / G, halves_per_group = G / 32;
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
+              bf16* y, int64_t ldy) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
   const __m512i exponent = _mm512_set1_epi16(0x4300);
-  __m512 out[MB], acc[2][MB];  // acc[part]: the low and high halves accumulate separately (two chains)
-  for (int m = 0; m < MB; ++m) out[m] = acc[0][m] = acc[1][m] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < K / 64; ++b) {
-    prefetch(w + b * 32 + kAhead);
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 32));
-    const __m512i half[2] = {
-        _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_and_si256(v, low4)), exponent),
-        _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4)), exponent)};
-    for (int part = 0; part < 2; ++part) {
+  __m512 out[2][MB], acc[2][MB];  // two dependency chains each
+  for (int m = 0; m < MB; ++m) out[0][m] = out[1][m] = acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+  for (int64_t sb = 0; sb < K / 128; ++sb) {
+    prefetch(w + sb * 64 + kAhead);
+    const __m512i v = _mm512_loadu_si512(w + sb * 64);
+    const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    const __m512i quarter[4] = {
+        _mm512_or_si512(_mm512_unpacklo_epi8(lo, zero), exponent), _mm512_or_si512(_mm512_unpackhi_epi8(lo, zero), exponent),
+        _mm512_or_si512(_mm512_unpacklo_epi8(hi, zero), exponent), _mm512_or_si512(_mm512_unpackhi_epi8(hi, zero), exponent)};
+    for (int q = 0; q < 4; ++q) {
+      const int c = q & 1;
+      const int64_t index = sb * 4 + q;  // quarter index along K
       for (int m = 0; m < MB; ++m)
-        acc[part][m] = _mm512_dpbf16_ps(acc[part][m], as_bh(_mm512_loadu_si512(x + m * K + b * 64 + part * 32)),
-                                        as_bh(half[part]));
-      const int64_t h = 2 * b + part;  // 32-column halves done, this one included, minus one
-      if ((h + 1) % halves_per_group == 0) {  // a group ends: scale it into the output
-        const int64_t g = h / halves_per_group;
-        const __m512 sv = _mm512_set1_ps(static_cast<float>(s[g]));
+        acc[c][m] = _mm512_dpbf16_ps(acc[c][m], as_bh(_mm512_loadu_si512(x + m * K + index * 32)), as_bh(quarter[q]));
+      if ((index + 1) % QPG == 0) {  // a group ends: scale it into the output
+        const __m512 sv = _mm512_set1_ps(static_cast<float>(s[index / QPG]));
         for (int m = 0; m < MB; ++m) {
-          out[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[0][m], acc[1][m]), sv, out[m]);
-          acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+          if (QPG == 1) {
+            out[c][m] = _mm512_fmadd_ps(acc[c][m], sv, out[c][m]);
+          } else {
+            out[c][m] = _mm512_fmadd_ps(_mm512_add_ps(acc[0][m], acc[1][m]), sv, out[c][m]);
+            acc[1 - c][m] = _mm512_setzero_ps();
+          }
+          acc[c][m] = _mm512_setzero_ps();
         }
       }
     }
   }
+  const int64_t groups = K / (32 * QPG);
   for (int m = 0; m < MB; ++m) {
-    float t = _mm512_reduce_add_ps(out[m]);
+    float t = _mm512_reduce_add_ps(_mm512_add_ps(out[0][m], out[1][m]));
     for (int64_t g = 0; g < groups; ++g)
       t += (static_cast<float>(z[g]) - 136.0f * static_cast<float>(s[g])) * xsum[m * groups + g];
     y[m * ldy] = bf16(t);
@@ -201,8 +213,10 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const 
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   auto y = torch::empty({M, N}, x.options());
 #ifdef QWEN35_AVX512
-  const auto xf = x.to(at::kFloat);
-  const float* xp = xf.data_ptr<float>();
+  std::vector<float> xf(M * K);  // activations widened once (a plain loop: cheaper than an ATen op per call)
+  const bf16* xb = x.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(xb[i]);
+  const float* xp = xf.data();
   const int8_t* qp = q.data_ptr<int8_t>();
   const bf16* sp = scale.data_ptr<at::BFloat16>();
   bf16* yp = y.data_ptr<at::BFloat16>();
@@ -223,29 +237,68 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
   check(scales, at::kBFloat16, 2, "scales");
   check(zeros, at::kBFloat16, 2, "zeros");
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
-  TORCH_CHECK(K % 64 == 0 && G % 32 == 0 && K % G == 0, "int4 kernel needs K % 64 == 0 and K % G == 0; K=", K,
-              " G=", G);
+  TORCH_CHECK(K % 128 == 0 && (G == 32 || G == 64 || G == 128 || G == 256) && K % G == 0,
+              "int4 kernel needs K % 128 == 0 and a group of 32/64/128/256 dividing K; K=", K, " G=", G);
   TORCH_CHECK(packed.size(1) * 2 == K && scales.size(0) == N && scales.size(1) == K / G &&
               zeros.sizes() == scales.sizes(), "shapes do not match");
   auto y = torch::empty({M, N}, x.options());
 #ifdef QWEN35_AVX512
   const int64_t groups = K / G;
-  const auto xsum = x.to(at::kFloat).view({M, groups, G}).sum(-1).contiguous();  // (M, K/G)
+  std::vector<float> xsum(M * groups, 0.0f);  // per activation row and group: sum of x, for the zero points
+  const bf16* xb = x.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < M * K; ++i) xsum[i / G] += static_cast<float>(xb[i]);
   const uint16_t* xp = u16(x);
-  const float* xs = xsum.data_ptr<float>();
+  const float* xs = xsum.data();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const bf16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
   bf16* yp = y.data_ptr<at::BFloat16>();
   for_rows<2>(M, N, [&](int64_t n, int64_t m, int mb) {
     const auto args = std::make_tuple(xp + m * K, xs + m * groups, wp + n * (K / 2), sp + n * groups,
-                                      zp + n * groups, K, G, yp + m * N + n, N);
-    if (mb == 1) std::apply(int4_row<1>, args);
-    else std::apply(int4_row<2>, args);
+                                      zp + n * groups, K, yp + m * N + n, N);
+    switch (G * 2 + (mb == 1 ? 0 : 1)) {
+      case 64: std::apply(int4_row<1, 1>, args); break;
+      case 65: std::apply(int4_row<2, 1>, args); break;
+      case 128: std::apply(int4_row<1, 2>, args); break;
+      case 129: std::apply(int4_row<2, 2>, args); break;
+      case 256: std::apply(int4_row<1, 4>, args); break;
+      case 257: std::apply(int4_row<2, 4>, args); break;
+      case 512: std::apply(int4_row<1, 8>, args); break;
+      default: std::apply(int4_row<2, 8>, args); break;
+    }
   });
 #else
   TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16");
 #endif
   return y;
+}
+
+// W (N, K) in bf16 from the int4 kernel layout: tiles of it feed a GEMM when many activation rows (prefill) come.
+torch::Tensor int4_dequantize(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& zeros,
+                              int64_t G) {
+  check(packed, at::kByte, 2, "packed");
+  check(scales, at::kBFloat16, 2, "scales");
+  check(zeros, at::kBFloat16, 2, "zeros");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, groups = K / G;
+  TORCH_CHECK(K % 128 == 0 && K % G == 0 && scales.size(0) == N && scales.size(1) == groups &&
+              zeros.sizes() == scales.sizes(), "shapes do not match");
+  auto w = torch::empty({N, K}, scales.options());
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const bf16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
+  bf16* wp = w.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t p = 0; p < K / 2; ++p) {  // byte p of the row: lane L, position j (see int4_row)
+        const int64_t block = p / 64, lane = (p % 64) / 16, j = p % 16;
+        const int64_t col = block * 128 + (j < 8 ? lane * 8 + j : 32 + lane * 8 + (j - 8));
+        const uint8_t byte = pp[n * (K / 2) + p];
+        for (int half = 0; half < 2; ++half) {
+          const int64_t c = col + 64 * half, g = n * groups + c / G;
+          const float q = static_cast<float>(half ? byte >> 4 : byte & 15);
+          wp[n * K + c] = bf16((q - 8.0f) * static_cast<float>(sp[g]) + static_cast<float>(zp[g]));
+        }
+      }
+  });
+  return w;
 }
 
 // y = bf16(x * rsqrt(mean(x^2) + eps) * (offset + w)) per row, in fp32: offset 1 is the zero-centred norm.
@@ -368,6 +421,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16);
   m.def("linear_int8", &linear_int8);
   m.def("linear_int4", &linear_int4);
+  m.def("int4_dequantize", &int4_dequantize);
   m.def("rms_norm", &rms_norm);
   m.def("deltanet_decode", &deltanet_decode);
 }

@@ -70,17 +70,25 @@ def tiled_linear(x: torch.Tensor, out_features: int, rows: Callable[[int, int], 
 
 
 def int4_kernel_layout(qweight: torch.Tensor) -> torch.Tensor:
-    """Stored (N, K/2) nibbles (low = even column) -> the kernel's: per 64 columns, low = 0..31, high = 32..63."""
+    """Stored (N, K/2) nibbles (low = even column) -> the kernel's (see `int4_row` in cpu_kernels.cpp).
+
+    Per 128 columns, 64 bytes as 4 lanes of 16: byte (lane L, j < 8) = column L*8+j | column 64+L*8+j << 4,
+    byte (L, 8+j) = column 32+L*8+j | column 96+L*8+j << 4.
+    """
     q = unpack_nibbles(qweight).to(torch.uint8)
     n, k = q.shape
-    q = q.reshape(n, k // 64, 2, 32)
-    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2)
+    q = q.reshape(n, k // 128, 4, 4, 8)  # (row, block, quarter of 32 columns, lane, j)
+    low = torch.cat([q[:, :, 0], q[:, :, 1]], dim=-1)  # (row, block, lane, 16)
+    high = torch.cat([q[:, :, 2], q[:, :, 3]], dim=-1)
+    return (low | (high << 4)).reshape(n, k // 2)
 
 
 def int4_kernel_values(packed: torch.Tensor) -> torch.Tensor:
     """The kernel layout back to (N, K) values in [0, 15]."""
     n = packed.shape[0]
-    return torch.stack([(packed & 15).reshape(n, -1, 32), (packed >> 4).reshape(n, -1, 32)], dim=2).reshape(n, -1)
+    low, high = (packed & 15).reshape(n, -1, 4, 16), (packed >> 4).reshape(n, -1, 4, 16)
+    quarters = torch.stack([low[..., :8], low[..., 8:], high[..., :8], high[..., 8:]], dim=2)
+    return quarters.reshape(n, -1)
 
 
 class Int8Linear(nn.Module):
@@ -117,7 +125,7 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
         self.group_size = group_size
         self.own_kernel = (kernels() is not None and scales.dtype == torch.bfloat16 and qweight.device.type == "cpu"
-                           and self.in_features % 64 == 0)
+                           and self.in_features % 128 == 0)
         if self.own_kernel:
             self.register_buffer("packed", int4_kernel_layout(qweight))
             self.register_buffer("scales", scales.contiguous())
@@ -139,14 +147,17 @@ class Int4Linear(nn.Module):
         elif k is not None and flat.shape[0] <= GEMV_ROWS:
             out = k.linear_int4(flat.contiguous(), self.packed, self.scales, self.zeros, self.group_size)
         else:
-            out = tiled_linear(flat, self.out_features, lambda a, b: self._rows(a, b).to(x.dtype))
+            out = tiled_linear(flat, self.out_features, lambda a, b: self._rows(k, a, b).to(x.dtype))
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def _rows(self, start: int, end: int) -> torch.Tensor:
-        """Weight rows [start, end) in fp32, from the kernel layout."""
-        q = int4_kernel_values(self.packed[start:end]).float()
+    def _rows(self, k, start: int, end: int) -> torch.Tensor:
+        """Weight rows [start, end), dequantized from the kernel layout (the kernel's, else PyTorch ops)."""
+        packed, scales, zeros = self.packed[start:end], self.scales[start:end], self.zeros[start:end]
+        if k is not None:
+            return k.int4_dequantize(packed, scales, zeros, self.group_size)
+        q = int4_kernel_values(packed).float()
         n, g = end - start, self.group_size
-        w = (q.reshape(n, -1, g) - 8) * self.scales[start:end, :, None].float() + self.zeros[start:end, :, None].float()
+        w = (q.reshape(n, -1, g) - 8) * scales[:, :, None].float() + zeros[:, :, None].float()
         return w.reshape(n, -1)
 
 
