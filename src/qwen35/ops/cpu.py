@@ -2,7 +2,8 @@
 
 The extension is built once per machine with `-march=native` into ~/.cache/qwen35 (about a minute; needs a
 C++ compiler and ninja). Where it cannot be used — no compiler, a CPU without AVX-512 BF16, or
-`QWEN35_KERNELS=0` — every caller falls back to PyTorch's own kernels, with the same results.
+`QWEN35_KERNELS=0` — every caller falls back to PyTorch's own kernels (same math, equal up to bf16
+rounding).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-GEMV_ROWS = 16  # up to this many activation rows the GEMV kernels beat oneDNN's GEMM (measured); above, GEMM
+GEMV_ROWS = 16  # up to this many activation rows (decode, batched decode) the streaming kernels; above, GEMM
 NORM_ROWS = 256  # the fused RMSNorm runs rows one after another: for long prefills PyTorch's is faster
 
 
