@@ -115,6 +115,8 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
                     skipped["lm_head.weight (tied to the embedding)"] += 1
                     continue
                 tensor = _read(f, name, file)
+                if quant is not None:  # a copy: kernel layouts are rebuilt from these, and a view would keep the
+                    tensor = tensor.clone()  # whole memory-mapped shard resident after its file is done
                 if quant is not None and ours.endswith(QUANT_PARTS):
                     module, part = ours.rsplit(".", 1)
                     quantized[module][part] = tensor
@@ -126,6 +128,10 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
                     raise CheckpointError(f"{file}: unexpected tensor '{name}' (this config has no such "
                                           "parameter); is config.json from the same checkpoint?")
                 loaded[ours] = _checked(tensor, expected[ours], name, file, dtype)
+        if quant is not None:  # build what this shard completed now: its stored parts are freed before the next
+            from qwen35.quant.checkpoint import build_quantized, complete
+            build_quantized(model, {m: quantized.pop(m) for m in [m for m, p in quantized.items() if complete(m, p)]},
+                            quant)
         if progress:
             progress(i + 1, len(files))
     for prefix, per_expert in experts.items():

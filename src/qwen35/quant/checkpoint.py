@@ -45,7 +45,7 @@ def _quantized_modules(config: ModelConfig, cfg: QuantConfig) -> set[str]:
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, cfg: QuantConfig, dtype: torch.dtype = torch.bfloat16,
-                        shard_bytes: int = 1 << 30, progress: Callable[[int, int], None] | None = None) -> Path:
+                        shard_bytes: int = 256 << 20, progress: Callable[[int, int], None] | None = None) -> Path:
     """`qwen35 quantize SRC DST`: stream every tensor of SRC once; never hold more than one shard."""
     from qwen35.loading.checkpoint import _checkpoint_name, weight_files
 
@@ -104,6 +104,12 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, cfg: QuantConfig, dtyp
         if (src / name).exists():
             shutil.copy(src / name, dst / name)
     return dst
+
+
+def complete(module: str, parts: dict[str, torch.Tensor]) -> bool:
+    """Whether a (non-expert) module's stored parts are all read: int8 has qweight + scales, int4 also zeros."""
+    return (not _EXPERT.match(module) and "qweight" in parts and "scales" in parts
+            and ("zeros" in parts or parts["qweight"].dtype == torch.int8))
 
 
 def build_quantized(model: Qwen35Model, groups: dict[str, dict[str, torch.Tensor]], cfg: QuantConfig) -> set[str]:
