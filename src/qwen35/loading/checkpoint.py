@@ -92,6 +92,8 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
         raise ValueError(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}")
     config = load_config(directory)
     quant = _quant_config(directory)
+    if quant is not None:
+        from qwen35.quant.checkpoint import build_quantized, complete
     with torch.device("meta"):
         model = Qwen35Model(config)
     expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head appears once
@@ -129,15 +131,13 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
                                           "parameter); is config.json from the same checkpoint?")
                 loaded[ours] = _checked(tensor, expected[ours], name, file, dtype)
         if quant is not None:  # build what this shard completed now: its stored parts are freed before the next
-            from qwen35.quant.checkpoint import build_quantized, complete
-            build_quantized(model, {m: quantized.pop(m) for m in [m for m, p in quantized.items() if complete(m, p)]},
-                            quant)
+            done = [m for m, parts in quantized.items() if complete(m, parts)]
+            build_quantized(model, {m: quantized.pop(m) for m in done}, quant)
         if progress:
             progress(i + 1, len(files))
     for prefix, per_expert in experts.items():
         loaded.update(_stack_experts(prefix, per_expert, config, expected, dtype))
-    if quant is not None:
-        from qwen35.quant.checkpoint import build_quantized
+    if quant is not None:  # what no shard completed on its own (routed experts, which are stacked)
         build_quantized(model, quantized, quant)
         expected = {name: p.shape for name, p in model.named_parameters()}
     missing = sorted(set(expected) - set(loaded))

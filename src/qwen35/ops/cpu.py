@@ -76,8 +76,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight^T; few rows (decode) go to the streaming GEMV kernel. Reference: `F.linear`."""
     k = fast_path(x)
     rows = x.numel() // x.shape[-1]
-    if k is None or rows > GEMV_ROWS or weight.requires_grad and torch.is_grad_enabled() \
-            or weight.dtype != torch.bfloat16:
+    trains = torch.is_grad_enabled() and weight.requires_grad
+    if k is None or trains or rows > GEMV_ROWS or weight.dtype != torch.bfloat16:
         return F.linear(x, weight)
     return k.linear_bf16(x.reshape(rows, -1).contiguous(), weight).reshape(*x.shape[:-1], weight.shape[0])
 
