@@ -84,21 +84,30 @@ def apply_penalties(logits: torch.Tensor, generated: torch.Tensor, params: Sampl
     return logits
 
 
+def greedy(logits: torch.Tensor) -> int:
+    """Index of the largest logit of (V,). On the CPU via numpy: torch's argmax over a 248k vocabulary is
+    ~5x slower here (measured 430 vs 76 us), a cost paid every token."""
+    logits = logits.float()
+    return int(logits.numpy().argmax()) if logits.device.type == "cpu" else int(logits.argmax())
+
+
 def sample(logits: torch.Tensor, generated: torch.Tensor, params: SamplingParams,
            generator: torch.Generator | None = None) -> int:
-    """Next token from logits (V,) after penalties, temperature, top-k, top-p and min-p."""
+    """Next token from logits (V,) after penalties, temperature, top-k, top-p and min-p.
+
+    Works on the candidates sorted by logit: only the top k when top-k is set (a sort of 20 values, not of the
+    whole vocabulary); the same distribution as masking the full vector.
+    """
     logits = apply_penalties(logits.float(), generated, params)
     if params.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / params.temperature
+        return greedy(logits)
     if params.top_k:
-        kth = logits.topk(min(params.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+        values, order = logits.topk(min(params.top_k, logits.shape[-1]))
+    else:
+        values, order = logits.sort(descending=True)
+    probs = torch.softmax(values / params.temperature, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p  # keep the smallest set reaching top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= params.top_p, 0.0)  # the smallest set reaching top_p
     if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs = probs.masked_fill(probs < params.min_p * probs[0], 0.0)
+    return int(order[torch.multinomial(probs, 1, generator=generator)])

@@ -7,6 +7,7 @@ wrong-shape or truncated tensor is an error that names the tensor and the file.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import re
@@ -151,6 +152,15 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
     if config.tie_word_embeddings and not (quant is not None and quant.head):
         model.lm_head.weight = model.embed_tokens.weight
     return model.to(device).eval()
+
+
+def release_freed_memory() -> None:
+    """Hand heap pages freed by loading back to the OS (glibc keeps them otherwise: measured ~0.2 GB after the
+    248k-token tokenizer.json parse alone). A no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _quant_config(directory: Path):

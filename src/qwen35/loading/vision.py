@@ -29,6 +29,23 @@ def vision_config(config: ModelConfig) -> VisionConfig | None:
     return VisionConfig.from_dict(config.vision_config, config.hidden_size)
 
 
+def available_vision(directory: str | Path) -> VisionConfig | None:
+    """The vision config when the checkpoint has one and some `model.visual.*` tensor (reads file headers only),
+    so callers can defer `load_vision` until an image arrives."""
+    directory = Path(directory)
+    config = vision_config(load_config(directory))
+    if config is None:
+        return None
+    for file in weight_files(directory):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                if any(n.startswith(PREFIX) for n in f.keys()):
+                    return config
+        except (SafetensorError, OSError) as e:
+            raise _diagnose(file, e) from None
+    return None
+
+
 def load_vision(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
                 device: str = "cpu") -> VisionModel | None:
     """The checkpoint's vision tower, or None when it has no vision config or no `model.visual.*` weights."""

@@ -16,7 +16,7 @@ from torch import nn
 from qwen35.cache import DeltaCache, KVCache, ModelCache
 from qwen35.config import ModelConfig
 from qwen35.ops import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
-from qwen35.ops.cpu import Linear, deltanet_decode, fast_path, rms_norm
+from qwen35.ops.cpu import Linear, attention_decode, deltanet_decode, fast_path, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -150,8 +150,11 @@ class GatedAttention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v)
-        causal = mask is None and t > 1 and k.shape[2] == t
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        if t == 1 and (kernels := fast_path(q)) is not None:
+            o = attention_decode(kernels, q, k, v, mask)
+        else:
+            causal = mask is None and t > 1 and k.shape[2] == t
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         o = o.transpose(1, 2).reshape(b, t, -1) * torch.sigmoid(gate.reshape(b, t, -1))
         return self.o_proj(o)
 

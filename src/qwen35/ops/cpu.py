@@ -1,7 +1,7 @@
-"""Decode-speed CPU kernels (`cpu_kernels.cpp`), compiled on first use, each beside its plain PyTorch reference.
+"""Decode-speed CPU kernels (`kernels/*.cpp`), compiled on first use, each beside its plain PyTorch reference.
 
 The extension is built once per machine with `-march=native` into ~/.cache/qwen35 (about a minute; needs a
-C++ compiler and ninja). Where it cannot be used — no compiler, a CPU without AVX-512 BF16, or
+C++ compiler and ninja). Where it cannot be used — no compiler, a CPU without AVX-512 BF16 and VNNI, or
 `QWEN35_KERNELS=0` — every caller falls back to PyTorch's own kernels (same math, equal up to bf16
 rounding).
 """
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCES = Path(__file__).with_name("kernels")
 GEMV_ROWS = 16  # up to this many activation rows (decode, batched decode) the streaming kernels; above, GEMM
 NORM_ROWS = 256  # the fused RMSNorm runs rows one after another: for long prefills PyTorch's is faster
 
@@ -31,11 +31,13 @@ def kernels() -> ModuleType | None:
     """The compiled extension, or None where it is unavailable (the reason is logged once)."""
     if os.environ.get("QWEN35_KERNELS", "1") == "0":
         return None
-    if "avx512_bf16" not in _cpu_flags():
-        log.info("qwen35 CPU kernels need AVX-512 BF16; using PyTorch's kernels")
+    if not cpu_supported():
+        log.info("qwen35 CPU kernels need AVX-512 BF16 and VNNI; using PyTorch's kernels")
         return None
     flags = ["-O3", "-march=native", "-fopenmp"]
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
+    files = sorted(SOURCES.glob("*.[ch]*"))
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files) + " ".join(flags).encode()
+                            + torch.__version__.encode()).hexdigest()
     build = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen35" / f"kernels-{digest[:16]}"
     try:
         from torch.utils.cpp_extension import load
@@ -48,12 +50,17 @@ def kernels() -> ModuleType | None:
         if not (build / "qwen35_cpu_kernels.so").exists():
             log.warning("compiling qwen35's CPU kernels for this machine (once, about a minute)…")
         build.mkdir(parents=True, exist_ok=True)
-        module = load(name="qwen35_cpu_kernels", sources=[str(SOURCE)], build_directory=str(build), verbose=False,
-                      extra_cflags=flags, extra_ldflags=["-fopenmp"])
+        module = load(name="qwen35_cpu_kernels", sources=[str(f) for f in files if f.suffix == ".cpp"],
+                      build_directory=str(build), verbose=False, extra_cflags=flags, extra_ldflags=["-fopenmp"])
     except Exception as e:  # a missing compiler or ninja: fall back, say why  # noqa: BLE001
         log.warning("qwen35 CPU kernels could not be built (%s); using PyTorch's kernels", e)
         return None
     return module if module.available() else None
+
+
+def cpu_supported() -> bool:
+    """Whether this CPU has what the kernels are written for (AVX-512 BF16 and VNNI: Zen 4, Sapphire Rapids on)."""
+    return {"avx512_bf16", "avx512_vnni"} <= _cpu_flags()
 
 
 def _cpu_flags() -> set[str]:
@@ -117,3 +124,12 @@ def deltanet_decode(k: ModuleType, qkv: torch.Tensor, z: torch.Tensor, b: torch.
     if not cache.state.is_contiguous():
         cache.state = cache.state.contiguous()
     return k.deltanet_decode(qkv, z, b, a, cache.conv, conv_weight, A_log, dt_bias, cache.state, norm_weight, eps)
+
+
+def attention_decode(k: ModuleType, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per sequence, q (B, Hq, 1, D), against the cache's key/value (B, Hkv, S, D), fused (see the
+    .cpp); mask (B, 1, 1, S) bool or None. Reference: `F.scaled_dot_product_attention(..., enable_gqa=True)`."""
+    b, hq, _, d = q.shape
+    valid = None if mask is None else mask.reshape(b, -1).contiguous()
+    return k.attention_decode(q.reshape(b, hq, d).contiguous(), key, value, valid, d ** -0.5).view(b, hq, 1, d)

@@ -48,6 +48,16 @@ def dequantize(parts: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
     return w.reshape(n, -1)
 
 
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """Activations as the int8/int4 decode kernels see them (the plain reference): each row in blocks of 32
+    columns, rounded to int8 with scale amax/127 (llama.cpp's Q8_0), returned dequantized in fp32."""
+    m, k = x.shape
+    xf = F.pad(x.float(), (0, -k % 32)).view(m, -1, 32)
+    d = xf.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(xf / d.clamp(min=1e-30)), 0.0)
+    return (q * d).view(m, -1)[:, :k]
+
+
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """(N, K) values in [0, 15] -> (N, K/2) uint8, low nibble first."""
     q = q.to(torch.uint8)
@@ -70,25 +80,20 @@ def tiled_linear(x: torch.Tensor, out_features: int, rows: Callable[[int, int], 
 
 
 def int4_kernel_layout(qweight: torch.Tensor) -> torch.Tensor:
-    """Stored (N, K/2) nibbles (low = even column) -> the kernel's (see `int4_row` in cpu_kernels.cpp).
-
-    Per 128 columns, 64 bytes as 4 lanes of 16: byte (lane L, j < 8) = column L*8+j | column 64+L*8+j << 4,
-    byte (L, 8+j) = column 32+L*8+j | column 96+L*8+j << 4.
-    """
-    q = unpack_nibbles(qweight).to(torch.uint8)
-    n, k = q.shape
-    q = q.reshape(n, k // 128, 4, 4, 8)  # (row, block, quarter of 32 columns, lane, j)
-    low = torch.cat([q[:, :, 0], q[:, :, 1]], dim=-1)  # (row, block, lane, 16)
-    high = torch.cat([q[:, :, 2], q[:, :, 3]], dim=-1)
-    return (low | (high << 4)).reshape(n, k // 2)
+    """Stored (N, K/2) nibbles (low = even column) -> the kernel's (see `int4_rows` in kernels/gemv.cpp):
+    per 128 columns, 64 bytes; byte i = column i | column 64+i << 4. In uint8 throughout (the load-time copy
+    stays twice the packed size)."""
+    n, half = qweight.shape
+    stored = qweight.reshape(n, half // 64, 2, 32)  # per block: bytes holding columns 0-63, then 64-127
+    values = torch.stack([stored & 15, stored >> 4], dim=-1).reshape(n, half // 64, 2, 64)
+    return (values[:, :, 0] | (values[:, :, 1] << 4)).reshape(n, half)
 
 
 def int4_kernel_values(packed: torch.Tensor) -> torch.Tensor:
     """The kernel layout back to (N, K) values in [0, 15]."""
     n = packed.shape[0]
-    low, high = (packed & 15).reshape(n, -1, 4, 16), (packed >> 4).reshape(n, -1, 4, 16)
-    quarters = torch.stack([low[..., :8], low[..., 8:], high[..., :8], high[..., 8:]], dim=2)
-    return quarters.reshape(n, -1)
+    blocks = packed.reshape(n, -1, 64)
+    return torch.stack([blocks & 15, blocks >> 4], dim=2).reshape(n, -1)
 
 
 class Int8Linear(nn.Module):

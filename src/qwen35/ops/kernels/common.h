@@ -1,0 +1,77 @@
+// Shared by qwen35's CPU kernels (gemv.cpp, fused.cpp): compiled on the user's machine at first use with
+// -march=native. The AVX-512 code paths need BF16 and VNNI (Zen 4, Sapphire Rapids and later).
+#pragma once
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+#define QWEN35_AVX512 1
+#endif
+
+namespace qwen35 {
+
+using bf16 = c10::BFloat16;
+
+inline void check(const torch::Tensor& t, at::ScalarType type, int64_t dim, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == type, name, " has dtype ", t.scalar_type(), ", expected ", type);
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+inline const uint16_t* u16(const torch::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+inline float bf16_round(float v) { return static_cast<float>(bf16(v)); }
+
+#ifdef QWEN35_AVX512
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+inline __m512i load_bf16(const uint16_t* p, int64_t n) {  // n < 32: masked tail
+  return n >= 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
+}
+
+// bf16 values to fp32 lanes (n <= 16; the rest 0).
+inline __m512 load_bf16_ps(const bf16* p, int64_t n) {
+  const __m256i v = _mm256_maskz_loadu_epi16((__mmask16)(n >= 16 ? 0xFFFF : (1u << n) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// Sums of R vectors' lanes, to y[0..R-1] (R = 4: one transposing reduction instead of four).
+template <int R>
+void lane_sums(const __m512 (&v)[R], float* y) {
+  if constexpr (R == 4) {
+    __m256 h[4];
+    for (int r = 0; r < 4; ++r) h[r] = _mm256_add_ps(_mm512_castps512_ps256(v[r]), _mm512_extractf32x8_ps(v[r], 1));
+    const __m256 all = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+    _mm_storeu_ps(y, _mm_add_ps(_mm256_castps256_ps128(all), _mm256_extractf128_ps(all, 1)));
+  } else {
+    for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(v[r]);
+  }
+}
+#endif
+
+// The kernels (one line each on what they compute; the .cpp files say how).
+bool available();
+torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w);
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);
+torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                          const torch::Tensor& zeros, int64_t G);
+torch::Tensor int4_dequantize(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& zeros,
+                              int64_t G);
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps, double offset);
+torch::Tensor deltanet_decode(const torch::Tensor& qkv, const torch::Tensor& z, const torch::Tensor& b,
+                              const torch::Tensor& a, torch::Tensor conv_state, const torch::Tensor& conv_w,
+                              const torch::Tensor& A_log, const torch::Tensor& dt_bias, torch::Tensor state,
+                              const torch::Tensor& norm_w, double eps);
+torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const std::optional<torch::Tensor>& valid, double scale);
+
+}  // namespace qwen35

@@ -1,0 +1,206 @@
+// Fused steps of one decode token: at one token per step the cost of many tiny PyTorch ops rivals the
+// arithmetic, so each of these is one call. Each is tested against the unfused PyTorch path.
+#include "common.h"
+
+namespace qwen35 {
+
+// y = bf16(x * rsqrt(mean(x^2) + eps) * (offset + w)) per row, in fp32: offset 1 is the zero-centred norm.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps, double offset) {
+  check(x, at::kBFloat16, 2, "x");
+  check(w, at::kBFloat16, 1, "weight");
+  const int64_t M = x.size(0), H = x.size(1);
+  TORCH_CHECK(w.size(0) == H, "weight has ", w.size(0), " entries, rows have ", H);
+  auto y = torch::empty_like(x);
+  const bf16 *xp = x.data_ptr<at::BFloat16>(), *wp = w.data_ptr<at::BFloat16>();
+  bf16* yp = y.data_ptr<at::BFloat16>();
+  for (int64_t m = 0; m < M; ++m) {
+    const bf16* row = xp + m * H;
+    float ss = 0.f;
+    for (int64_t i = 0; i < H; ++i) ss += static_cast<float>(row[i]) * static_cast<float>(row[i]);
+    const float inv = 1.0f / std::sqrt(ss / H + static_cast<float>(eps));
+    for (int64_t i = 0; i < H; ++i)
+      yp[m * H + i] = bf16(static_cast<float>(row[i]) * inv * (static_cast<float>(offset) + static_cast<float>(wp[i])));
+  }
+  return y;
+}
+
+namespace {
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+}  // namespace
+
+// One decode token of a Gated DeltaNet layer for B sequences, between the input projections and out_proj:
+// short conv (state updated in place) + SiLU, L2-normalised q/k, beta and decay, the delta-rule update of the
+// fp32 state (in place), and the gated RMSNorm with z. Rounds to bf16 where the unfused PyTorch path does.
+torch::Tensor deltanet_decode(const torch::Tensor& qkv, const torch::Tensor& z, const torch::Tensor& b,
+                              const torch::Tensor& a, torch::Tensor conv_state, const torch::Tensor& conv_w,
+                              const torch::Tensor& A_log, const torch::Tensor& dt_bias, torch::Tensor state,
+                              const torch::Tensor& norm_w, double eps) {
+  check(qkv, at::kBFloat16, 2, "qkv");
+  check(z, at::kBFloat16, 2, "z");
+  check(b, at::kBFloat16, 2, "b");
+  check(a, at::kBFloat16, 2, "a");
+  check(conv_state, at::kBFloat16, 3, "conv_state");
+  check(conv_w, at::kBFloat16, 2, "conv_w");
+  check(state, at::kFloat, 4, "state");
+  check(norm_w, at::kBFloat16, 1, "norm_w");
+  const int64_t B = qkv.size(0), C = qkv.size(1), W = conv_w.size(1);
+  const int64_t Hv = state.size(1), dk = state.size(2), dv = state.size(3), Hk = (C - Hv * dv) / (2 * dk);
+  TORCH_CHECK(2 * Hk * dk + Hv * dv == C && Hv % Hk == 0, "qkv width ", C, " does not fit the state shape");
+  TORCH_CHECK(conv_state.size(0) == B && conv_state.size(1) == C && conv_state.size(2) == W - 1, "conv_state shape");
+  TORCH_CHECK(z.size(1) == Hv * dv && b.size(1) == Hv && a.size(1) == Hv && state.size(0) == B, "shapes do not match");
+  const auto A = A_log.to(at::kFloat).contiguous(), dt = dt_bias.to(at::kFloat).contiguous();
+  const float *Ap = A.data_ptr<float>(), *dtp = dt.data_ptr<float>();
+  auto mixed = torch::empty({B, C}, qkv.options().dtype(at::kFloat));  // conv output, then q/k normalised
+  float* mp = mixed.data_ptr<float>();
+  const bf16 *xp = qkv.data_ptr<at::BFloat16>(), *wp = conv_w.data_ptr<at::BFloat16>();
+  bf16* cs = conv_state.data_ptr<at::BFloat16>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      for (int64_t c = 0; c < C; ++c) {
+        bf16* hist = cs + (bi * C + c) * (W - 1);
+        const bf16* wc = wp + c * W;
+        const float u = static_cast<float>(xp[bi * C + c]);
+        float acc = static_cast<float>(wc[W - 1]) * u;
+        for (int64_t j = 0; j < W - 1; ++j) acc += static_cast<float>(wc[j]) * static_cast<float>(hist[j]);
+        for (int64_t j = 0; j + 1 < W - 1; ++j) hist[j] = hist[j + 1];
+        hist[W - 2] = xp[bi * C + c];
+        mp[bi * C + c] = bf16_round(silu(bf16_round(acc)));
+      }
+      for (int64_t h = 0; h < 2 * Hk; ++h) {  // q heads then k heads: L2-normalise in fp32; q also by dk^-1/2
+        float* v = mp + bi * C + h * dk;
+        float ss = 0.f;
+        for (int64_t i = 0; i < dk; ++i) ss += v[i] * v[i];
+        const float scale = 1.0f / std::sqrt(ss + 1e-6f) * (h < Hk ? 1.0f / std::sqrt(static_cast<float>(dk)) : 1.0f);
+        for (int64_t i = 0; i < dk; ++i) v[i] *= scale;
+      }
+    }
+  });
+  auto out = torch::empty({B, Hv * dv}, qkv.options());
+  bf16* op = out.data_ptr<at::BFloat16>();
+  const bf16 *zp = z.data_ptr<at::BFloat16>(), *bp = b.data_ptr<at::BFloat16>(), *ap = a.data_ptr<at::BFloat16>();
+  const bf16* nw = norm_w.data_ptr<at::BFloat16>();
+  float* sp = state.data_ptr<float>();
+  at::parallel_for(0, B * Hv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> pred(dv), o(dv);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t bi = i / Hv, h = i % Hv, hk = h / (Hv / Hk);
+      const float* q = mp + bi * C + hk * dk;
+      const float* k = mp + bi * C + (Hk + hk) * dk;
+      const float* v = mp + bi * C + 2 * Hk * dk + h * dv;
+      const float beta = bf16_round(1.0f / (1.0f + std::exp(-static_cast<float>(bp[bi * Hv + h]))));
+      const float x = static_cast<float>(ap[bi * Hv + h]) + dtp[h];
+      const float softplus = x > 20.0f ? x : std::log1p(std::exp(x));
+      const float decay = std::exp(-std::exp(Ap[h]) * softplus);
+      float* S = sp + i * dk * dv;
+      std::fill(pred.begin(), pred.end(), 0.f);
+      for (int64_t r = 0; r < dk; ++r)
+        for (int64_t c = 0; c < dv; ++c) pred[c] += k[r] * (S[r * dv + c] * decay);
+      for (int64_t c = 0; c < dv; ++c) pred[c] = beta * (v[c] - pred[c]);  // the delta to write
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t r = 0; r < dk; ++r)
+        for (int64_t c = 0; c < dv; ++c) {
+          const float s = S[r * dv + c] * decay + k[r] * pred[c];
+          S[r * dv + c] = s;
+          o[c] += q[r] * s;
+        }
+      float ss = 0.f;
+      for (int64_t c = 0; c < dv; ++c) {
+        o[c] = bf16_round(o[c]);
+        ss += o[c] * o[c];
+      }
+      const float inv = 1.0f / std::sqrt(ss / dv + static_cast<float>(eps));
+      for (int64_t c = 0; c < dv; ++c) {
+        const float normed = bf16_round(static_cast<float>(nw[c]) * bf16_round(o[c] * inv));
+        op[bi * Hv * dv + h * dv + c] = bf16(normed * silu(static_cast<float>(zp[bi * Hv * dv + h * dv + c])));
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace qwen35
+
+namespace qwen35 {
+namespace {
+
+// dots[j] = q[j] . k (j < n <= 4): q rows of length D one after another; products exact, sums in fp32.
+void dots4(const bf16* q, const bf16* k, int64_t D, int n, float* dots) {
+#ifdef QWEN35_AVX512
+  if (D % 32 == 0 && n == 4) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const uint16_t *qs = reinterpret_cast<const uint16_t*>(q), *kr = reinterpret_cast<const uint16_t*>(k);
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512bh kv = as_bh(_mm512_loadu_si512(kr + d));
+      for (int j = 0; j < 4; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], as_bh(_mm512_loadu_si512(qs + j * D + d)), kv);
+    }
+    lane_sums<4>(acc, dots);
+    return;
+  }
+#endif
+  for (int j = 0; j < n; ++j) {
+    float t = 0.0f;
+    for (int64_t d = 0; d < D; ++d) t += static_cast<float>(q[j * D + d]) * static_cast<float>(k[d]);
+    dots[j] = t;
+  }
+}
+
+}  // namespace
+
+// Softmax attention of one new query per sequence against its cached keys and values, GQA: q (B, Hq, D),
+// k and v (B, Hkv, S, D) with unit stride along D (views of the cache's buffers), valid (B, S) bool or None
+// (all valid). fp32 scores and sums, one bf16 rounding of the output; stock SDPA costs ~0.3 ms per call for
+// this shape, most of it outside the arithmetic.
+torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const std::optional<torch::Tensor>& valid, double scale) {
+  check(q, at::kBFloat16, 3, "q");
+  TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && k.dim() == 4 &&
+              k.sizes() == v.sizes() && k.stride(3) == 1 && v.stride(3) == 1, "k and v must be (B, Hkv, S, D) bf16");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hq % Hkv == 0, "q (B, Hq, D) does not match k (B, Hkv, S, D)");
+  TORCH_CHECK(!valid || (valid->scalar_type() == at::kBool && valid->dim() == 2 && valid->size(0) == B &&
+              valid->size(1) == S && valid->is_contiguous()), "valid must be (B, S) bool");
+  const bool* ok = valid ? valid->data_ptr<bool>() : nullptr;
+  const int64_t G = Hq / Hkv;
+  auto out = torch::empty_like(q);
+  const bf16 *qp = q.data_ptr<at::BFloat16>(), *kp = k.data_ptr<at::BFloat16>(), *vp = v.data_ptr<at::BFloat16>();
+  bf16* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(G * S), o(G * D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / Hkv, h = i % Hkv;
+      const bf16* ks = kp + b * k.stride(0) + h * k.stride(1);
+      const bf16* vs = vp + b * v.stride(0) + h * v.stride(1);
+      const bf16* qh = qp + (b * Hq + h * G) * D;
+      for (int64_t s = 0; s < S; ++s) {  // scores of the G queries against key s
+        float dots[4];
+        const bool keep = !ok || ok[b * S + s];
+        for (int64_t g0 = 0; g0 < G; g0 += 4) {
+          const int n = static_cast<int>(std::min<int64_t>(4, G - g0));
+          if (keep) dots4(qh + g0 * D, ks + s * k.stride(2), D, n, dots);
+          for (int j = 0; j < n; ++j) p[(g0 + j) * S + s] = keep ? dots[j] * static_cast<float>(scale) : -INFINITY;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {  // softmax in place
+        float top = -INFINITY;
+        for (int64_t s = 0; s < S; ++s) top = std::max(top, p[g * S + s]);
+        if (top == -INFINITY) top = 0.0f;  // no valid key: an all-zero output rather than NaN
+        float total = 0.0f;
+        for (int64_t s = 0; s < S; ++s) total += (p[g * S + s] = std::exp(p[g * S + s] - top));
+        for (int64_t s = 0; s < S; ++s) p[g * S + s] = total > 0.0f ? p[g * S + s] / total : 0.0f;
+      }
+      std::fill(o.begin(), o.end(), 0.0f);
+      for (int64_t s = 0; s < S; ++s) {
+        const bf16* vr = vs + s * v.stride(2);
+        for (int64_t g = 0; g < G; ++g) {
+          const float w = p[g * S + s];
+          if (w != 0.0f)
+            for (int64_t d = 0; d < D; ++d) o[g * D + d] += w * static_cast<float>(vr[d]);
+        }
+      }
+      for (int64_t j = 0; j < G * D; ++j) op[(b * Hq + h * G) * D + j] = bf16(o[j]);
+    }
+  });
+  return out;
+}
+
+}  // namespace qwen35

@@ -1,0 +1,353 @@
+// Matrix-vector products for decode: a few activation rows against large weight matrices (bf16, int8, int4).
+//
+// The work is reading the weights once, so each weight row is streamed once for all activation rows (stock GEMM
+// kernels reach about half the memory bandwidth on that shape). Each kernel is tested against a plain PyTorch
+// reference (tests/test_cpu_kernels.py).
+#include "common.h"
+
+namespace qwen35 {
+namespace {
+
+#ifdef QWEN35_AVX512
+
+// Prefetch into L2 ahead of the loads. Measured on 176M-weight sweeps: without it int4 streams at ~60% of the
+// rate; 2 KB ahead was enough for bf16 (one row at a time) but not for the 4-row int8/int4 blocks, which gain
+// 10-30% from 16-64 KB (differences inside that range were within run-to-run noise). T0 at 1 KB was ~30% slower.
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+
+constexpr int64_t kAhead = 16384, kAheadBf16 = 2048;  // bytes
+
+// One weight row against MB activation rows: y[m] = sum_k x[m, k] w[k]. Weight rows are read strictly in order
+// (one sequential stream per thread); U independent accumulators per activation row hide the dot latency.
+template <int MB>
+void bf16_row(const uint16_t* x, const uint16_t* w, int64_t K, bf16* y, int64_t ldy) {
+  constexpr int U = MB == 1 ? 4 : 2;
+  __m512 acc[U][MB];
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < MB; ++m) acc[u][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 * U <= K; k += 32 * U) {
+    prefetch(w + k + kAheadBf16 / 2);
+    if (U == 4) prefetch(w + k + kAheadBf16 / 2 + 64);
+    for (int u = 0; u < U; ++u) {
+      const __m512bh wv = as_bh(_mm512_loadu_si512(w + k + 32 * u));
+      for (int m = 0; m < MB; ++m)
+        acc[u][m] = _mm512_dpbf16_ps(acc[u][m], as_bh(_mm512_loadu_si512(x + m * K + k + 32 * u)), wv);
+    }
+  }
+  for (; k < K; k += 32) {
+    const __m512bh wv = as_bh(load_bf16(w + k, K - k));
+    for (int m = 0; m < MB; ++m) acc[0][m] = _mm512_dpbf16_ps(acc[0][m], as_bh(load_bf16(x + m * K + k, K - k)), wv);
+  }
+  for (int m = 0; m < MB; ++m) {
+    __m512 total = acc[0][m];
+    for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[u][m]);
+    y[m * ldy] = bf16(_mm512_reduce_add_ps(total));
+  }
+}
+
+// Activations for the integer kernels: each row cut into blocks of 32 and rounded to int8 with one scale per
+// block (as llama.cpp's Q8_0), so weight x activation products run on VNNI's u8 x s8 dot (64 per instruction)
+// instead of widening every weight to float. Rows are zero-padded to a multiple of 64 columns. `scale` holds,
+// per 64-column chunk, the 16 fp32 lane scales of a dpbusd result (lanes 0-7: the chunk's first block).
+struct Int8Rows {
+  int64_t K64;  // padded row length
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<float> bsum;  // per row and block of 32: scale * sum(q), the block's sum as the kernels see it
+  std::vector<float> qsum;  // per row: the sum of its bsum, for the int8 weights' +128 offset
+};
+
+Int8Rows quantize_rows(const bf16* x, int64_t M, int64_t K) {
+  Int8Rows r{(K + 63) / 64 * 64, {}, {}, {}};
+  const int64_t chunks = r.K64 / 64;
+  r.q.assign(M * r.K64, 0);
+  r.scale.assign(M * chunks * 16, 0.0f);
+  r.bsum.assign(M * (r.K64 / 32), 0.0f);
+  r.qsum.assign(M, 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b * 32 < K; ++b) {
+      const int64_t k0 = b * 32, k1 = std::min(K, k0 + 32);
+      float amax = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::abs(static_cast<float>(x[m * K + k])));
+      const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int32_t sum = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        const int8_t v = static_cast<int8_t>(std::nearbyint(static_cast<float>(x[m * K + k]) * inv));
+        r.q[m * r.K64 + k] = v;
+        sum += v;
+      }
+      std::fill_n(r.scale.data() + (m * chunks + b / 2) * 16 + (b % 2) * 8, 8, d);
+      r.bsum[m * (r.K64 / 32) + b] = d * static_cast<float>(sum);
+      r.qsum[m] += d * static_cast<float>(sum);
+    }
+  return r;
+}
+
+// R int8 weight rows (one scale each) against MB activation rows. The weight bytes XOR 0x80 are w + 128 as u8,
+// so dpbusd gives sum (w + 128) q; the 128 * sum q part is taken off once per activation row (qsum). R rows at
+// once share the activation loads and the final reduction, which matter for short rows (K = 1024).
+template <int MB, int R>
+void int8_rows(const Int8Rows* xr, int64_t m0, const int8_t* w, const bf16* scale, int64_t K, bf16* y, int64_t ldy) {
+  const Int8Rows& x = *xr;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t chunks = x.K64 / 64;
+  __m512 out[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) out[m][r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t left = K - c * 64;  // the last chunk may be partial: padded q are 0, masked bytes add nothing
+    const __mmask64 mask = left >= 64 ? ~0ull : (1ull << left) - 1;
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r) {
+      prefetch(w + r * K + c * 64 + kAhead);
+      wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + r * K + c * 64), flip);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512i xq = _mm512_loadu_si512(x.q.data() + (m0 + m) * x.K64 + c * 64);
+      const __m512 xs = _mm512_loadu_ps(x.scale.data() + ((m0 + m) * chunks + c) * 16);
+      for (int r = 0; r < R; ++r)
+        out[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xq)), xs,
+                                    out[m][r]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    float sums[R];
+    lane_sums<R>(out[m], sums);
+    for (int r = 0; r < R; ++r)
+      y[m * ldy + r] = bf16(static_cast<float>(scale[r]) * (sums[r] - 128.0f * x.qsum[m0 + m]));
+  }
+}
+
+// R int4 weight rows in the kernel layout against MB activation rows. Per 128 columns, 64 bytes: byte i holds
+// column i in its low nibble and column 64 + i in its high one, so an AND and a shift give two u8 vectors of
+// 64 consecutive columns for dpbusd. With w = (q - 8) s + z per group of G,
+// sum_k x_k w_k = sum_g s_g sum x q + (z_g - 8 s_g) xsum_g  (xsum: sums of the rounded x per group).
+// Scales are read 16 groups at a time into a register and picked per chunk with a lane permute.
+template <int MB, int R, int G>
+void int4_rows(const Int8Rows* xr, int64_t m0, const float* xsum, const uint8_t* w, const bf16* s, const bf16* z,
+               int64_t K, bf16* y, int64_t ldy) {
+  const Int8Rows& x = *xr;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const int64_t chunks = K / 64, groups = K / G;
+  // lane -> group within a 64-column chunk: all lanes one group, or (G = 32) lanes 8-15 the next one
+  const __m512i lane_group = G == 32 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                     : _mm512_setzero_si512();
+  __m512 out[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) out[m][r] = _mm512_setzero_ps();
+  __m512 sv[R];
+  for (int64_t c = 0; c < chunks; c += 2) {  // one 128-column block: chunks c (low nibbles) and c + 1 (high)
+    const int64_t g = c * 64 / G;  // the block's first group
+    if (g % 16 == 0 && (c * 64) % G == 0)
+      for (int r = 0; r < R; ++r) sv[r] = load_bf16_ps(s + r * groups + g, groups - g);
+    __m512i half[2][R];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = w + r * (K / 2) + c * 32;
+      prefetch(p + kAhead);
+      const __m512i v = _mm512_loadu_si512(p);
+      half[0][r] = _mm512_and_si512(v, low4);
+      half[1][r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m512i pick = _mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int>(((c + h) * 64 / G) % 16)));
+      for (int m = 0; m < MB; ++m) {
+        const __m512i xq = _mm512_loadu_si512(x.q.data() + (m0 + m) * x.K64 + (c + h) * 64);
+        const __m512 xs = _mm512_loadu_ps(x.scale.data() + ((m0 + m) * chunks + c + h) * 16);
+        for (int r = 0; r < R; ++r) {
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), half[h][r], xq);
+          const __m512 ds = _mm512_mul_ps(xs, _mm512_permutexvar_ps(pick, sv[r]));
+          out[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), ds, out[m][r]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m) {  // the zero points, 16 groups at a time
+    const float* xs = xsum + (m0 + m) * groups;
+    for (int r = 0; r < R; ++r)
+      for (int64_t g = 0; g < groups; g += 16) {
+        const __m512 sg = load_bf16_ps(s + r * groups + g, groups - g), zg = load_bf16_ps(z + r * groups + g, groups - g);
+        const __m512 xg = _mm512_maskz_loadu_ps((__mmask16)(groups - g >= 16 ? 0xFFFF : (1u << (groups - g)) - 1), xs + g);
+        out[m][r] = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sg, zg), xg, out[m][r]);
+      }
+    float sums[R];
+    lane_sums<R>(out[m], sums);
+    for (int r = 0; r < R; ++r) y[m * ldy + r] = bf16(sums[r]);
+  }
+}
+
+// Calls block(n, r, m, mb) for weight rows n..n+r (r = 4, or 1 at a range's end; split across threads, each a
+// contiguous range) and activation rows m..m+mb (mb <= 4).
+template <typename Block>
+void for_blocks(int64_t M, int64_t N, Block&& block) {
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1;) {
+      const int r = n + 4 <= n1 ? 4 : 1;
+      for (int64_t m = 0; m < M; m += 4) block(n, r, m, static_cast<int>(std::min<int64_t>(4, M - m)));
+      n += r;
+    }
+  });
+}
+
+// Calls f(MB, R) with runtime mb (1-4) and r (1 or 4) as compile-time constants.
+template <typename F>
+void dispatch_shape(int mb, int r, F&& f) {
+  auto with_r = [&](auto mbc) {
+    if (r == 4) f(mbc, std::integral_constant<int, 4>{});
+    else f(mbc, std::integral_constant<int, 1>{});
+  };
+  switch (mb) {
+    case 1: with_r(std::integral_constant<int, 1>{}); break;
+    case 2: with_r(std::integral_constant<int, 2>{}); break;
+    case 3: with_r(std::integral_constant<int, 3>{}); break;
+    default: with_r(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// Calls row(n, m, mb) for every weight row n (split across threads, each a contiguous range) and chunk of up
+// to MBMAX activation rows starting at m.
+template <int MBMAX, typename Row>
+void for_rows(int64_t M, int64_t N, Row&& row) {
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; m += MBMAX) row(n, m, static_cast<int>(std::min<int64_t>(MBMAX, M - m)));
+  });
+}
+
+template <template <int> class F, typename... A>
+void dispatch_mb(int mb, A... args) {
+  switch (mb) {
+    case 1: F<1>::run(args...); break;
+    case 2: F<2>::run(args...); break;
+    case 3: F<3>::run(args...); break;
+    default: F<4>::run(args...); break;
+  }
+}
+
+template <int MB> struct Bf16 { template <typename... A> static void run(A... a) { bf16_row<MB>(a...); } };
+
+#endif  // QWEN35_AVX512
+
+
+}  // namespace
+
+bool available() {
+#ifdef QWEN35_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+
+// y (M, N) = x (M, K) @ w (N, K)^T, all bf16.
+torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w) {
+  check(x, at::kBFloat16, 2, "x");
+  check(w, at::kBFloat16, 2, "w");
+  TORCH_CHECK(x.size(1) == w.size(1), "x has ", x.size(1), " columns, w has ", w.size(1));
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+#ifdef QWEN35_AVX512
+  const uint16_t *xp = u16(x), *wp = u16(w);
+  bf16* yp = y.data_ptr<at::BFloat16>();
+  for_rows<4>(M, N, [&](int64_t n, int64_t m, int mb) {
+    dispatch_mb<Bf16>(mb, xp + m * K, wp + n * K, K, yp + m * N + n, N);
+  });
+#else
+  TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16 and VNNI");
+#endif
+  return y;
+}
+
+// y (M, N) = x (M, K) @ (q (N, K) int8 * scale (N))^T, x and y bf16.
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+  check(x, at::kBFloat16, 2, "x");
+  check(q, at::kChar, 2, "qweight");
+  check(scale, at::kBFloat16, 1, "scales");
+  TORCH_CHECK(x.size(1) == q.size(1) && scale.size(0) == q.size(0), "shapes do not match");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  auto y = torch::empty({M, N}, x.options());
+#ifdef QWEN35_AVX512
+  const Int8Rows xq = quantize_rows(x.data_ptr<at::BFloat16>(), M, K);
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const bf16* sp = scale.data_ptr<at::BFloat16>();
+  bf16* yp = y.data_ptr<at::BFloat16>();
+  for_blocks(M, N, [&](int64_t n, int r, int64_t m, int mb) {
+    dispatch_shape(mb, r, [&](auto MB, auto R) { int8_rows<MB(), R()>(&xq, m, qp + n * K, sp + n, K, yp + m * N + n, N); });
+  });
+#else
+  TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16 and VNNI");
+#endif
+  return y;
+}
+
+// y (M, N) = x (M, K) @ W^T with W int4 in the kernel layout (see int4_row), scales and zeros (N, K/G) bf16.
+torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                          const torch::Tensor& zeros, int64_t G) {
+  check(x, at::kBFloat16, 2, "x");
+  check(packed, at::kByte, 2, "packed");
+  check(scales, at::kBFloat16, 2, "scales");
+  check(zeros, at::kBFloat16, 2, "zeros");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
+  TORCH_CHECK(K % 128 == 0 && (G == 32 || G == 64 || G == 128 || G == 256) && K % G == 0,
+              "int4 kernel needs K % 128 == 0 and a group of 32/64/128/256 dividing K; K=", K, " G=", G);
+  TORCH_CHECK(packed.size(1) * 2 == K && scales.size(0) == N && scales.size(1) == K / G &&
+              zeros.sizes() == scales.sizes(), "shapes do not match");
+  auto y = torch::empty({M, N}, x.options());
+#ifdef QWEN35_AVX512
+  const int64_t groups = K / G;
+  const bf16* xb = x.data_ptr<at::BFloat16>();
+  const Int8Rows xq = quantize_rows(xb, M, K);
+  std::vector<float> xsum(M * groups, 0.0f);  // per activation row and group: sum of x, for the zero points
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < K / 32; ++b) xsum[m * groups + b * 32 / G] += xq.bsum[m * (xq.K64 / 32) + b];
+  const float* xs = xsum.data();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const bf16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
+  bf16* yp = y.data_ptr<at::BFloat16>();
+  for_blocks(M, N, [&](int64_t n, int r, int64_t m, int mb) {
+    dispatch_shape(mb, r, [&](auto MB, auto R) {
+      const auto args = std::make_tuple(&xq, m, xs, wp + n * (K / 2), sp + n * groups, zp + n * groups, K,
+                                        yp + m * N + n, N);
+      switch (G) {
+        case 32: std::apply(int4_rows<MB(), R(), 32>, args); break;
+        case 64: std::apply(int4_rows<MB(), R(), 64>, args); break;
+        case 128: std::apply(int4_rows<MB(), R(), 128>, args); break;
+        default: std::apply(int4_rows<MB(), R(), 256>, args); break;
+      }
+    });
+  });
+#else
+  TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16 and VNNI");
+#endif
+  return y;
+}
+
+// W (N, K) in bf16 from the int4 kernel layout: tiles of it feed a GEMM when many activation rows (prefill) come.
+torch::Tensor int4_dequantize(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& zeros,
+                              int64_t G) {
+  check(packed, at::kByte, 2, "packed");
+  check(scales, at::kBFloat16, 2, "scales");
+  check(zeros, at::kBFloat16, 2, "zeros");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, groups = K / G;
+  TORCH_CHECK(K % 128 == 0 && K % G == 0 && scales.size(0) == N && scales.size(1) == groups &&
+              zeros.sizes() == scales.sizes(), "shapes do not match");
+  auto w = torch::empty({N, K}, scales.options());
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const bf16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
+  bf16* wp = w.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t p = 0; p < K / 2; ++p) {  // byte p of the row (see int4_row)
+        const int64_t col = p / 64 * 128 + p % 64;
+        const uint8_t byte = pp[n * (K / 2) + p];
+        for (int half = 0; half < 2; ++half) {
+          const int64_t c = col + 64 * half, g = n * groups + c / G;
+          const float q = static_cast<float>(half ? byte >> 4 : byte & 15);
+          wp[n * K + c] = bf16((q - 8.0f) * static_cast<float>(sp[g]) + static_cast<float>(zp[g]));
+        }
+      }
+  });
+  return w;
+}
+
+}  // namespace qwen35

@@ -1,0 +1,13 @@
+// The Python module: qwen35.ops.cpu builds gemv.cpp, fused.cpp and this file into one extension.
+#include "common.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("available", &qwen35::available, "True when built with AVX-512 BF16 (the GEMV kernels work)");
+  m.def("linear_bf16", &qwen35::linear_bf16);
+  m.def("linear_int8", &qwen35::linear_int8);
+  m.def("linear_int4", &qwen35::linear_int4);
+  m.def("int4_dequantize", &qwen35::int4_dequantize);
+  m.def("rms_norm", &qwen35::rms_norm);
+  m.def("deltanet_decode", &qwen35::deltanet_decode);
+  m.def("attention_decode", &qwen35::attention_decode);
+}
