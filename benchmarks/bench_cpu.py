@@ -2,7 +2,8 @@
 
 For each size (the real 0.8B/2B/4B/9B configs, random weights, official layout, real vocabulary; written once to
 --cache by `shape_true.py`) and each engine, a fresh process measures: prefill tok/s (512 and 4096 tokens), time
-to first token of a 512-token prompt, decode tok/s over 128 tokens (EOS ignored), peak RSS, and achieved weight
+to first token of a 512-token prompt, decode tok/s over 128 tokens (EOS ignored), peak RSS (whole run, and while
+generating: the 512-token prompt and its 128 tokens, run first after loading), and achieved weight
 bandwidth (weight bytes read per token x decode tok/s) as a share of the read bandwidth measured by the same
 process right after its decode (this machine's bandwidth drifts by tens of percent between minutes).
 Engines: qwen35 bf16 / int8 / int4 (g64, int8 head), transformers bf16 (same checkpoint), and llama.cpp through
@@ -50,6 +51,7 @@ def qwen35_worker(ckpt: Path, variant: str, args: argparse.Namespace) -> dict:
     import qwen35
     from qwen35.cache import make_cache
     from qwen35.generate import prefill
+    from qwen35.sampling import greedy
 
     if variant != "bf16":  # the quantized checkpoint is its own artifact, made once by `qwen35 quantize`
         qdir = Path(args.cache) / f"{ckpt.name}-{variant}"
@@ -75,11 +77,11 @@ def qwen35_worker(ckpt: Path, variant: str, args: argparse.Namespace) -> dict:
         with torch.inference_mode():
             cache = make_cache(model.config)
             start = time.perf_counter()
-            token = prefill(model, ids, cache).argmax(-1, keepdim=True)
+            token = torch.tensor([[greedy(prefill(model, ids, cache)[0])]])
             ttft = time.perf_counter() - start
             start = time.perf_counter()
-            for _ in range(n):
-                token = model(token, cache)[:, -1].argmax(-1, keepdim=True)
+            for _ in range(n):  # the library's own greedy step (as generate_tokens does)
+                token = torch.tensor([[greedy(model(token, cache)[0, -1])]])
             return ttft, n / (time.perf_counter() - start)
 
     return measure(run_prefill, run_decode, load_s, weight_bytes_qwen35(model), args)
@@ -136,7 +138,7 @@ def llama_worker(ckpt: Path, quant: str, args: argparse.Namespace) -> dict:
 
     gguf = gguf_file(ckpt, quant, args)
     start = time.perf_counter()
-    llm = llama_cpp.Llama(str(gguf), n_ctx=max(args.prefill) + 64, n_threads=args.threads,
+    llm = llama_cpp.Llama(str(gguf), n_ctx=max(*args.prefill, 512 + args.decode) + 64, n_threads=args.threads,
                           n_threads_batch=args.threads, n_batch=512, verbose=False)
     load_s = time.perf_counter() - start
 
@@ -208,12 +210,33 @@ def gguf_weight_bytes(path: Path) -> int:
     return sum(n for name, n in tensors.items() if not (untied and name == "token_embd.weight"))
 
 
+def reset_peak_rss() -> None:
+    """Linux: restart the process's peak-RSS counter (VmHWM), so the generation's own peak can be read."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    """This process's peak RSS since start or `reset_peak_rss` (VmHWM; ru_maxrss where there is no /proc, which
+    on Linux also carries the peak of the parent that forked us, so it is the fallback only)."""
+    try:
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def measure(run_prefill, run_decode, load_s: float, weight_bytes: int, args: argparse.Namespace) -> dict:
     run_prefill(32)  # warm-up: first-call allocations and kernel builds are not what is measured
+    load_peak = peak_rss()
+    reset_peak_rss()
+    ttft, decode = run_decode(args.decode)  # first, as a user would: load, then generate
+    generate_rss = peak_rss()
     prefill = {n: n / min(run_prefill(n) for _ in range(1 if n > 1024 else 2)) for n in args.prefill}
-    ttft, decode = run_decode(args.decode)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"load_s": load_s, "prefill": prefill, "ttft_s": ttft, "decode": decode, "peak_rss": rss,
+    return {"load_s": load_s, "prefill": prefill, "ttft_s": ttft, "decode": decode,
+            "peak_rss": max(load_peak, peak_rss()), "generate_rss": generate_rss,
             "weight_bytes": weight_bytes, "read_bw": read_bandwidth(args.threads)}
 
 
@@ -294,7 +317,8 @@ def cpu_name() -> str:
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     heads = ["size", "engine"] + [f"prefill {n}" for n in args.prefill] + ["TTFT s", "decode tok/s", "GB/s",
-                                                                             "read bw", "share", "peak RSS GB"]
+                                                                             "read bw", "share", "peak RSS GB",
+                                                                             "generating RSS GB"]
     print("\n| " + " | ".join(heads) + " |\n|" + "---|" * len(heads))
     for r in rows:
         if "error" in r:
@@ -302,7 +326,8 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
             continue
         cells = [r["size"], r["engine"]] + [f"{r['prefill'][n]:.0f}" for n in args.prefill] + [
             f"{r['ttft_s']:.2f}", f"{r['decode']:.1f}", f"{r['bandwidth_gbs']:.1f}", f"{r['read_bw']:.1f}",
-            f"{100 * r['bandwidth_share']:.0f}%", f"{r['peak_rss'] / 1e9:.2f}"]
+            f"{100 * r['bandwidth_share']:.0f}%", f"{r['peak_rss'] / 1e9:.2f}",
+            f"{r['generate_rss'] / 1e9:.2f}"]
         print("| " + " | ".join(cells) + " |")
 
 

@@ -11,7 +11,8 @@ from torch import nn
 from conftest import VOCAB
 from qwen35.loading import load_model
 from qwen35.quant import Int4Linear, Int8Linear, QuantConfig, quantize, quantize_checkpoint
-from qwen35.quant.linear import dequantize, int4_quantize, int8_quantize, make_linear, pack_nibbles, unpack_nibbles
+from qwen35.quant.linear import (dequantize, int4_kernel_layout, int4_kernel_values, int4_quantize, int8_quantize,
+                                 make_linear, pack_nibbles, unpack_nibbles)
 from qwen35.quant.quantize import Int8Embedding, QuantExperts
 
 # Tolerance of a packed kernel against x @ dequantize(W)^T in bf16: a few bf16 ulps of the output scale.
@@ -45,6 +46,13 @@ def test_nibble_packing_round_trips():
     assert packed.shape == (32, 32) and packed.dtype == torch.uint8
     assert torch.equal(unpack_nibbles(packed), q)
     assert int(packed[0, 0]) == int(q[0, 0]) | int(q[0, 1]) << 4  # low nibble = even column
+
+
+def test_int4_kernel_layout_round_trips():
+    q = torch.randint(0, 16, (8, 256), dtype=torch.int32)
+    layout = int4_kernel_layout(pack_nibbles(q))
+    assert int(layout[0, 5]) == int(q[0, 5]) | int(q[0, 69]) << 4  # byte i of a block: columns i and 64 + i
+    assert torch.equal(int4_kernel_values(layout).to(torch.int32), q)
 
 
 def test_int4_falls_back_to_int8_where_the_kernel_cannot(reference_checkpoint):

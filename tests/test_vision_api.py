@@ -80,6 +80,19 @@ def test_image_chat_matches_reference_generate(checkpoint, monkeypatch):
     assert tokens == out[0, len(ids):].tolist()
 
 
+def test_vision_tower_loads_with_the_first_image(checkpoint, monkeypatch):
+    """Text-only use never holds the tower (0.67 GB at 4B): `load` only notes it; the first image reads it."""
+    path, _ = checkpoint
+    calls = []
+    real = api.load_vision
+    monkeypatch.setattr(api, "load_vision", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = qwen35.load(path, dtype="float32")
+    m.chat([{"role": "user", "content": "hi"}], max_tokens=2)
+    assert not calls and m.processor is not None
+    m.chat([{"role": "user", "content": [{"type": "image", "image": str(path / "cat.png")}]}], max_tokens=2)
+    assert calls == [1] and m.vision is not None and calls == [1]  # loaded once, then kept
+
+
 def test_image_sources_agree(checkpoint, monkeypatch):
     """A PIL image, a file path and an OpenAI data: URL of the same PNG give the same reply."""
     path, _ = checkpoint

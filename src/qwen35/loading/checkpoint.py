@@ -118,8 +118,10 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
                     skipped["lm_head.weight (tied to the embedding)"] += 1
                     continue
                 tensor = _read(f, name, file)
-                if quant is not None:  # a copy: kernel layouts are rebuilt from these, and a view would keep the
-                    tensor = tensor.clone()  # whole memory-mapped shard resident after its file is done
+                if quant is not None and ours.startswith("embed_tokens.") and not config.tie_word_embeddings:
+                    tensor = _own_mapping(file, name)  # an untied table is only looked up: leave it on disk
+                elif quant is not None:  # a copy: kernel layouts are rebuilt from these, and a view would keep
+                    tensor = tensor.clone()  # the whole memory-mapped shard resident after its file is done
                 if quant is not None and ours.endswith(QUANT_PARTS):
                     module, part = ours.rsplit(".", 1)
                     quantized[module][part] = tensor
@@ -180,6 +182,13 @@ def _read(f, name: str, file: Path) -> torch.Tensor:
         return f.get_tensor(name)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{file}: tensor '{name}' cannot be read ({e}); re-download the file") from None
+
+
+def _own_mapping(file: Path, name: str) -> torch.Tensor:
+    """The tensor as a view of its own memory mapping of the file: only the pages read later become resident
+    (for an untied embedding, the rows of the tokens seen; 1 GB of int8 table at 9B stays on disk)."""
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        return _read(f, name, file)
 
 
 def _checked(tensor: torch.Tensor, shape: torch.Size, name: str, file: Path, dtype: torch.dtype) -> torch.Tensor:

@@ -59,7 +59,7 @@ struct Int8Rows {
 };
 
 Int8Rows quantize_rows(const bf16* x, int64_t M, int64_t K) {
-  Int8Rows r{(K + 63) / 64 * 64, {}, {}, {}};
+  Int8Rows r{(K + 63) / 64 * 64};
   const int64_t chunks = r.K64 / 64;
   r.q.assign(M * r.K64, 0);
   r.scale.assign(M * chunks * 16, 0.0f);
@@ -204,30 +204,7 @@ void dispatch_shape(int mb, int r, F&& f) {
   }
 }
 
-// Calls row(n, m, mb) for every weight row n (split across threads, each a contiguous range) and chunk of up
-// to MBMAX activation rows starting at m.
-template <int MBMAX, typename Row>
-void for_rows(int64_t M, int64_t N, Row&& row) {
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m = 0; m < M; m += MBMAX) row(n, m, static_cast<int>(std::min<int64_t>(MBMAX, M - m)));
-  });
-}
-
-template <template <int> class F, typename... A>
-void dispatch_mb(int mb, A... args) {
-  switch (mb) {
-    case 1: F<1>::run(args...); break;
-    case 2: F<2>::run(args...); break;
-    case 3: F<3>::run(args...); break;
-    default: F<4>::run(args...); break;
-  }
-}
-
-template <int MB> struct Bf16 { template <typename... A> static void run(A... a) { bf16_row<MB>(a...); } };
-
 #endif  // QWEN35_AVX512
-
 
 }  // namespace
 
@@ -249,8 +226,10 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w) {
 #ifdef QWEN35_AVX512
   const uint16_t *xp = u16(x), *wp = u16(w);
   bf16* yp = y.data_ptr<at::BFloat16>();
-  for_rows<4>(M, N, [&](int64_t n, int64_t m, int mb) {
-    dispatch_mb<Bf16>(mb, xp + m * K, wp + n * K, K, yp + m * N + n, N);
+  for_blocks(M, N, [&](int64_t n, int r, int64_t m, int mb) {
+    dispatch_shape(mb, 1, [&](auto MB, auto) {
+      for (int i = 0; i < r; ++i) bf16_row<MB()>(xp + m * K, wp + (n + i) * K, K, yp + m * N + n + i, N);
+    });
   });
 #else
   TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16 and VNNI");
@@ -280,7 +259,7 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const 
   return y;
 }
 
-// y (M, N) = x (M, K) @ W^T with W int4 in the kernel layout (see int4_row), scales and zeros (N, K/G) bf16.
+// y (M, N) = x (M, K) @ W^T with W int4 in the kernel layout (see int4_rows), scales and zeros (N, K/G) bf16.
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                           const torch::Tensor& zeros, int64_t G) {
   check(x, at::kBFloat16, 2, "x");
@@ -337,7 +316,7 @@ torch::Tensor int4_dequantize(const torch::Tensor& packed, const torch::Tensor& 
   bf16* wp = w.data_ptr<at::BFloat16>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
-      for (int64_t p = 0; p < K / 2; ++p) {  // byte p of the row (see int4_row)
+      for (int64_t p = 0; p < K / 2; ++p) {  // byte p of the row (see int4_rows)
         const int64_t col = p / 64 * 128 + p % 64;
         const uint8_t byte = pp[n * (K / 2) + p];
         for (int half = 0; half < 2; ++half) {
