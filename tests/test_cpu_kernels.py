@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,16 @@ pytestmark = pytest.mark.skipif(not cpu.cpu_supported(), reason="qwen35 CPU kern
 def test_kernels_build_here():
     """On a CPU that has AVX-512 BF16 the kernels must build: a failed build would silently skip nothing else."""
     assert cpu.kernels() is not None
+
+
+def test_a_killed_build_does_not_block_later_loads():
+    """torch's lock file, left behind when a first-use build is killed (Ctrl-C), must not hang every later load."""
+    assert cpu.kernels() is not None
+    (cpu.build_dir() / "lock").touch()
+    done = subprocess.run([sys.executable, "-c", "from qwen35.ops import cpu; assert cpu.kernels() is not None"],
+                          timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not (cpu.build_dir() / "lock").exists()
 
 
 def ulps(ref: torch.Tensor) -> float:

@@ -249,6 +249,9 @@ def test_nan_logits_end_that_request_with_an_error(live, default_model):
             events = [line for line in s.iter_lines() if line]
         assert s.status_code == 200 and events[-1] == "data: [DONE]"
         assert "numerical error" in json.loads(events[-2][len("data: "):])["error"]["message"]
+    deadline = time.monotonic() + 5  # the engine thread counts a step's errors after handing out its events
+    while state.metrics.errors._value.get() < errors_before + 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert state.metrics.errors._value.get() == errors_before + 2
     assert_still_serving(url)
 

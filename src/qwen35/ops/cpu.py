@@ -23,6 +23,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 SOURCES = Path(__file__).with_name("kernels")
 GEMV_ROWS = 16  # up to this many activation rows (decode, batched decode) the streaming kernels; above, GEMM
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
 NORM_ROWS = 256  # the fused RMSNorm runs rows one after another: for long prefills PyTorch's is faster
 
 
@@ -34,12 +35,10 @@ def kernels() -> ModuleType | None:
     if not cpu_supported():
         log.info("qwen35 CPU kernels need AVX-512 BF16 and VNNI; using PyTorch's kernels")
         return None
-    flags = ["-O3", "-march=native", "-fopenmp"]
-    files = sorted(SOURCES.glob("*.[ch]*"))
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files) + " ".join(flags).encode()
-                            + torch.__version__.encode()).hexdigest()
-    build = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen35" / f"kernels-{digest[:16]}"
+    files, build = sorted(SOURCES.glob("*.[ch]*")), build_dir()
     try:
+        import fcntl  # POSIX; elsewhere the ImportError falls back like a missing compiler
+
         from torch.utils.cpp_extension import load
 
         if shutil.which("ninja") is None:  # the pip-installed ninja, when the environment is not activated
@@ -50,12 +49,26 @@ def kernels() -> ModuleType | None:
         if not (build / "qwen35_cpu_kernels.so").exists():
             log.warning("compiling qwen35's CPU kernels for this machine (once, about a minute)…")
         build.mkdir(parents=True, exist_ok=True)
-        module = load(name="qwen35_cpu_kernels", sources=[str(f) for f in files if f.suffix == ".cpp"],
-                      build_directory=str(build), verbose=False, extra_cflags=flags, extra_ldflags=["-fopenmp"])
+        with open(build / "qwen35.lock", "w") as held:  # an OS lock: released even if this process is killed
+            fcntl.flock(held, fcntl.LOCK_EX)
+            # torch's own lock file outlives a build that was killed (Ctrl-C on first use), and every later load
+            # would wait on it forever; holding ours, no other qwen35 process is building, so it is stale
+            (build / "lock").unlink(missing_ok=True)
+            module = load(name="qwen35_cpu_kernels", sources=[str(f) for f in files if f.suffix == ".cpp"],
+                          build_directory=str(build), verbose=False, extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
     except Exception as e:  # a missing compiler or ninja: fall back, say why  # noqa: BLE001
         log.warning("qwen35 CPU kernels could not be built (%s); using PyTorch's kernels", e)
         return None
     return module if module.available() else None
+
+
+def build_dir() -> Path:
+    """Where this checkout's kernels are built: keyed by the sources, flags, torch version and the sources' path
+    (torch's builder rebuilds when one build directory is reached from another checkout's sources)."""
+    files = sorted(SOURCES.glob("*.[ch]*"))
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files) + " ".join(FLAGS).encode()
+                            + torch.__version__.encode() + str(SOURCES.resolve()).encode()).hexdigest()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen35" / f"kernels-{digest[:16]}"
 
 
 def cpu_supported() -> bool:

@@ -42,6 +42,7 @@ class ServerState:
     async def load(self) -> None:
         try:
             qwen = await asyncio.to_thread(self.load_fn)
+            await asyncio.to_thread(lambda: qwen.vision)  # the tower now, not in the first image request's path
         except Exception as e:  # noqa: BLE001 - reported on /health and by `qwen35 serve`
             log.exception("the model failed to load")
             self.load_error = f"{type(e).__name__}: {e}"
