@@ -57,11 +57,13 @@ def test_end_of_input_leaves_cleanly(run):
 def test_ctrl_c_stops_the_reply_not_the_program(run):
     proc = subprocess.Popen([sys.executable, "-m", "qwen35", "chat", "--think", "off", "--max-tokens", "100000",
                              "--temperature", "1", "--ignore-eos"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=run.env)
+                            stderr=subprocess.PIPE, text=True, env=run.env,
+                            # a shell's background job (CI run with `&`) inherits SIGINT ignored, and so would this
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "/help" in proc.stdout.readline()  # the banner: the model is loaded
     proc.stdin.write("write forever\n")
     proc.stdin.flush()
-    time.sleep(1)  # into a reply that would run ~13 s (to the 4096-token context)
+    time.sleep(3)  # well into a reply that would run ~13 s (to the 4096-token context)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate("/exit\n", timeout=60)
     assert proc.returncode == 0, err
