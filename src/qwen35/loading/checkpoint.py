@@ -117,11 +117,12 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
                 if ours == "lm_head.weight" and config.tie_word_embeddings:
                     skipped["lm_head.weight (tied to the embedding)"] += 1
                     continue
-                tensor = _read(f, name, file)
                 if quant is not None and ours.startswith("embed_tokens.") and not config.tie_word_embeddings:
                     tensor = _own_mapping(file, name)  # an untied table is only looked up: leave it on disk
                 elif quant is not None:  # a copy: kernel layouts are rebuilt from these, and a view would keep
-                    tensor = tensor.clone()  # the whole memory-mapped shard resident after its file is done
+                    tensor = _read(f, name, file).clone()  # the whole mapped shard resident after its file is done
+                else:
+                    tensor = _read(f, name, file)
                 if quant is not None and ours.endswith(QUANT_PARTS):
                     module, part = ours.rsplit(".", 1)
                     quantized[module][part] = tensor
