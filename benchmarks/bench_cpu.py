@@ -6,9 +6,9 @@ to first token of a 512-token prompt, decode tok/s over 128 tokens (EOS ignored)
 generating: the 512-token prompt and its 128 tokens, run first after loading), and achieved weight
 bandwidth (weight bytes read per token x decode tok/s) as a share of the read bandwidth measured by the same
 process right after its decode (this machine's bandwidth drifts by tens of percent between minutes).
-Engines: qwen35 bf16 / int8 / int4 (g64, int8 head), transformers bf16 (same checkpoint), and llama.cpp through
-llama-cpp-python (`make bench` builds it from source) on the same checkpoint converted by llama.cpp's own
-converter to F16, then quantized to Q8_0 / Q4_0. Same thread count everywhere. Prints a table, then one JSON line.
+Engines: qwen35 bf16 / int8 / int4 (g64, int8 head) / int4h4 (int4 head too), transformers bf16 (same checkpoint),
+and llama.cpp through llama-cpp-python (`make bench` builds it from source) on the same checkpoint converted by
+llama.cpp's own converter to F16, then quantized to Q8_0 / Q4_0. Same thread count everywhere. Prints a table, then one JSON line.
 
     python benchmarks/bench_cpu.py --sizes 0.8B --engines all
 """
@@ -25,7 +25,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ENGINES = ["qwen35-bf16", "qwen35-int8", "qwen35-int4", "transformers-bf16", "llama-F16", "llama-Q8_0", "llama-Q4_0"]
+ENGINES = ["qwen35-bf16", "qwen35-int8", "qwen35-int4", "qwen35-int4h4", "transformers-bf16", "llama-F16",
+           "llama-Q8_0", "llama-Q4_0"]
+QUANTIZE = {"int8": ["--bits", "8", "--head"], "int4": ["--bits", "4", "--head"],  # int8 head and embedding
+            "int4h4": ["--bits", "4", "--head", "4"]}  # int4 head: the smallest (quality: quant_quality.py)
 LLAMA_SRC = "llama-cpp-python==0.3.36"
 
 
@@ -56,8 +59,8 @@ def qwen35_worker(ckpt: Path, variant: str, args: argparse.Namespace) -> dict:
     if variant != "bf16":  # the quantized checkpoint is its own artifact, made once by `qwen35 quantize`
         qdir = Path(args.cache) / f"{ckpt.name}-{variant}"
         if not (qdir / "config.json").exists():  # in its own process: its memory is not this one's peak
-            subprocess.run([sys.executable, "-m", "qwen35", "quantize", str(ckpt), str(qdir), "--bits",
-                            "8" if variant == "int8" else "4", "--group-size", "64", "--head"], check=True)
+            subprocess.run([sys.executable, "-m", "qwen35", "quantize", str(ckpt), str(qdir), "--group-size", "64",
+                            *QUANTIZE[variant]], check=True)
         ckpt = qdir
     start = time.perf_counter()
     m = qwen35.load(ckpt, dtype="bfloat16", device="cpu")

@@ -27,7 +27,8 @@ from qwen35.sampling import SamplingParams
 from qwen35.train import data
 
 VARIANTS = {"int8": dict(bits=8), "int4-g32": dict(bits=4, group_size=32), "int4-g64": dict(bits=4, group_size=64),
-            "int4-g128": dict(bits=4, group_size=128)}
+            "int4-g128": dict(bits=4, group_size=128), "int4-g64 head8": dict(bits=4, group_size=64, head=8),
+            "int4-g64 head4": dict(bits=4, group_size=64, head=4)}
 
 
 @torch.inference_mode()
@@ -71,12 +72,12 @@ def main() -> None:
                          "weights_mb": _weight_mb(model)}
     bf16, bf16_decode = results["bf16"]["ppl"], results["bf16"]["decode_ppl"]
     same = f"greedy same (min/mean of {args.tokens})"
-    print(f"{'variant':<10} {'ppl':>8} {'vs bf16':>8} {'mean KL':>9} {'decode ppl':>10} {'vs bf16':>8} "
+    print(f"{'variant':<15} {'ppl':>8} {'vs bf16':>8} {'mean KL':>9} {'decode ppl':>10} {'vs bf16':>8} "
           f"{'decode KL':>9} {same:>30} {'MB':>6}")
     for name, r in results.items():
         r["ppl_vs_bf16_pct"] = 100 * (r["ppl"] / bf16 - 1)
         r["decode_ppl_vs_bf16_pct"] = 100 * (r["decode_ppl"] / bf16_decode - 1)
-        print(f"{name:<10} {r['ppl']:8.3f} {r['ppl_vs_bf16_pct']:+7.2f}% {r['mean_kl']:9.5f} "
+        print(f"{name:<15} {r['ppl']:8.3f} {r['ppl_vs_bf16_pct']:+7.2f}% {r['mean_kl']:9.5f} "
               f"{r['decode_ppl']:10.3f} {r['decode_ppl_vs_bf16_pct']:+7.2f}% {r['decode_mean_kl']:9.5f} "
               f"{r['greedy_same_min']:>15} / {r['greedy_same_mean']:<12.1f} {r['weights_mb']:6.1f}")
     print(json.dumps({"model": "nano", "docs": len(docs), "prompts": len(prompts), "results": results}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,6 +29,21 @@ def test_info_shows_pattern_parameters_memory_and_kv(run):
     assert out.returncode == 0, out.stderr
     for text in ("2 x (3 DeltaNet + 1 attention)", "parameters", "int4", "K/V", "per token"):
         assert text in out.stdout
+
+
+def test_quantize_writes_a_checkpoint_that_info_and_generate_read(run, tmp_path):
+    from qwen35.default_model import default_model_path
+
+    nano = str(default_model_path())
+    out = run("quantize", nano, str(tmp_path / "q"), "--bits", "4", "--group-size", "32", "--head", "4")
+    assert out.returncode == 0, out.stderr
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert (config["bits"], config["group_size"], config["head"]) == (4, 32, 4)
+    assert "int4" in run("info", "--model", str(tmp_path / "q")).stdout
+    gen = run("generate", "Once upon a time", "--model", str(tmp_path / "q"), "--temperature", "0", "--max-tokens", "4")
+    assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr
+    bad = run("quantize", nano, str(tmp_path / "r"), "--head", "6")
+    assert bad.returncode != 0 and "invalid choice" in bad.stderr
 
 
 def test_one_shot_chat_prints_a_reply_and_exits(run):

@@ -69,3 +69,5 @@ def test_causal_conv_matches_reference_with_carried_state():
         parts.append(y_part)
     torch.testing.assert_close(torch.cat(parts, -1), y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state, s_ref)
+    # the carried state owns its few columns: a view would keep the whole chunk's input alive in the cache
+    assert s.untyped_storage().nbytes() == s.numel() * s.element_size()

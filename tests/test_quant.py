@@ -11,9 +11,9 @@ from torch import nn
 from conftest import VOCAB
 from qwen35.loading import load_model
 from qwen35.quant import Int4Linear, Int8Linear, QuantConfig, quantize, quantize_checkpoint
-from qwen35.quant.linear import (dequantize, int4_kernel_layout, int4_kernel_values, int4_quantize, int8_quantize,
+from qwen35.quant.linear import (StoredTable, dequantize, int4_kernel_layout, int4_quantize, int8_quantize,
                                  make_linear, pack_nibbles, unpack_nibbles)
-from qwen35.quant.quantize import Int8Embedding, QuantExperts
+from qwen35.quant.quantize import QuantEmbedding, QuantExperts
 
 # Tolerance of a packed kernel against x @ dequantize(W)^T in bf16: a few bf16 ulps of the output scale.
 KERNEL_RTOL = 1e-2
@@ -52,7 +52,28 @@ def test_int4_kernel_layout_round_trips():
     q = torch.randint(0, 16, (8, 256), dtype=torch.int32)
     layout = int4_kernel_layout(pack_nibbles(q))
     assert int(layout[0, 5]) == int(q[0, 5]) | int(q[0, 69]) << 4  # byte i of a block: columns i and 64 + i
-    assert torch.equal(int4_kernel_values(layout).to(torch.int32), q)
+    blocks = layout.reshape(8, -1, 64)  # the layout read back: per 128 columns, low nibbles then high nibbles
+    assert torch.equal(torch.stack([blocks & 15, blocks >> 4], dim=2).reshape(8, -1).to(torch.int32), q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["own-kernel", "pytorch-kernel"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_embedding_rows_are_the_tables_rows(bits, dtype):
+    """Lookups through a tied head (its kernel layout, or kept stored parts on PyTorch's) and through a table of
+    its own give the dequantized rows; the tied head still computes the same product."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 256, generator=g)
+    parts = int8_quantize(w, dtype) if bits == 8 else int4_quantize(w, 64, dtype)
+    ref = dequantize(parts, 64).to(dtype)
+    ids = torch.tensor([[5, 0, 95], [7, 7, 1]])
+    head = make_linear(parts, 64, lookups=True)
+    for table in (head, StoredTable(parts, 64)):
+        rows = QuantEmbedding(table)(ids)
+        assert rows.shape == (2, 3, 256) and rows.dtype == dtype
+        assert torch.equal(rows, ref[ids])
+    x = torch.randn(2, 256, generator=g).to(dtype)
+    product = x.float() @ ref.float().T
+    assert (head(x).float() - product).abs().max() <= KERNEL_RTOL * product.abs().max()
 
 
 def test_int4_falls_back_to_int8_where_the_kernel_cannot(reference_checkpoint):
@@ -77,7 +98,7 @@ def test_quantize_replaces_large_linears_only(reference_checkpoint, bits):
 
 
 @pytest.mark.parametrize("name", ["dense-tied", "moe-untied"])
-@pytest.mark.parametrize("bits, head", [(8, False), (4, False), (4, True)])
+@pytest.mark.parametrize("bits, head", [(8, 0), (4, 0), (4, 8), (4, 4)])
 def test_quantized_checkpoint_loads_to_the_same_model(reference_checkpoint, tmp_path, name, bits, head):
     src = reference_checkpoint(name)[0]
     cfg = QuantConfig(bits, 32, head)
@@ -90,7 +111,7 @@ def test_quantized_checkpoint_loads_to_the_same_model(reference_checkpoint, tmp_
     in_memory = quantize(load_model(src, dtype="float32"), bits, 32, head)
     loaded = load_model(dst, dtype="float32")
     assert loaded.quantization == cfg
-    assert isinstance(loaded.embed_tokens, Int8Embedding) == head
+    assert isinstance(loaded.embed_tokens, QuantEmbedding) == bool(head)
     ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids), in_memory(ids))
@@ -105,6 +126,10 @@ def test_bad_quantization_config_is_a_clear_error(reference_checkpoint, tmp_path
         load_model(dst)
     with pytest.raises(ValueError, match="bits=3"):
         QuantConfig(bits=3)
+    with pytest.raises(ValueError, match="head=6 is not supported"):
+        QuantConfig(head=6)
+    legacy = {"quant_method": "qwen35-weight-only", "bits": 4, "group_size": 64, "head": True}  # before int4 heads
+    assert QuantConfig.from_dict(legacy).head == 8 and QuantConfig.from_dict({**legacy, "head": False}).head == 0
 
 
 def test_quantized_nano_greedy_starts_as_bf16():

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("dst", help="output directory")
     quant.add_argument("--bits", type=int, choices=[8, 4], default=4)
     quant.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=64, help="int4 group along K")
-    quant.add_argument("--head", action="store_true", help="also the LM head / embedding (int8)")
+    quant.add_argument("--head", type=int, nargs="?", const=8, default=0, choices=[8, 4], metavar="BITS",
+                       help="also the LM head / embedding: int8 (--head) or int4 (--head 4, group as --group-size)")
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _model_args(serve, sampling=False)

@@ -22,7 +22,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor,
         y = (full.to(weight.dtype) * weight).sum(-1, keepdim=True)
     else:
         y = F.conv1d(full.to(weight.dtype), weight.unsqueeze(1), groups=x.shape[1])
-    return F.silu(y).to(x.dtype), full[:, :, full.shape[-1] - (width - 1):]
+    # a copy: a view of `full` would keep the whole chunk's input alive in the cache (200 MB at 4B, 512 tokens)
+    return F.silu(y).to(x.dtype), full[:, :, full.shape[-1] - (width - 1):].clone()
 
 
 def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor,

@@ -2,7 +2,8 @@
 
 Layout: the official names, with each quantized weight `X.weight` replaced by `X.qweight` + `X.scales`
 (+ `X.zeros` for int4); routed experts stay per expert. config.json carries
-`"quantization_config": {"quant_method": "qwen35-weight-only", "bits": 4, "group_size": 64, "head": false}`.
+`"quantization_config": {"quant_method": "qwen35-weight-only", "bits": 4, "group_size": 64, "head": 0}` (`head`: the
+bits of the LM head and embedding, 0 for full precision; `true`, written before int4 heads existed, means 8).
 Shards of at most `shard_bytes` keep peak memory near one shard, whatever the model size.
 """
 
@@ -23,8 +24,8 @@ from torch import nn
 from qwen35.config import ModelConfig, load_config
 from qwen35.models import Qwen35Model
 from qwen35.models.qwen3_5 import Experts
-from qwen35.quant.linear import int8_quantize, make_linear
-from qwen35.quant.quantize import Int8Embedding, QuantConfig, QuantExperts, _large, _set, quantize_parts
+from qwen35.quant.linear import StoredTable, make_linear
+from qwen35.quant.quantize import QuantConfig, QuantEmbedding, QuantExperts, _large, _set, quantize_parts
 
 COPIED = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
           "preprocessor_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -77,10 +78,10 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, cfg: QuantConfig, dtyp
                 module = ours.removesuffix(".weight") if ours else None
                 tensor = f.get_tensor(key)
                 if module in targets and ours.endswith(".weight"):
-                    parts = (int8_quantize(tensor, dtype) if module in ("lm_head", "embed_tokens")
-                             else quantize_parts(tensor, cfg, dtype))
+                    table = module in ("lm_head", "embed_tokens")
+                    parts = quantize_parts(tensor, cfg, dtype, cfg.head if table else None)
                     if module == "embed_tokens" and config.tie_word_embeddings:
-                        key = "lm_head.weight"  # tied: the one int8 table serves head and embedding
+                        key = "lm_head.weight"  # tied: the one quantized table serves head and embedding
                     base = key.removesuffix(".weight")
                     for part, t in parts.items():
                         shard[f"{base}.{part}"] = t.contiguous()
@@ -115,19 +116,20 @@ def complete(module: str, parts: dict[str, torch.Tensor]) -> bool:
 def build_quantized(model: Qwen35Model, groups: dict[str, dict[str, torch.Tensor]], cfg: QuantConfig) -> set[str]:
     """Swap the quantized modules of a meta-device model for ones built from stored parts; returns their names."""
 
-    def make(parts: dict[str, torch.Tensor]) -> nn.Module:
-        return make_linear(parts, cfg.group_size)
+    def make(parts: dict[str, torch.Tensor], lookups: bool = False) -> nn.Module:
+        return make_linear(parts, cfg.group_size, lookups)
 
     experts: dict[str, dict[int, dict[str, nn.Module]]] = defaultdict(lambda: defaultdict(dict))
     for name, parts in groups.items():
         if m := _EXPERT.match(name):
             experts[m[1]][int(m[2])][m[3]] = parts
         elif name == "lm_head":
-            model.lm_head = make(parts)
-            if model.config.tie_word_embeddings:
-                model.embed_tokens = Int8Embedding(model.lm_head)
+            tied = model.config.tie_word_embeddings
+            model.lm_head = make(parts, lookups=tied)
+            if tied:
+                model.embed_tokens = QuantEmbedding(model.lm_head)
         elif name == "embed_tokens":
-            model.embed_tokens = Int8Embedding(make(parts))
+            model.embed_tokens = QuantEmbedding(StoredTable(parts, cfg.group_size))
         else:
             _set(model, name, make(parts))
     for prefix, per in experts.items():

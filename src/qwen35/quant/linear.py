@@ -89,13 +89,6 @@ def int4_kernel_layout(qweight: torch.Tensor) -> torch.Tensor:
     return (values[:, :, 0] | (values[:, :, 1] << 4)).reshape(n, half)
 
 
-def int4_kernel_values(packed: torch.Tensor) -> torch.Tensor:
-    """The kernel layout back to (N, K) values in [0, 15]."""
-    n = packed.shape[0]
-    blocks = packed.reshape(n, -1, 64)
-    return torch.stack([blocks & 15, blocks >> 4], dim=2).reshape(n, -1)
-
-
 class Int8Linear(nn.Module):
     """y = x (q * scale)^T with int8 weights per output channel (qwen35's kernel, or `_weight_int8pack_mm`)."""
 
@@ -113,19 +106,23 @@ class Int8Linear(nn.Module):
         elif flat.shape[0] <= GEMV_ROWS:
             out = k.linear_int8(flat.contiguous(), self.qweight, self.scales)
         else:
-            out = tiled_linear(flat, self.out_features, lambda a, b: (
-                self.qweight[a:b].to(x.dtype) * self.scales[a:b, None]))
+            out = tiled_linear(flat, self.out_features, lambda a, b: self.rows(slice(a, b)))
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """Weight rows, dequantized to the scales' dtype (tiles of a prefill product; embedding lookups)."""
+        return self.qweight[index].to(self.scales.dtype) * self.scales[index, None]
 
 
 class Int4Linear(nn.Module):
     """y = x W^T with 4-bit grouped weights, on qwen35's kernel or `aten._weight_int4pack_mm_for_cpu`.
 
     Holds only one kernel's own layout and scale/zero tables, built once from the portable stored parts (which
-    are not kept: no second copy of the weights in memory).
+    are not kept: no second copy of the weights in memory; except a tied embedding's rows on PyTorch's kernel).
     """
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 lookups: bool = False):
         super().__init__()
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
         self.group_size = group_size
@@ -136,8 +133,11 @@ class Int4Linear(nn.Module):
             self.register_buffer("scales", scales.contiguous())
             self.register_buffer("zeros", zeros.contiguous())
         else:
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight), 1))
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight), 1)
+            self.register_buffer("packed", packed)
             self.register_buffer("scales_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous())
+            if lookups:  # PyTorch's packed layout cannot give rows back: a tied embedding keeps the stored parts
+                self.stored = StoredTable({"qweight": qweight, "scales": scales, "zeros": zeros}, group_size)
 
     @staticmethod
     def supports(out_features: int, in_features: int, group_size: int) -> bool:
@@ -152,22 +152,35 @@ class Int4Linear(nn.Module):
         elif k is not None and flat.shape[0] <= GEMV_ROWS:
             out = k.linear_int4(flat.contiguous(), self.packed, self.scales, self.zeros, self.group_size)
         else:
-            out = tiled_linear(flat, self.out_features, lambda a, b: self._rows(k, a, b).to(x.dtype))
+            out = tiled_linear(flat, self.out_features, lambda a, b: self.rows(slice(a, b)).to(x.dtype))
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def _rows(self, k, start: int, end: int) -> torch.Tensor:
-        """Weight rows [start, end), dequantized from the kernel layout (the kernel's, else PyTorch ops)."""
-        packed, scales, zeros = self.packed[start:end], self.scales[start:end], self.zeros[start:end]
-        if k is not None:
-            return k.int4_dequantize(packed, scales, zeros, self.group_size)
-        q = int4_kernel_values(packed).float()
-        n, g = end - start, self.group_size
-        w = (q.reshape(n, -1, g) - 8) * scales[:, :, None].float() + zeros[:, :, None].float()
-        return w.reshape(n, -1)
+    def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """Weight rows, dequantized to the scales' dtype (tiles of a prefill product; embedding lookups)."""
+        if not self.own_kernel:
+            return self.stored.rows(index)
+        parts = (self.packed[index], self.scales[index], self.zeros[index])
+        return kernels().int4_dequantize(*(t.contiguous() for t in parts), self.group_size)
 
 
-def make_linear(parts: dict[str, torch.Tensor], group_size: int) -> nn.Module:
-    """The kernel-backed layer for stored parts (int4 when `zeros` is present)."""
+class StoredTable(nn.Module):
+    """A quantized table kept in the stored form, only ever read by rows (an untied embedding: its memory-mapped
+    parts stay on disk but for the rows looked up)."""
+
+    def __init__(self, parts: dict[str, torch.Tensor], group_size: int):
+        super().__init__()
+        self.group_size = group_size
+        for name, t in parts.items():
+            self.register_buffer(name, t)
+
+    def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
+        parts = {name: t[index] for name, t in self.named_buffers()}
+        return dequantize(parts, self.group_size).to(self.scales.dtype)
+
+
+def make_linear(parts: dict[str, torch.Tensor], group_size: int, lookups: bool = False) -> nn.Module:
+    """The kernel-backed layer for stored parts (int4 when `zeros` is present); `lookups`: its `rows` will be
+    read too (a tied embedding)."""
     if "zeros" in parts:
-        return Int4Linear(parts["qweight"], parts["scales"], parts["zeros"], group_size)
+        return Int4Linear(parts["qweight"], parts["scales"], parts["zeros"], group_size, lookups)
     return Int8Linear(parts["qweight"], parts["scales"])

@@ -2,7 +2,7 @@
 
 Large linears (attention, DeltaNet projections, MLPs, experts) become Int8Linear / Int4Linear; the tiny ones
 (`in_proj_a`, `in_proj_b`, the router, the shared-expert gate), norms, the conv, `A_log` and `dt_bias` stay in
-full precision. Optionally the head and embedding become int8 too (one shared table when they are tied).
+full precision. Optionally the head and embedding become int8 or int4 too (one shared table when they are tied).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.models.qwen3_5 import Experts, Qwen35Model
-from qwen35.quant.linear import Int4Linear, Int8Linear, int4_quantize, int8_quantize, make_linear
+from qwen35.quant.linear import Int4Linear, StoredTable, int4_quantize, int8_quantize, make_linear
 
 SMALL = ("in_proj_a", "in_proj_b", "gate", "shared_expert_gate")  # a handful of outputs: not worth it
 METHOD = "qwen35-weight-only"
@@ -24,13 +24,16 @@ METHOD = "qwen35-weight-only"
 class QuantConfig:
     bits: int = 4
     group_size: int = 64
-    head: bool = False  # also the LM head and the embedding (int8, per row)
+    head: int = 0  # bits of the LM head and the embedding: 0 keeps them full precision (True reads as 8)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise ValueError(f"bits={self.bits} is not supported: use 8 or 4")
         if self.group_size not in (32, 64, 128, 256):
             raise ValueError(f"group_size={self.group_size} is not supported: use 32, 64, 128 or 256")
+        object.__setattr__(self, "head", {True: 8, False: 0}.get(self.head, self.head))  # before: a flag for int8
+        if self.head not in (0, 4, 8):
+            raise ValueError(f"head={self.head!r} is not supported: use 0 (full precision), 8 or 4 bits")
 
     def to_dict(self) -> dict:
         return {"quant_method": METHOD, **asdict(self)}
@@ -40,12 +43,14 @@ class QuantConfig:
         if raw.get("quant_method") != METHOD:
             raise ValueError(f"quantization_config.quant_method={raw.get('quant_method')!r} is not supported: "
                              f"only {METHOD!r} (written by `qwen35 quantize`)")
-        return cls(bits=raw.get("bits", 4), group_size=raw.get("group_size", 64), head=bool(raw.get("head")))
+        return cls(bits=raw.get("bits", 4), group_size=raw.get("group_size", 64), head=raw.get("head") or 0)
 
 
-def quantize_parts(weight: torch.Tensor, cfg: QuantConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One (N, K) weight -> its stored parts; int4 falls back to int8 where the kernel's shape rules fail."""
-    if cfg.bits == 4 and Int4Linear.supports(*weight.shape, cfg.group_size):
+def quantize_parts(weight: torch.Tensor, cfg: QuantConfig, dtype: torch.dtype,
+                   bits: int | None = None) -> dict[str, torch.Tensor]:
+    """One (N, K) weight -> its stored parts at `bits` (default: the body's); int4 falls back to int8 where the
+    kernel's shape rules fail."""
+    if (bits or cfg.bits) == 4 and Int4Linear.supports(*weight.shape, cfg.group_size):
         return int4_quantize(weight, cfg.group_size, dtype)
     return int8_quantize(weight, dtype)
 
@@ -71,19 +76,19 @@ class QuantExperts(nn.Module):
         return out
 
 
-class Int8Embedding(nn.Module):
-    """Rows of an Int8Linear table (the tied head's, or its own): lookup = q[ids] * scale[ids]."""
+class QuantEmbedding(nn.Module):
+    """Lookups in a quantized table: the tied head's (no second copy) or its own `StoredTable`."""
 
-    def __init__(self, table: Int8Linear):
+    def __init__(self, table: nn.Module):
         super().__init__()
         self.table = table
 
     @property
     def weight(self) -> torch.Tensor:  # dtype/device probes only
-        return self.table.scales
+        return next(t for t in self.table.buffers() if t.is_floating_point())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.table.qweight[ids].to(self.table.scales.dtype) * self.table.scales[ids, None]
+        return self.table.rows(ids.reshape(-1)).view(*ids.shape, -1)
 
 
 def _large(name: str, module: nn.Module) -> bool:
@@ -96,7 +101,7 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def quantize(model, bits: int = 4, group_size: int = 64, head: bool = False):
+def quantize(model, bits: int = 4, group_size: int = 64, head: int | bool = 0):
     """Quantize a `Qwen35Model` (or the `qwen35.load` handle holding one) in place and return it."""
     if not isinstance(model, Qwen35Model):
         quantize(model.model, bits, group_size, head)
@@ -109,12 +114,10 @@ def quantize(model, bits: int = 4, group_size: int = 64, head: bool = False):
         elif isinstance(module, Experts):
             _set(model, name, QuantExperts([quantize_weight(w, cfg, dtype) for w in module.gate_up_proj],
                                            [quantize_weight(w, cfg, dtype) for w in module.down_proj]))
-    if head:
-        table = make_linear(int8_quantize(model.lm_head.weight, dtype), cfg.group_size)
-        model.lm_head = table
-        if model.config.tie_word_embeddings:
-            model.embed_tokens = Int8Embedding(table)
-        else:
-            model.embed_tokens = Int8Embedding(make_linear(int8_quantize(model.embed_tokens.weight, dtype), 0))
+    if cfg.head:
+        tied = model.config.tie_word_embeddings
+        model.lm_head = make_linear(quantize_parts(model.lm_head.weight, cfg, dtype, cfg.head), group_size, tied)
+        model.embed_tokens = QuantEmbedding(model.lm_head if tied else StoredTable(
+            quantize_parts(model.embed_tokens.weight, cfg, dtype, cfg.head), group_size))
     model.quantization = cfg
     return model
