@@ -63,9 +63,14 @@ def qwen35_worker(ckpt: Path, variant: str, args: argparse.Namespace) -> dict:
                             *QUANTIZE[variant]], check=True)
         ckpt = qdir
     start = time.perf_counter()
-    m = qwen35.load(ckpt, dtype="bfloat16", device="cpu")
+    m = qwen35.load(ckpt, dtype="bfloat16", device="cpu", compile=args.compile)
     load_s = time.perf_counter() - start
     model = m.model
+    if args.compile:  # compile before measuring: the first decode steps pay it
+        with torch.inference_mode():
+            cache = make_cache(model.config)
+            prefill(model, torch.tensor([[1, 2]]), cache)
+            model(torch.tensor([[3]]), cache)
 
     def run_prefill(n: int) -> float:
         ids = torch.randint(1000, 200000, (1, n), generator=torch.Generator().manual_seed(n))
@@ -263,7 +268,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def run_one(engine: str, size: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, size, "--cache", args.cache, "--threads", str(args.threads),
-           "--decode", str(args.decode), "--prefill", ",".join(map(str, args.prefill))]
+           "--decode", str(args.decode), "--prefill", ",".join(map(str, args.prefill))] + ["--compile"] * args.compile
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -283,6 +288,7 @@ def main() -> None:
     p.add_argument("--prefill", default="512,4096", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "qwen35-bench"))
+    p.add_argument("--compile", action="store_true", help="qwen35 engines decode through torch.compile")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
