@@ -6,8 +6,8 @@ to first token of a 512-token prompt, decode tok/s over 128 tokens (EOS ignored)
 generating: the 512-token prompt and its 128 tokens, run first after loading), and achieved weight
 bandwidth (weight bytes read per token x decode tok/s) as a share of the read bandwidth measured by the same
 process right after its decode (this machine's bandwidth drifts by tens of percent between minutes).
-Engines: qwen35 bf16 / int8 / int4 (g64, int8 head) / int4h4 (int4 head too), transformers bf16 (same
-checkpoint), and llama.cpp through llama-cpp-python (`make bench` builds it from source) on the same checkpoint converted by
+Engines: qwen35 bf16 / int8 / int4 (g64, int8 head) / int4h4 (int4 head too), transformers bf16 (same checkpoint),
+and llama.cpp through llama-cpp-python (`make bench` builds it from source) on the same checkpoint converted by
 llama.cpp's own converter to F16, then quantized to Q8_0 / Q4_0. Same thread count everywhere. Prints a table, then one JSON line.
 
     python benchmarks/bench_cpu.py --sizes 0.8B --engines all
@@ -63,14 +63,9 @@ def qwen35_worker(ckpt: Path, variant: str, args: argparse.Namespace) -> dict:
                             *QUANTIZE[variant]], check=True)
         ckpt = qdir
     start = time.perf_counter()
-    m = qwen35.load(ckpt, dtype="bfloat16", device="cpu", compile=args.compile)
+    m = qwen35.load(ckpt, dtype="bfloat16", device="cpu")
     load_s = time.perf_counter() - start
     model = m.model
-    if args.compile:  # compile before measuring: the first decode steps pay it
-        with torch.inference_mode():
-            cache = make_cache(model.config)
-            prefill(model, torch.tensor([[1, 2]]), cache)
-            model(torch.tensor([[3]]), cache)
 
     def run_prefill(n: int) -> float:
         ids = torch.randint(1000, 200000, (1, n), generator=torch.Generator().manual_seed(n))
@@ -268,7 +263,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def run_one(engine: str, size: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, size, "--cache", args.cache, "--threads", str(args.threads),
-           "--decode", str(args.decode), "--prefill", ",".join(map(str, args.prefill))] + ["--compile"] * args.compile
+           "--decode", str(args.decode), "--prefill", ",".join(map(str, args.prefill))]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -288,7 +283,6 @@ def main() -> None:
     p.add_argument("--prefill", default="512,4096", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "qwen35-bench"))
-    p.add_argument("--compile", action="store_true", help="qwen35 engines decode through torch.compile")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

@@ -21,14 +21,10 @@ SAMPLING_FLAGS = {  # flag -> (SamplingParams field, type, help)
 }
 
 
-def _model_args(p: argparse.ArgumentParser, sampling: bool = True, runs: bool = True) -> None:
+def _model_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
     p.add_argument("-m", "--model", help="checkpoint directory or Hugging Face repo id (default: the built-in model)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    if runs:
-        p.add_argument("--compile", action="store_true",
-                       help="decode through torch.compile: helps where qwen35's CPU kernels cannot run; "
-                            "the first reply waits ~30 s for the compilation")
     if sampling:
         group = p.add_argument_group("sampling (defaults come from the checkpoint's generation_config.json)")
         for flag, (dest, kind, text) in SAMPLING_FLAGS.items():
@@ -62,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="text to continue ('-' reads standard input)")
 
     info = sub.add_parser("info", help="layer pattern, parameters, memory estimates of a model")
-    _model_args(info, sampling=False, runs=False)
+    _model_args(info, sampling=False)
 
     quant = sub.add_parser("quantize", help="write an int8 / int4 weight-only copy of a checkpoint")
     quant.add_argument("src", help="checkpoint directory or Hugging Face repo id")
@@ -95,7 +91,7 @@ def load_for(args: argparse.Namespace, console: Console):
     from qwen35.api import load
 
     with console.status(f"Loading {args.model or 'the built-in default model'}…", spinner="dots"):
-        return load(args.model, dtype=args.dtype, device=args.device, compile=args.compile)
+        return load(args.model, dtype=args.dtype, device=args.device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -60,5 +60,5 @@ def run_serve(args: argparse.Namespace, console: Console) -> None:
     from qwen35.api import load
     from qwen35.server.serve import serve
 
-    serve(settings_from_args(args), lambda: load(args.model, args.dtype, args.device, compile=args.compile), console,
+    serve(settings_from_args(args), lambda: load(args.model, dtype=args.dtype, device=args.device), console,
           verbose=args.verbose)

@@ -243,17 +243,6 @@ class Qwen35Model(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.decode_layers = self.run_layers  # one token per sequence: `compile_decode` swaps in a compiled one
-
-    def compile_decode(self) -> None:
-        """Decode steps through torch.compile (`dynamic`: one graph as the cache grows): fewer Python and
-        dispatch costs per token; the first steps pay the compilation. Prefill stays eager."""
-        self.decode_layers = torch.compile(self.run_layers, dynamic=True)
-
-    def run_layers(self, x: torch.Tensor, rope, attn_mask, pad_mask, cache: ModelCache | None) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, attn_mask, pad_mask, cache.layers[i] if cache is not None else None)
-        return x
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, H); image features (n, H) replace the `<|image_pad|>` tokens, in order."""
@@ -292,8 +281,8 @@ class Qwen35Model(nn.Module):
 
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         rope = rotary_cos_sin(self.config, position_ids, x.dtype)
-        run = self.decode_layers if t == 1 and cache is not None else self.run_layers
-        x = run(x, rope, attn_mask, pad_mask, cache)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, attn_mask, pad_mask, cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.seen = seen + real.sum(1)
             cache.valid = valid
