@@ -68,7 +68,8 @@ def main() -> None:
         same = [_common_prefix(_greedy(base, model, p, args.tokens), r) for p, r in zip(prompts, ref_greedy)]
         results[name] = {"ppl": math.exp(nll / (count - len(docs))), "mean_kl": kl / count,
                          "decode_ppl": math.exp(step_nll / (step_count - min(len(docs), args.decode_docs))),
-                         "decode_mean_kl": step_kl / step_count, "greedy_same_min": min(same), "greedy_same_mean": sum(same) / len(same),
+                         "decode_mean_kl": step_kl / step_count, "greedy_same_min": min(same),
+                         "greedy_same_mean": sum(same) / len(same),
                          "weights_mb": _weight_mb(model)}
     bf16, bf16_decode = results["bf16"]["ppl"], results["bf16"]["decode_ppl"]
     same = f"greedy same (min/mean of {args.tokens})"

@@ -73,7 +73,8 @@ def test_int8_activation_rounding():
     assert got[0, 32].item() == 1.0 and abs(got[0, 33].item() + 0.5) <= 1 / 254 and got[0, 64].item() == 3.0
 
 
-@pytest.mark.parametrize("b, hq, hkv, s, d", [(1, 8, 2, 80, 256), (2, 8, 2, 33, 256), (1, 4, 4, 5, 64), (3, 6, 2, 17, 96)])
+@pytest.mark.parametrize("b, hq, hkv, s, d",
+                         [(1, 8, 2, 80, 256), (2, 8, 2, 33, 256), (1, 4, 4, 5, 64), (3, 6, 2, 17, 96)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_decode_matches_sdpa(b, hq, hkv, s, d, masked):
     g = torch.Generator().manual_seed(s + d)

@@ -99,7 +99,8 @@ def test_image_sources_agree(checkpoint, monkeypatch):
     m = qwen35.load(path, dtype="float32")
     data = "data:image/png;base64," + base64.b64encode((path / "cat.png").read_bytes()).decode()
     replies = []
-    for part in ({"type": "image", "image": Image.open(path / "cat.png")}, {"type": "image", "image": str(path / "cat.png")},
+    for part in ({"type": "image", "image": Image.open(path / "cat.png")},
+                 {"type": "image", "image": str(path / "cat.png")},
                  {"type": "image_url", "image_url": {"url": data}}):
         messages = [{"role": "user", "content": [part, {"type": "text", "text": "Describe."}]}]
         replies.append(m.chat(messages, temperature=0, max_tokens=6, ignore_eos=True))
