@@ -64,7 +64,7 @@ def qwen35_worker(ckpt: Path, variant: str, args: argparse.Namespace) -> dict:
                             *QUANTIZE[variant]], check=True)
         ckpt = qdir
     start = time.perf_counter()
-    m = qwen35.load(ckpt, dtype="bfloat16", device="cpu")
+    m = qwen35.load(ckpt, dtype="bfloat16", device="cpu", compile=args.compile)
     load_s = time.perf_counter() - start
     model = m.model
 
@@ -264,7 +264,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def run_one(engine: str, size: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, size, "--cache", args.cache, "--threads", str(args.threads),
-           "--decode", str(args.decode), "--prefill", ",".join(map(str, args.prefill))]
+           "--decode", str(args.decode), "--prefill", ",".join(map(str, args.prefill))] + ["--compile"] * args.compile
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -284,6 +284,7 @@ def main() -> None:
     p.add_argument("--prefill", default="512,4096", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "qwen35-bench"))
+    p.add_argument("--compile", action="store_true", help="qwen35 engines decode through torch.compile")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

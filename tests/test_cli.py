@@ -52,6 +52,14 @@ def test_one_shot_chat_prints_a_reply_and_exits(run):
     assert out.stdout.strip()
 
 
+@pytest.mark.slow
+def test_generate_compiled_reads_as_eager(run):
+    args = ("generate", "Once upon a time", "--temperature", "0", "--max-tokens", "8", "--dtype", "float32")
+    eager, compiled = run(*args), run(*args, "--compile", timeout=300)
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout and eager.stdout.strip()
+
+
 def test_generate_is_greedy_reproducible(run):
     a = run("generate", "Once upon a time", "--temperature", "0", "--max-tokens", "8")
     b = run("generate", "Once upon a time", "--temperature", "0", "--max-tokens", "8")

@@ -147,8 +147,13 @@ class Qwen35:
 
 
 def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfloat16", device: str | None = None,
-         progress: Callable[[int, int], None] | None = None) -> Qwen35:
-    """Load a checkpoint directory or Hugging Face repo id; None loads the built-in default model."""
+         progress: Callable[[int, int], None] | None = None, compile: bool = False) -> Qwen35:
+    """Load a checkpoint directory or Hugging Face repo id; None loads the built-in default model.
+
+    `compile`: decode steps through torch.compile, compiled here (about a minute); measured to help where
+    qwen35's CPU kernels cannot run (PyTorch's kernels: +15-25% decode at 0.8B), not beside them
+    (docs/benchmarks.md). A batch of several or padded sequences compiles a second graph when first seen.
+    """
     if path_or_repo is None:
         from qwen35.default_model import default_model_path
         path = default_model_path()
@@ -163,6 +168,8 @@ def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfl
     release_freed_memory()
     model = load_model(path, dtype=dtype, device=device, progress=progress)
     release_freed_memory()
+    if compile:
+        model.compile_decode()
     vision = available_vision(path)
     processor = ImageProcessor.from_config(preprocessor_config(path), vision) if vision else None
     tower = (lambda: load_vision(path, dtype=dtype, device=device)) if vision else None

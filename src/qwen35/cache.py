@@ -30,18 +30,24 @@ class KVCache:
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's K/V (B, Hkv, T, hd) and return views of the whole history."""
+        self.reserve(k.shape[2], k[:, 0, 0], k.shape[1], k.shape[3])
         end = self.length + k.shape[2]
-        if self.k is None or end > self.k.shape[2]:
-            capacity = max(end, 2 * self.length, 256)
-            grown_k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
-            grown_v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
-            if self.k is not None:
-                grown_k[:, :, : self.length] = self.k[:, :, : self.length]
-                grown_v[:, :, : self.length] = self.v[:, :, : self.length]
-            self.k, self.v = grown_k, grown_v
         self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reserve(self, n: int, like: torch.Tensor, heads: int, head_dim: int) -> None:
+        """Room for n more slots, and always one spare: a compiled decode step then never grows the buffers nor
+        sees them exactly full (either would re-specialise its graph). `like` (B, ...): batch, dtype, device."""
+        end = self.length + n
+        if self.k is not None and end < self.k.shape[2]:
+            return
+        shape = (like.shape[0], heads, max(end + 1, 2 * self.length, 256), head_dim)
+        grown_k, grown_v = like.new_empty(shape), like.new_empty(shape)
+        if self.k is not None:
+            grown_k[:, :, : self.length] = self.k[:, :, : self.length]
+            grown_v[:, :, : self.length] = self.v[:, :, : self.length]
+        self.k, self.v = grown_k, grown_v
 
     def nbytes(self) -> int:
         """Bytes of the filled slots."""
@@ -75,6 +81,12 @@ class ModelCache:
     def length(self) -> int:
         """Slots consumed (pads included); the same for every sequence of the batch."""
         return self.valid.shape[1]
+
+    def reserve(self, n: int, like: torch.Tensor, heads: int, head_dim: int) -> None:
+        """Room for n more tokens in every K/V buffer (see `KVCache.reserve`)."""
+        for layer in self.layers:
+            if isinstance(layer, KVCache):
+                layer.reserve(n, like, heads, head_dim)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.cache import DeltaCache, KVCache, ModelCache
+from qwen35.cache import DeltaCache, KVCache, ModelCache, make_cache
 from qwen35.config import ModelConfig
 from qwen35.ops import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
-from qwen35.ops.cpu import Linear, attention_decode, deltanet_decode, fast_path, rms_norm
+from qwen35.ops.cpu import Linear, attention_decode, deltanet_decode, fast_path, prepare_compile, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -243,6 +243,26 @@ class Qwen35Model(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.decode_layers = self.run_layers  # one token per sequence: `compile_decode` swaps in a compiled one
+
+    def compile_decode(self) -> None:
+        """Decode steps through torch.compile, compiled now (about a minute): fewer Python and dispatch costs
+        per token. `dynamic`: one graph however long the cache grows; a batch of several sequences, or padded
+        ones, compiles a second graph when first seen. Prefill stays eager."""
+        prepare_compile()
+        self.decode_layers = torch.compile(self.run_layers, dynamic=True)
+        device = self.norm.weight.device
+        with torch.inference_mode():
+            cache, ids = make_cache(self.config, device=device), torch.arange(1, 6, device=device)[None]
+            # sizes no model dimension has: the tracer would take a length or capacity that equals one for it
+            cache.reserve(300, self.embed_tokens(ids), self.config.num_key_value_heads, self.config.head_dim)
+            self(ids, cache)
+            self(ids[:, :1], cache)
+
+    def run_layers(self, x: torch.Tensor, rope, attn_mask, pad_mask, cache: ModelCache | None) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, attn_mask, pad_mask, cache.layers[i] if cache is not None else None)
+        return x
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, H); image features (n, H) replace the `<|image_pad|>` tokens, in order."""
@@ -281,8 +301,11 @@ class Qwen35Model(nn.Module):
 
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         rope = rotary_cos_sin(self.config, position_ids, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, attn_mask, pad_mask, cache.layers[i] if cache is not None else None)
+        run = self.run_layers
+        if t == 1 and cache is not None:  # grown here, not inside a compiled decode step
+            cache.reserve(t, x, self.config.num_key_value_heads, self.config.head_dim)
+            run = self.decode_layers
+        x = run(x, rope, attn_mask, pad_mask, cache)
         if cache is not None:
             cache.seen = seen + real.sum(1)
             cache.valid = valid

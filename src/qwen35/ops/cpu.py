@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 SOURCES = Path(__file__).with_name("kernels")
@@ -59,7 +59,56 @@ def kernels() -> ModuleType | None:
     except Exception as e:  # a missing compiler or ninja: fall back, say why  # noqa: BLE001
         log.warning("qwen35 CPU kernels could not be built (%s); using PyTorch's kernels", e)
         return None
-    return module if module.available() else None
+    if not module.available():
+        return None
+    _register_ops(module)
+    return module
+
+
+def has_kernels() -> bool:
+    """Whether the kernels run here; `prepare_compile` makes it a constant to torch.compile (which cannot trace
+    the build)."""
+    return kernels() is not None
+
+
+def prepare_compile() -> None:
+    """Before torch.compile traces the model: marked here, not at import, because marking imports torch._dynamo
+    (~70 MB and a second of import that eager use never needs)."""
+    torch.compiler.assume_constant_result(has_kernels)  # sets a flag on the function itself
+
+
+def _register_ops(module: ModuleType) -> None:
+    """The kernels as PyTorch operators (`torch.ops.qwen35.*`) with shape-only fakes, so torch.compile traces
+    through them; eager calls go straight to the extension (no dispatcher cost)."""
+
+    def define(fake, mutates: tuple[str, ...] = ()) -> None:
+        schema = torch.library.infer_schema(fake, mutates_args=mutates)
+        name = fake.__name__
+        torch.library.custom_op(f"qwen35::{name}", getattr(module, name), mutates_args=mutates,
+                                schema=schema).register_fake(fake)
+
+    def linear_bf16(x: Tensor, w: Tensor) -> Tensor:
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    def linear_int8(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+        return x.new_empty(x.shape[0], q.shape[0])
+
+    def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, G: int) -> Tensor:
+        return x.new_empty(x.shape[0], packed.shape[0])
+
+    def rms_norm(x: Tensor, w: Tensor, eps: float, offset: float) -> Tensor:
+        return torch.empty_like(x)
+
+    def deltanet_decode(qkv: Tensor, z: Tensor, b: Tensor, a: Tensor, conv_state: Tensor, conv_w: Tensor,
+                        A_log: Tensor, dt_bias: Tensor, state: Tensor, norm_w: Tensor, eps: float) -> Tensor:
+        return torch.empty_like(z)
+
+    def attention_decode(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scale: float) -> Tensor:
+        return torch.empty_like(q)
+
+    for fake in (linear_bf16, linear_int8, linear_int4, rms_norm, attention_decode):
+        define(fake)
+    define(deltanet_decode, ("conv_state", "state"))
 
 
 def build_dir() -> Path:
@@ -86,9 +135,12 @@ def _cpu_flags() -> set[str]:
 
 
 def fast_path(x: torch.Tensor) -> ModuleType | None:
-    """The kernels, if this activation may use them: bf16 on the CPU, inference (no autograd graph)."""
+    """The kernels, if this activation may use them: bf16 on the CPU, inference (no autograd graph).
+    Under torch.compile, the same functions as registered operators."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
         return None
+    if torch.compiler.is_compiling():
+        return torch.ops.qwen35 if has_kernels() else None
     return kernels()
 
 
