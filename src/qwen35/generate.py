@@ -11,11 +11,12 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from qwen35.cache import ModelCache, make_cache
+from qwen35.config import ModelConfig
 from qwen35.models import Qwen35Model
 from qwen35.models.vision import ImageInputs
 from qwen35.sampling import SamplingParams, sample
 
-PREFILL_CHUNK = 512  # prompt tokens per forward during prefill: bounds activation memory on long prompts
+PREFILL_ACTIVATIONS = 1 << 20  # prompt tokens x hidden size per prefill forward: bounds activation memory
 
 
 def prefill_chunk(model: Qwen35Model, ids: torch.Tensor, cache: ModelCache, start: int, end: int,
@@ -38,9 +39,21 @@ def prefill_chunk(model: Qwen35Model, ids: torch.Tensor, cache: ModelCache, star
     return logits
 
 
-def prefill(model: Qwen35Model, ids: torch.Tensor, cache: ModelCache, chunk: int = PREFILL_CHUNK,
+def prefill_chunk_size(config: ModelConfig) -> int:
+    """512 prompt tokens per forward, halved until tokens x hidden size fits PREFILL_ACTIVATIONS: 512 at 0.8B
+    and 2B, 256 at 4B and 9B (measured at 4B int4: peak RSS 0.07 GB lower, prefill speed within the noise;
+    at 0.8B, 256 was 4% slower over 4096 tokens)."""
+    chunk = 512
+    while chunk > 64 and chunk * config.hidden_size > PREFILL_ACTIVATIONS:
+        chunk //= 2
+    return chunk
+
+
+def prefill(model: Qwen35Model, ids: torch.Tensor, cache: ModelCache, chunk: int | None = None,
             images: ImageInputs | None = None) -> torch.Tensor:
-    """Feed prompt ids (B, T) into the cache in chunks; returns the last position's logits (B, V)."""
+    """Feed prompt ids (B, T) into the cache in chunks (default: `prefill_chunk_size`); returns the last
+    position's logits (B, V)."""
+    chunk = chunk or prefill_chunk_size(model.config)
     logits = None
     for start in range(0, ids.shape[1], chunk):
         logits = prefill_chunk(model, ids, cache, start, start + chunk, images)

@@ -66,17 +66,21 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state: torch.Tensor | None = None,
     k_beta = k * beta[..., None]
     a = (k_beta @ k.transpose(-1, -2)) * decay  # read as I + A: the solver takes the strict lower part, unit diagonal
     rhs = torch.cat([v * beta[..., None], k_beta * cum.exp()[..., None]], dim=-1)
+    del v, k_beta  # here and below: each (B, H, T, d) fp32 temporary goes as soon as it is used (prefill memory)
     u, w = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True).split([dv, dk], dim=-1)
+    del a, rhs
     scores = (q @ k.transpose(-1, -2)) * decay  # diagonal included
+    del decay
     q_decayed = q * cum.exp()[..., None]
     k_to_end = k * (cum[..., -1:] - cum).exp()[..., None]
+    del q, k
     chunk_decay = cum[..., -1].exp()[..., None, None]  # (B, H, N, 1, 1)
 
-    s = q.new_zeros(b, h, dk, dv) if state is None else state.float()
-    outs = []
+    s = u.new_zeros(b, h, dk, dv) if state is None else state.float()
+    out = u.new_empty(b, h, n, chunk_size, dv)
     for i in range(n):
         v_new = u[:, :, i] - w[:, :, i] @ s
-        outs.append(q_decayed[:, :, i] @ s + scores[:, :, i] @ v_new)
+        out[:, :, i] = q_decayed[:, :, i] @ s + scores[:, :, i] @ v_new
         s = s * chunk_decay[:, :, i] + k_to_end[:, :, i].transpose(-1, -2) @ v_new
-    out = torch.stack(outs, dim=2).reshape(b, h, n * chunk_size, dv)[:, :, :t]
+    out = out.reshape(b, h, n * chunk_size, dv)[:, :, :t]
     return out.transpose(1, 2).to(out_dtype), s

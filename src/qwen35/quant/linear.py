@@ -111,7 +111,9 @@ class Int8Linear(nn.Module):
 
     def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
         """Weight rows, dequantized to the scales' dtype (tiles of a prefill product; embedding lookups)."""
-        return self.qweight[index].to(self.scales.dtype) * self.scales[index, None]
+        q, scales = self.qweight[index], self.scales[index]
+        k = kernels() if scales.dtype == torch.bfloat16 and q.device.type == "cpu" else None
+        return q.to(scales.dtype) * scales[:, None] if k is None else k.int8_dequantize(q.contiguous(), scales)
 
 
 class Int4Linear(nn.Module):

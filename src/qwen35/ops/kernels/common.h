@@ -64,6 +64,7 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                           const torch::Tensor& zeros, int64_t G);
+torch::Tensor int8_dequantize(const torch::Tensor& q, const torch::Tensor& scales);
 torch::Tensor int4_dequantize(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& zeros,
                               int64_t G);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps, double offset);

@@ -204,6 +204,38 @@ void dispatch_shape(int mb, int r, F&& f) {
   }
 }
 
+// One weight row from the int4 kernel layout (see int4_rows) to bf16, rounded as the reference computes it:
+// w = (q - 8) * scale + zero, a product then a sum (no fused multiply-add), then to nearest-even bf16.
+void int4_row_to_bf16(const uint8_t* p, const bf16* s, const bf16* z, int64_t K, int64_t G, bf16* w) {
+  const __m512 eight = _mm512_set1_ps(8.0f);
+  const __m512i nibble = _mm512_set1_epi8(15);
+  alignas(64) uint8_t q[128];
+  for (int64_t block = 0; block < K / 128; ++block) {
+    const __m512i bytes = _mm512_loadu_si512(p + block * 64);
+    _mm512_store_si512(q, _mm512_and_si512(bytes, nibble));  // columns 0-63 of the block
+    _mm512_store_si512(q + 64, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble));  // columns 64-127
+    for (int j = 0; j < 8; ++j) {  // 16 columns at a time, always inside one group (G >= 32)
+      const int64_t c = block * 128 + 16 * j, g = c / G;
+      const __m128i q16 = _mm_load_si128(reinterpret_cast<const __m128i*>(q + 16 * j));
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q16));
+      const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, eight), _mm512_set1_ps(static_cast<float>(s[g])));
+      const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(scaled, _mm512_set1_ps(static_cast<float>(z[g]))));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + c), reinterpret_cast<const __m256i&>(out));
+    }
+  }
+}
+
+// One int8 weight row to bf16: q * scale rounded once, as PyTorch's bf16 product of the two.
+void int8_row_to_bf16(const int8_t* q, float scale, int64_t K, bf16* w) {
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? 0xFFFF : (1u << (K - k)) - 1;
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + k)));
+    const __m256bh out = _mm512_cvtneps_pbh(_mm512_mul_ps(v, s));
+    _mm256_mask_storeu_epi16(w + k, mask, reinterpret_cast<const __m256i&>(out));
+  }
+}
+
 #endif  // QWEN35_AVX512
 
 }  // namespace
@@ -308,24 +340,40 @@ torch::Tensor int4_dequantize(const torch::Tensor& packed, const torch::Tensor& 
   check(scales, at::kBFloat16, 2, "scales");
   check(zeros, at::kBFloat16, 2, "zeros");
   const int64_t N = packed.size(0), K = packed.size(1) * 2, groups = K / G;
-  TORCH_CHECK(K % 128 == 0 && K % G == 0 && scales.size(0) == N && scales.size(1) == groups &&
+  TORCH_CHECK(K % 128 == 0 && G % 16 == 0 && K % G == 0 && scales.size(0) == N && scales.size(1) == groups &&
               zeros.sizes() == scales.sizes(), "shapes do not match");
   auto w = torch::empty({N, K}, scales.options());
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const bf16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
   bf16* wp = w.data_ptr<at::BFloat16>();
+#ifdef QWEN35_AVX512
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
-      for (int64_t p = 0; p < K / 2; ++p) {  // byte p of the row (see int4_rows)
-        const int64_t col = p / 64 * 128 + p % 64;
-        const uint8_t byte = pp[n * (K / 2) + p];
-        for (int half = 0; half < 2; ++half) {
-          const int64_t c = col + 64 * half, g = n * groups + c / G;
-          const float q = static_cast<float>(half ? byte >> 4 : byte & 15);
-          wp[n * K + c] = bf16((q - 8.0f) * static_cast<float>(sp[g]) + static_cast<float>(zp[g]));
-        }
-      }
+      int4_row_to_bf16(pp + n * (K / 2), sp + n * groups, zp + n * groups, K, G, wp + n * K);
   });
+#else
+  TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16 and VNNI");
+#endif
+  return w;
+}
+
+// W (N, K) in bf16 from int8 rows and their scales (prefill tiles, embedding lookups), as `int4_dequantize`.
+torch::Tensor int8_dequantize(const torch::Tensor& q, const torch::Tensor& scales) {
+  check(q, at::kChar, 2, "qweight");
+  check(scales, at::kBFloat16, 1, "scales");
+  TORCH_CHECK(scales.size(0) == q.size(0), "shapes do not match");
+  const int64_t N = q.size(0), K = q.size(1);
+  auto w = torch::empty({N, K}, scales.options());
+#ifdef QWEN35_AVX512
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const bf16* sp = scales.data_ptr<at::BFloat16>();
+  bf16* wp = w.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) int8_row_to_bf16(qp + n * K, static_cast<float>(sp[n]), K, wp + n * K);
+  });
+#else
+  TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16 and VNNI");
+#endif
   return w;
 }
 

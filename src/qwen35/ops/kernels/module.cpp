@@ -6,6 +6,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &qwen35::linear_bf16);
   m.def("linear_int8", &qwen35::linear_int8);
   m.def("linear_int4", &qwen35::linear_int4);
+  m.def("int8_dequantize", &qwen35::int8_dequantize);
   m.def("int4_dequantize", &qwen35::int4_dequantize);
   m.def("rms_norm", &qwen35::rms_norm);
   m.def("deltanet_decode", &qwen35::deltanet_decode);
