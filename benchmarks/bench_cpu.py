@@ -6,7 +6,8 @@ to first token of a 512-token prompt, decode tok/s over 128 tokens (EOS ignored)
 generating: the 512-token prompt and its 128 tokens, run first after loading), and achieved weight
 bandwidth (weight bytes read per token x decode tok/s) as a share of the read bandwidth measured by the same
 process right after its decode (this machine's bandwidth drifts by tens of percent between minutes).
-Engines: qwen35 bf16 / int8 / int4 (g64, int8 head) / int4h4 (int4 head too), transformers bf16 (same
+Engines: qwen35 bf16 / int8 / int4 (g64, int8 head) / int4h4 (int4 head too) / int4g128h4 (groups of 128,
+int4 head; only when named), transformers bf16 (same
 checkpoint), and llama.cpp through llama-cpp-python (`make bench` builds it from source) on the same checkpoint
 converted by llama.cpp's own converter to F16, then quantized to Q8_0 / Q4_0. Same thread count everywhere.
 Prints a table, then one JSON line.
@@ -27,9 +28,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ENGINES = ["qwen35-bf16", "qwen35-int8", "qwen35-int4", "qwen35-int4h4", "transformers-bf16", "llama-F16",
-           "llama-Q8_0", "llama-Q4_0"]
+           "llama-Q8_0", "llama-Q4_0"]  # `--engines all`; qwen35-int4g128h4 runs when named
 QUANTIZE = {"int8": ["--bits", "8", "--head"], "int4": ["--bits", "4", "--head"],  # int8 head and embedding
-            "int4h4": ["--bits", "4", "--head", "4"]}  # int4 head: the smallest (quality: quant_quality.py)
+            "int4h4": ["--bits", "4", "--head", "4"],  # int4 head: the smallest (quality: quant_quality.py)
+            "int4g128h4": ["--bits", "4", "--group-size", "128", "--head", "4"]}  # half the scales and zeros
 LLAMA_SRC = "llama-cpp-python==0.3.36"
 
 
@@ -279,7 +281,7 @@ def run_one(engine: str, size: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="0.8B", help="comma list of 0.8B,2B,4B,9B")
-    p.add_argument("--engines", default="all", help=f"comma list of {','.join(ENGINES)}, or all")
+    p.add_argument("--engines", default="all", help=f"comma list of {','.join(ENGINES)}, qwen35-int4g128h4, or all")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--prefill", default="512,4096", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--decode", type=int, default=128)

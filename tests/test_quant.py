@@ -126,8 +126,9 @@ def test_bad_quantization_config_is_a_clear_error(reference_checkpoint, tmp_path
         load_model(dst)
     with pytest.raises(ValueError, match="bits=3"):
         QuantConfig(bits=3)
-    with pytest.raises(ValueError, match="head=6 is not supported"):
-        QuantConfig(head=6)
+    for head in (6, 1):  # 1 is not a bit width, though it equals True
+        with pytest.raises(ValueError, match=f"head={head} is not supported"):
+            QuantConfig(head=head)
     legacy = {"quant_method": "qwen35-weight-only", "bits": 4, "group_size": 64, "head": True}  # before int4 heads
     assert QuantConfig.from_dict(legacy).head == 8 and QuantConfig.from_dict({**legacy, "head": False}).head == 0
 

@@ -31,7 +31,8 @@ class QuantConfig:
             raise ValueError(f"bits={self.bits} is not supported: use 8 or 4")
         if self.group_size not in (32, 64, 128, 256):
             raise ValueError(f"group_size={self.group_size} is not supported: use 32, 64, 128 or 256")
-        object.__setattr__(self, "head", {True: 8, False: 0}.get(self.head, self.head))  # before: a flag for int8
+        if isinstance(self.head, bool):  # older checkpoints: a flag for int8 (checked by type: 1 == True)
+            object.__setattr__(self, "head", 8 if self.head else 0)
         if self.head not in (0, 4, 8):
             raise ValueError(f"head={self.head!r} is not supported: use 0 (full precision), 8 or 4 bits")
 

@@ -214,7 +214,7 @@ void int4_row_to_bf16(const uint8_t* p, const bf16* s, const bf16* z, int64_t K,
     const __m512i bytes = _mm512_loadu_si512(p + block * 64);
     _mm512_store_si512(q, _mm512_and_si512(bytes, nibble));  // columns 0-63 of the block
     _mm512_store_si512(q + 64, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble));  // columns 64-127
-    for (int j = 0; j < 8; ++j) {  // 16 columns at a time, always inside one group (G >= 32)
+    for (int j = 0; j < 8; ++j) {  // 16 columns at a time, inside one group (G is a multiple of 16)
       const int64_t c = block * 128 + 16 * j, g = c / G;
       const __m128i q16 = _mm_load_si128(reinterpret_cast<const __m128i*>(q + 16 * j));
       const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q16));
