@@ -14,11 +14,12 @@ from qwen35.loading import load_model
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("bfloat16", 0.1)])
-def test_compiled_decode_matches_eager(reference_checkpoint, dtype, tol):
+@pytest.mark.parametrize("name, dtype, tol", [("dense-gqa4", "float32", 1e-4), ("dense-gqa4", "bfloat16", 0.1),
+                                             ("moe-untied", "bfloat16", 0.1)])
+def test_compiled_decode_matches_eager(reference_checkpoint, name, dtype, tol):
     from torch._dynamo.utils import counters
 
-    model = load_model(reference_checkpoint("dense-gqa4")[0], dtype=dtype)
+    model = load_model(reference_checkpoint(name)[0], dtype=dtype)
     ids = torch.randint(0, 200, (1, 250), generator=torch.Generator().manual_seed(0))
 
     def decode(steps: int = 8) -> list[torch.Tensor]:
@@ -34,8 +35,10 @@ def test_compiled_decode_matches_eager(reference_checkpoint, dtype, tol):
     torch._dynamo.reset()
     counters.clear()
     model.compile_decode()
+    graphs = counters["stats"]["unique_graphs"]
     compiled = decode()
-    # compiled once, in compile_decode: the kernels traced (no breaks), the K/V growth did not recompile
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == graphs  # all compiled in compile_decode: no recompiles
+    if name.startswith("dense"):  # one graph: the kernels traced; MoE routing (data-dependent) breaks it per layer
+        assert graphs == 1 and not counters["graph_break"]
     for a, b in zip(eager, compiled):
         assert (a - b).abs().max().item() <= tol * a.abs().max().item()

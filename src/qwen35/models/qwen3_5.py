@@ -247,8 +247,8 @@ class Qwen35Model(nn.Module):
 
     def compile_decode(self) -> None:
         """Decode steps through torch.compile, compiled now (about a minute): fewer Python and dispatch costs
-        per token. `dynamic`: one graph however long the cache grows; a batch of several sequences, or padded
-        ones, compiles a second graph when first seen. Prefill stays eager."""
+        per token. `dynamic`: one graph however long the cache grows (MoE routing splits it per layer); a batch
+        of several sequences, or padded ones, compiles a second graph when first seen. Prefill stays eager."""
         prepare_compile()
         self.decode_layers = torch.compile(self.run_layers, dynamic=True)
         device = self.norm.weight.device
