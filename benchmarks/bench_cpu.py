@@ -7,10 +7,9 @@ generating: the 512-token prompt and its 128 tokens, run first after loading), a
 bandwidth (weight bytes read per token x decode tok/s) as a share of the read bandwidth measured by the same
 process right after its decode (this machine's bandwidth drifts by tens of percent between minutes).
 Engines: qwen35 bf16 / int8 / int4 (g64, int8 head) / int4h4 (int4 head too) / int4g128h4 (groups of 128,
-int4 head; only when named), transformers bf16 (same
-checkpoint), and llama.cpp through llama-cpp-python (`make bench` builds it from source) on the same checkpoint
-converted by llama.cpp's own converter to F16, then quantized to Q8_0 / Q4_0. Same thread count everywhere.
-Prints a table, then one JSON line.
+int4 head; only when named), transformers bf16 (same checkpoint), and llama.cpp through llama-cpp-python
+(`make bench` builds it from source) on the same checkpoint converted by llama.cpp's own converter to F16, then
+quantized to Q8_0 / Q4_0. Same thread count everywhere. Prints a table, then one JSON line.
 
     python benchmarks/bench_cpu.py --sizes 0.8B --engines all
 """

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from conftest import TINY_CONFIGS, VOCAB
 from qwen35.cache import DeltaCache, KVCache, make_cache
+from qwen35.generate import prefill_chunk_size
 from qwen35.loading import load_model
 
 TOL = 1e-4
@@ -79,6 +82,12 @@ def test_last_only_returns_final_position(model):
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(model(ids, last_only=True)[:, 0], model(ids)[:, -1])
+
+
+@pytest.mark.parametrize("hidden, chunk", [(64, 512), (1024, 512), (2048, 512), (2560, 256), (4096, 256)])
+def test_prefill_chunk_follows_the_width(hidden, chunk):
+    """512 prompt tokens per forward for 0.8B/2B widths, 256 from the 4B's 2560 up (bounded activation memory)."""
+    assert prefill_chunk_size(SimpleNamespace(hidden_size=hidden)) == chunk
 
 
 def test_configs_cover_tied_untied_and_moe():
