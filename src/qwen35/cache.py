@@ -30,19 +30,19 @@ class KVCache:
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's K/V (B, Hkv, T, hd) and return views of the whole history."""
-        self.reserve(k.shape[2], k[:, 0, 0], k.shape[1], k.shape[3])
+        self.reserve(k.shape[2], k)
         end = self.length + k.shape[2]
         self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def reserve(self, n: int, like: torch.Tensor, heads: int, head_dim: int) -> None:
+    def reserve(self, n: int, like: torch.Tensor) -> None:
         """Room for n more slots, and always one spare: a compiled decode step then never grows the buffers nor
-        sees them exactly full (either would re-specialise its graph). `like` (B, ...): batch, dtype, device."""
+        sees them exactly full (either would re-specialise its graph). `like`: a (B, Hkv, any, hd) key."""
         end = self.length + n
         if self.k is not None and end < self.k.shape[2]:
             return
-        shape = (like.shape[0], heads, max(end + 1, 2 * self.length, 256), head_dim)
+        shape = (*like.shape[:2], max(end + 1, 2 * self.length, 256), like.shape[3])
         grown_k, grown_v = like.new_empty(shape), like.new_empty(shape)
         if self.k is not None:
             grown_k[:, :, : self.length] = self.k[:, :, : self.length]
@@ -82,11 +82,11 @@ class ModelCache:
         """Slots consumed (pads included); the same for every sequence of the batch."""
         return self.valid.shape[1]
 
-    def reserve(self, n: int, like: torch.Tensor, heads: int, head_dim: int) -> None:
+    def reserve(self, n: int, like: torch.Tensor) -> None:
         """Room for n more tokens in every K/V buffer (see `KVCache.reserve`)."""
         for layer in self.layers:
             if isinstance(layer, KVCache):
-                layer.reserve(n, like, heads, head_dim)
+                layer.reserve(n, like)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

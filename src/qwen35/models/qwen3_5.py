@@ -255,9 +255,13 @@ class Qwen35Model(nn.Module):
         with torch.inference_mode():
             cache, ids = make_cache(self.config, device=device), torch.arange(1, 6, device=device)[None]
             # sizes no model dimension has: the tracer would take a length or capacity that equals one for it
-            cache.reserve(300, self.embed_tokens(ids), self.config.num_key_value_heads, self.config.head_dim)
+            cache.reserve(300, self.empty_key(1, self.norm.weight))
             self(ids, cache)
             self(ids[:, :1], cache)
+
+    def empty_key(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """A (B, Hkv, 0, hd) key in `like`'s dtype and device: the shape K/V buffers are reserved for."""
+        return like.new_empty(batch, self.config.num_key_value_heads, 0, self.config.head_dim)
 
     def run_layers(self, x: torch.Tensor, rope, attn_mask, pad_mask, cache: ModelCache | None) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -303,7 +307,7 @@ class Qwen35Model(nn.Module):
         rope = rotary_cos_sin(self.config, position_ids, x.dtype)
         run = self.run_layers
         if t == 1 and cache is not None:  # grown here, not inside a compiled decode step
-            cache.reserve(t, x, self.config.num_key_value_heads, self.config.head_dim)
+            cache.reserve(t, self.empty_key(b, x))
             run = self.decode_layers
         x = run(x, rope, attn_mask, pad_mask, cache)
         if cache is not None:

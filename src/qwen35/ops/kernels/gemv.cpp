@@ -343,10 +343,10 @@ torch::Tensor int4_dequantize(const torch::Tensor& packed, const torch::Tensor& 
   TORCH_CHECK(K % 128 == 0 && G % 16 == 0 && K % G == 0 && scales.size(0) == N && scales.size(1) == groups &&
               zeros.sizes() == scales.sizes(), "shapes do not match");
   auto w = torch::empty({N, K}, scales.options());
+#ifdef QWEN35_AVX512
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const bf16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
   bf16* wp = w.data_ptr<at::BFloat16>();
-#ifdef QWEN35_AVX512
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
       int4_row_to_bf16(pp + n * (K / 2), sp + n * groups, zp + n * groups, K, G, wp + n * K);
