@@ -68,12 +68,16 @@ def test_quantized_layers_match_dequantized_reference(m, bits, group):
 
 @pytest.mark.parametrize("bits, group, k", [(8, 0, 1000), (8, 0, 256), (4, 32, 256), (4, 64, 384), (4, 128, 256)])
 def test_dequantized_tiles_equal_the_reference(bits, group, k):
-    """The prefill tiles (weight rows to bf16, vectorised) round exactly as the fp32 reference cast to bf16."""
-    w = torch.randn(40, k, generator=torch.Generator().manual_seed(k + group))
+    """The prefill tiles (weight rows to bf16, vectorised) round exactly as the fp32 reference cast to bf16;
+    rows picked one by one (embedding lookups) too."""
+    w = torch.randn(48, k, generator=torch.Generator().manual_seed(k + group))
     parts = int8_quantize(w, torch.bfloat16) if bits == 8 else int4_quantize(w, group, torch.bfloat16)
     layer = make_linear(parts, group)
+    assert bits == 8 or layer.own_kernel
     ref = dequantize(parts, group).to(torch.bfloat16)
-    assert torch.equal(layer.rows(slice(3, 40)), ref[3:])
+    assert torch.equal(layer.rows(slice(3, 48)), ref[3:])
+    picked = torch.tensor([47, 0, 17, 17, 30])
+    assert torch.equal(layer.rows(picked), ref[picked])
 
 
 def test_int8_activation_rounding():

@@ -49,11 +49,13 @@ def test_nibble_packing_round_trips():
 
 
 def test_int4_kernel_layout_round_trips():
-    q = torch.randint(0, 16, (8, 256), dtype=torch.int32)
+    q = torch.randint(0, 16, (32, 256), dtype=torch.int32)
     layout = int4_kernel_layout(pack_nibbles(q))
-    assert int(layout[0, 5]) == int(q[0, 5]) | int(q[0, 69]) << 4  # byte i of a block: columns i and 64 + i
-    blocks = layout.reshape(8, -1, 64)  # the layout read back: per 128 columns, low nibbles then high nibbles
-    assert torch.equal(torch.stack([blocks & 15, blocks >> 4], dim=2).reshape(8, -1).to(torch.int32), q)
+    assert layout.shape == (2, 8 * 256)  # tiles of 16 rows
+    assert int(layout[1, 64 * 3 + 4 * 5 + 2]) == int(q[21, 26]) | int(q[21, 30]) << 4  # tile 1, columns 24-31, row 5
+    tiles = layout.reshape(2, 32, 16, 4)  # the layout read back: per 8 columns, low nibbles then high nibbles
+    back = torch.cat([tiles & 15, tiles >> 4], dim=-1).permute(0, 2, 1, 3).reshape(32, 256).to(torch.int32)
+    assert torch.equal(back, q)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["own-kernel", "pytorch-kernel"])

@@ -80,13 +80,20 @@ def tiled_linear(x: torch.Tensor, out_features: int, rows: Callable[[int, int], 
 
 
 def int4_kernel_layout(qweight: torch.Tensor) -> torch.Tensor:
-    """Stored (N, K/2) nibbles (low = even column) -> the kernel's (see `int4_rows` in kernels/gemv.cpp):
-    per 128 columns, 64 bytes; byte i = column i | column 64+i << 4. In uint8 throughout (the load-time copy
-    stays twice the packed size)."""
+    """Stored (N, K/2) nibbles (low = even column) -> the kernel's (see `int4_tile` in kernels/gemv.cpp),
+    (N/16, 8K): tiles of 16 rows; per tile and 8 columns c.., 64 bytes, byte 4r + j = row r's column c+j |
+    column c+4+j << 4. In uint8 throughout (the load-time copy stays about twice the packed size)."""
     n, half = qweight.shape
-    stored = qweight.reshape(n, half // 64, 2, 32)  # per block: bytes holding columns 0-63, then 64-127
-    values = torch.stack([stored & 15, stored >> 4], dim=-1).reshape(n, half // 64, 2, 64)
-    return (values[:, :, 0] | (values[:, :, 1] << 4)).reshape(n, half)
+    b = qweight.reshape(n, half // 4, 4)  # per 8 columns, 4 stored bytes: columns (0,1) (2,3) (4,5) (6,7)
+    lo, hi = b[..., :2], b[..., 2:]  # columns 0-3, columns 4-7
+    mixed = torch.stack([(lo & 15) | ((hi & 15) << 4), (lo >> 4) | (hi & 0xF0)], dim=-1)  # (n, K/8, 2, 2): j = 2a+b
+    return mixed.reshape(n // 16, 16, half // 4, 4).transpose(1, 2).reshape(n // 16, 8 * half * 2)
+
+
+def tile_table(table: torch.Tensor) -> torch.Tensor:
+    """Scales or zeros (N, K/G) -> the int4 kernel's (N/16, K/G, 16): one tile's 16 rows side by side."""
+    n, groups = table.shape
+    return table.reshape(n // 16, 16, groups).transpose(1, 2).contiguous()
 
 
 class Int8Linear(nn.Module):
@@ -129,11 +136,11 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
         self.group_size = group_size
         self.own_kernel = (kernels() is not None and scales.dtype == torch.bfloat16 and qweight.device.type == "cpu"
-                           and self.in_features % 128 == 0)
+                           and self.in_features % 128 == 0 and self.out_features % 16 == 0)
         if self.own_kernel:
             self.register_buffer("packed", int4_kernel_layout(qweight))
-            self.register_buffer("scales", scales.contiguous())
-            self.register_buffer("zeros", zeros.contiguous())
+            self.register_buffer("scales", tile_table(scales))
+            self.register_buffer("zeros", tile_table(zeros))
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight), 1)
             self.register_buffer("packed", packed)
@@ -161,8 +168,8 @@ class Int4Linear(nn.Module):
         """Weight rows, dequantized to the scales' dtype (tiles of a prefill product; embedding lookups)."""
         if not self.own_kernel:
             return self.stored.rows(index)
-        parts = (self.packed[index], self.scales[index], self.zeros[index])
-        return kernels().int4_dequantize(*(t.contiguous() for t in parts), self.group_size)
+        rows = torch.arange(self.out_features)[index] if isinstance(index, slice) else index.to(torch.long)
+        return kernels().int4_dequantize(self.packed, self.scales, self.zeros, self.group_size, rows.contiguous())
 
 
 class StoredTable(nn.Module):

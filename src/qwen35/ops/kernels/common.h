@@ -66,7 +66,7 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
                           const torch::Tensor& zeros, int64_t G);
 torch::Tensor int8_dequantize(const torch::Tensor& q, const torch::Tensor& scales);
 torch::Tensor int4_dequantize(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& zeros,
-                              int64_t G);
+                              int64_t G, const torch::Tensor& rows);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps, double offset);
 torch::Tensor deltanet_decode(const torch::Tensor& qkv, const torch::Tensor& z, const torch::Tensor& b,
                               const torch::Tensor& a, torch::Tensor conv_state, const torch::Tensor& conv_w,

@@ -5,6 +5,8 @@
 // reference (tests/test_cpu_kernels.py).
 #include "common.h"
 
+#include <cstring>
+
 namespace qwen35 {
 namespace {
 
@@ -119,60 +121,55 @@ void int8_rows(const Int8Rows* xr, int64_t m0, const int8_t* w, const bf16* scal
   }
 }
 
-// R int4 weight rows in the kernel layout against MB activation rows. Per 128 columns, 64 bytes: byte i holds
-// column i in its low nibble and column 64 + i in its high one, so an AND and a shift give two u8 vectors of
-// 64 consecutive columns for dpbusd. With w = (q - 8) s + z per group of G,
+// int4 kernel layout: tiles of 16 weight rows. Per tile and 8 columns c..c+7, 64 bytes: byte 4r + j holds
+// row r's column c + j in its low nibble and column c + 4 + j in its high one. Two ANDs then give, for 16 rows at
+// once, u8 vectors of 4 consecutive columns per 32-bit lane, which dpbusd multiplies by 4 activations broadcast
+// to every lane: the dot products of all 16 rows accumulate in int32 lanes over a 32-column activation block,
+// with one conversion and one scale per block (not per 64 weights of each row: the ALU-bound part of a
+// row-at-a-time loop). The high nibbles are read as 16 q (no shift), and their sum is divided by 16 exactly.
+// Scales and zeros are laid out (tiles, groups, 16). With w = (q - 8) s + z per group of G,
 // sum_k x_k w_k = sum_g s_g sum x q + (z_g - 8 s_g) xsum_g  (xsum: sums of the rounded x per group).
-// Scales are read 16 groups at a time into a register and picked per chunk with a lane permute.
-template <int MB, int R, int G>
-void int4_rows(const Int8Rows* xr, int64_t m0, const float* xsum, const uint8_t* w, const bf16* s, const bf16* z,
+template <int MB, int G>
+void int4_tile(const Int8Rows& x, int64_t m0, const float* xsum, const uint8_t* w, const bf16* s, const bf16* z,
                int64_t K, bf16* y, int64_t ldy) {
-  const Int8Rows& x = *xr;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const int64_t chunks = K / 64, groups = K / G;
-  // lane -> group within a 64-column chunk: all lanes one group, or (G = 32) lanes 8-15 the next one
-  const __m512i lane_group = G == 32 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-                                     : _mm512_setzero_si512();
-  __m512 out[MB][R];
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) out[m][r] = _mm512_setzero_ps();
-  __m512 sv[R];
-  for (int64_t c = 0; c < chunks; c += 2) {  // one 128-column block: chunks c (low nibbles) and c + 1 (high)
-    const int64_t g = c * 64 / G;  // the block's first group
-    if (g % 16 == 0 && (c * 64) % G == 0)
-      for (int r = 0; r < R; ++r) sv[r] = load_bf16_ps(s + r * groups + g, groups - g);
-    __m512i half[2][R];
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* p = w + r * (K / 2) + c * 32;
-      prefetch(p + kAhead);
-      const __m512i v = _mm512_loadu_si512(p);
-      half[0][r] = _mm512_and_si512(v, low4);
-      half[1][r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    }
-    for (int h = 0; h < 2; ++h) {
-      const __m512i pick = _mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int>(((c + h) * 64 / G) % 16)));
-      for (int m = 0; m < MB; ++m) {
-        const __m512i xq = _mm512_loadu_si512(x.q.data() + (m0 + m) * x.K64 + (c + h) * 64);
-        const __m512 xs = _mm512_loadu_ps(x.scale.data() + ((m0 + m) * chunks + c + h) * 16);
-        for (int r = 0; r < R; ++r) {
-          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), half[h][r], xq);
-          const __m512 ds = _mm512_mul_ps(xs, _mm512_permutexvar_ps(pick, sv[r]));
-          out[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), ds, out[m][r]);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8(static_cast<char>(0xF0));
+  const int64_t groups = K / G, chunks = x.K64 / 64;
+  __m512 out[MB];
+  for (int m = 0; m < MB; ++m) out[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = g * G / 32; b < (g + 1) * G / 32; ++b) {  // blocks of 32 columns: 4 x 64 bytes
+      const uint8_t* p = w + b * 256;
+      for (int i = 0; i < 4; ++i) prefetch(p + kAhead + 64 * i);
+      __m512i lo[MB], hi[MB];
+      for (int m = 0; m < MB; ++m) lo[m] = hi[m] = _mm512_setzero_si512();
+      for (int i = 0; i < 4; ++i) {
+        const __m512i v = _mm512_loadu_si512(p + 64 * i);
+        const __m512i wl = _mm512_and_si512(v, low4), wh = _mm512_and_si512(v, high4);
+        for (int m = 0; m < MB; ++m) {
+          const int8_t* xq = x.q.data() + (m0 + m) * x.K64 + b * 32 + 8 * i;
+          int32_t x0, x1;
+          std::memcpy(&x0, xq, 4);
+          std::memcpy(&x1, xq + 4, 4);
+          lo[m] = _mm512_dpbusd_epi32(lo[m], wl, _mm512_set1_epi32(x0));
+          hi[m] = _mm512_dpbusd_epi32(hi[m], wh, _mm512_set1_epi32(x1));
         }
       }
-    }
-  }
-  for (int m = 0; m < MB; ++m) {  // the zero points, 16 groups at a time
-    const float* xs = xsum + (m0 + m) * groups;
-    for (int r = 0; r < R; ++r)
-      for (int64_t g = 0; g < groups; g += 16) {
-        const __m512 sg = load_bf16_ps(s + r * groups + g, groups - g), zg = load_bf16_ps(z + r * groups + g, groups - g);
-        const __m512 xg = _mm512_maskz_loadu_ps((__mmask16)(groups - g >= 16 ? 0xFFFF : (1u << (groups - g)) - 1), xs + g);
-        out[m][r] = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sg, zg), xg, out[m][r]);
+      for (int m = 0; m < MB; ++m) {
+        const __m512i dot = _mm512_add_epi32(lo[m], _mm512_srai_epi32(hi[m], 4));
+        const float d = x.scale[((m0 + m) * chunks + b / 2) * 16 + (b % 2) * 8];  // the block's activation scale
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(d), acc[m]);
       }
-    float sums[R];
-    lane_sums<R>(out[m], sums);
-    for (int r = 0; r < R; ++r) y[m * ldy + r] = bf16(sums[r]);
+    }
+    const __m512 sg = load_bf16_ps(s + g * 16, 16), zg = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sg,
+                                                                          load_bf16_ps(z + g * 16, 16));
+    for (int m = 0; m < MB; ++m)
+      out[m] = _mm512_fmadd_ps(zg, _mm512_set1_ps(xsum[(m0 + m) * groups + g]), _mm512_fmadd_ps(acc[m], sg, out[m]));
+  }
+  for (int m = 0; m < MB; ++m) {
+    const __m256bh v = _mm512_cvtneps_pbh(out[m]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ldy), reinterpret_cast<const __m256i&>(v));
   }
 }
 
@@ -204,22 +201,29 @@ void dispatch_shape(int mb, int r, F&& f) {
   }
 }
 
-// One weight row from the int4 kernel layout (see int4_rows) to bf16, rounded as the reference computes it:
+// Row r of a tile in the int4 kernel layout (see int4_tile) to bf16, rounded as the reference computes it:
 // w = (q - 8) * scale + zero, a product then a sum (no fused multiply-add), then to nearest-even bf16.
-void int4_row_to_bf16(const uint8_t* p, const bf16* s, const bf16* z, int64_t K, int64_t G, bf16* w) {
+// Per 128 columns one gather collects the row's 4 bytes from each of 16 64-byte blocks.
+void int4_row_to_bf16(const uint8_t* tile, const bf16* s, const bf16* z, int r, int64_t K, int64_t G, bf16* w) {
   const __m512 eight = _mm512_set1_ps(8.0f);
   const __m512i nibble = _mm512_set1_epi8(15);
+  const __m512i at = _mm512_add_epi32(_mm512_set_epi32(960, 896, 832, 768, 704, 640, 576, 512, 448, 384, 320, 256,
+                                                       192, 128, 64, 0), _mm512_set1_epi32(4 * r));
+  // per 32-bit lane i (8 columns): low nibbles = its first 4 columns, high = the next 4; qwords put back in order
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
   alignas(64) uint8_t q[128];
   for (int64_t block = 0; block < K / 128; ++block) {
-    const __m512i bytes = _mm512_loadu_si512(p + block * 64);
-    _mm512_store_si512(q, _mm512_and_si512(bytes, nibble));  // columns 0-63 of the block
-    _mm512_store_si512(q + 64, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble));  // columns 64-127
+    const __m512i bytes = _mm512_i32gather_epi32(at, tile + block * 1024, 1);
+    const __m512i lo = _mm512_and_si512(bytes, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+    const __m512i a = _mm512_unpacklo_epi32(lo, hi), b = _mm512_unpackhi_epi32(lo, hi);
+    _mm512_store_si512(q, _mm512_permutex2var_epi64(a, first, b));
+    _mm512_store_si512(q + 64, _mm512_permutex2var_epi64(a, second, b));
     for (int j = 0; j < 8; ++j) {  // 16 columns at a time, inside one group (G is a multiple of 16)
       const int64_t c = block * 128 + 16 * j, g = c / G;
       const __m128i q16 = _mm_load_si128(reinterpret_cast<const __m128i*>(q + 16 * j));
       const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q16));
-      const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, eight), _mm512_set1_ps(static_cast<float>(s[g])));
-      const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(scaled, _mm512_set1_ps(static_cast<float>(z[g]))));
+      const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(v, eight), _mm512_set1_ps(static_cast<float>(s[g * 16 + r])));
+      const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(scaled, _mm512_set1_ps(static_cast<float>(z[g * 16 + r]))));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + c), reinterpret_cast<const __m256i&>(out));
     }
   }
@@ -291,41 +295,47 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const 
   return y;
 }
 
-// y (M, N) = x (M, K) @ W^T with W int4 in the kernel layout (see int4_rows), scales and zeros (N, K/G) bf16.
+// Checks int4 operands in the kernel layout (see int4_tile): packed (N/16, 8K), scales and zeros (N/16, K/G, 16).
+static void check_int4(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& zeros,
+                       int64_t K, int64_t G) {
+  check(packed, at::kByte, 2, "packed");
+  check(scales, at::kBFloat16, 3, "scales");
+  check(zeros, at::kBFloat16, 3, "zeros");
+  TORCH_CHECK(K % 128 == 0 && (G == 32 || G == 64 || G == 128 || G == 256) && K % G == 0,
+              "int4 kernel needs K % 128 == 0 and a group of 32/64/128/256 dividing K; K=", K, " G=", G);
+  TORCH_CHECK(packed.size(1) == 8 * K && scales.size(0) == packed.size(0) && scales.size(1) == K / G &&
+              scales.size(2) == 16 && zeros.sizes() == scales.sizes(), "int4 operands do not match K=", K, " G=", G);
+}
+
+// y (M, N) = x (M, K) @ W^T with W int4 in the kernel layout (see int4_tile), x and y bf16.
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                           const torch::Tensor& zeros, int64_t G) {
   check(x, at::kBFloat16, 2, "x");
-  check(packed, at::kByte, 2, "packed");
-  check(scales, at::kBFloat16, 2, "scales");
-  check(zeros, at::kBFloat16, 2, "zeros");
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
-  TORCH_CHECK(K % 128 == 0 && (G == 32 || G == 64 || G == 128 || G == 256) && K % G == 0,
-              "int4 kernel needs K % 128 == 0 and a group of 32/64/128/256 dividing K; K=", K, " G=", G);
-  TORCH_CHECK(packed.size(1) * 2 == K && scales.size(0) == N && scales.size(1) == K / G &&
-              zeros.sizes() == scales.sizes(), "shapes do not match");
+  const int64_t M = x.size(0), K = x.size(1), tiles = packed.size(0), N = 16 * tiles;
+  check_int4(packed, scales, zeros, K, G);
   auto y = torch::empty({M, N}, x.options());
 #ifdef QWEN35_AVX512
   const int64_t groups = K / G;
-  const bf16* xb = x.data_ptr<at::BFloat16>();
-  const Int8Rows xq = quantize_rows(xb, M, K);
+  const Int8Rows xq = quantize_rows(x.data_ptr<at::BFloat16>(), M, K);
   std::vector<float> xsum(M * groups, 0.0f);  // per activation row and group: sum of x, for the zero points
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < K / 32; ++b) xsum[m * groups + b * 32 / G] += xq.bsum[m * (xq.K64 / 32) + b];
-  const float* xs = xsum.data();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const bf16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
   bf16* yp = y.data_ptr<at::BFloat16>();
-  for_blocks(M, N, [&](int64_t n, int r, int64_t m, int mb) {
-    dispatch_shape(mb, r, [&](auto MB, auto R) {
-      const auto args = std::make_tuple(&xq, m, xs, wp + n * (K / 2), sp + n * groups, zp + n * groups, K,
-                                        yp + m * N + n, N);
-      switch (G) {
-        case 32: std::apply(int4_rows<MB(), R(), 32>, args); break;
-        case 64: std::apply(int4_rows<MB(), R(), 64>, args); break;
-        case 128: std::apply(int4_rows<MB(), R(), 128>, args); break;
-        default: std::apply(int4_rows<MB(), R(), 256>, args); break;
-      }
-    });
+  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t m = 0; m < M; m += 4)
+        dispatch_shape(static_cast<int>(std::min<int64_t>(4, M - m)), 1, [&](auto MB, auto) {
+          const auto args = std::make_tuple(std::cref(xq), m, xsum.data(), wp + t * 8 * K, sp + t * groups * 16,
+                                            zp + t * groups * 16, K, yp + m * N + 16 * t, N);
+          switch (G) {
+            case 32: std::apply(int4_tile<MB(), 32>, args); break;
+            case 64: std::apply(int4_tile<MB(), 64>, args); break;
+            case 128: std::apply(int4_tile<MB(), 128>, args); break;
+            default: std::apply(int4_tile<MB(), 256>, args); break;
+          }
+        });
   });
 #else
   TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16 and VNNI");
@@ -333,23 +343,26 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
   return y;
 }
 
-// W (N, K) in bf16 from the int4 kernel layout: tiles of it feed a GEMM when many activation rows (prefill) come.
+// Rows `rows` (int64) of W in bf16 from the int4 kernel layout: tiles of it feed a GEMM when many activation rows
+// (prefill) come; single rows are embedding lookups.
 torch::Tensor int4_dequantize(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& zeros,
-                              int64_t G) {
-  check(packed, at::kByte, 2, "packed");
-  check(scales, at::kBFloat16, 2, "scales");
-  check(zeros, at::kBFloat16, 2, "zeros");
-  const int64_t N = packed.size(0), K = packed.size(1) * 2, groups = K / G;
-  TORCH_CHECK(K % 128 == 0 && G % 16 == 0 && K % G == 0 && scales.size(0) == N && scales.size(1) == groups &&
-              zeros.sizes() == scales.sizes(), "shapes do not match");
-  auto w = torch::empty({N, K}, scales.options());
+                              int64_t G, const torch::Tensor& rows) {
+  const int64_t K = packed.size(1) / 8, groups = K / G, N = 16 * packed.size(0);
+  check_int4(packed, scales, zeros, K, G);
+  check(rows, at::kLong, 1, "rows");
+  auto w = torch::empty({rows.size(0), K}, scales.options());
 #ifdef QWEN35_AVX512
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.size(0); ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < N, "row ", rp[i], " is not in [0, ", N, ")");
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const bf16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
   bf16* wp = w.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      int4_row_to_bf16(pp + n * (K / 2), sp + n * groups, zp + n * groups, K, G, wp + n * K);
+  at::parallel_for(0, rows.size(0), 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = rp[i] / 16;
+      int4_row_to_bf16(pp + t * 8 * K, sp + t * groups * 16, zp + t * groups * 16, static_cast<int>(rp[i] % 16), K, G,
+                       wp + i * K);
+    }
   });
 #else
   TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16 and VNNI");
