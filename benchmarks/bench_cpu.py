@@ -4,8 +4,9 @@ For each size (the real 0.8B/2B/4B/9B configs, random weights, official layout, 
 --cache by `shape_true.py`) and each engine, a fresh process measures: prefill tok/s (512 and 4096 tokens), time
 to first token of a 512-token prompt, decode tok/s over 128 tokens (EOS ignored), peak RSS (whole run, and while
 generating: the 512-token prompt and its 128 tokens, run first after loading), and achieved weight
-bandwidth (weight bytes read per token x decode tok/s) as a share of the read bandwidth measured by the same
-process right after its decode (this machine's bandwidth drifts by tens of percent between minutes).
+bandwidth (weight bytes read per token x decode tok/s) as a share of the read bandwidth measured between blocks
+of 16 decode steps, outside their timing, by a helper process (the median of those probes: this machine's
+bandwidth drifts by tens of percent within minutes, so the two figures are taken seconds apart).
 Engines: qwen35 bf16 / int8 / int4 (g64, int8 head) / int4h4 (int4 head too) / int4g128h4 (groups of 128,
 int4 head; only when named), transformers bf16 (same checkpoint), and llama.cpp through llama-cpp-python
 (`make bench` builds it from source) on the same checkpoint converted by llama.cpp's own converter to F16, then
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -34,18 +36,32 @@ QUANTIZE = {"int8": ["--bits", "8", "--head"], "int4": ["--bits", "4", "--head"]
 LLAMA_SRC = "llama-cpp-python==0.3.36"
 
 
-def read_bandwidth(threads: int) -> float:
-    """GB/s of one pass over 512 MB with PyTorch (best of 5): the ceiling decode is held against."""
+PROBE_EVERY = 16  # decode steps between two read-bandwidth probes
+
+
+def read_bandwidth(threads: int, data=None, passes: int = 5) -> float:
+    """GB/s of one pass over 512 MB with PyTorch (best of `passes`): the ceiling decode is held against."""
     import torch
 
     torch.set_num_threads(threads)
-    data = torch.ones(64 << 20, dtype=torch.int64)
+    data = torch.ones(64 << 20, dtype=torch.int64) if data is None else data
     best = float("inf")
-    for _ in range(5):
+    for _ in range(passes):
         start = time.perf_counter()
         data.sum()
         best = min(best, time.perf_counter() - start)
     return data.numel() * 8 / best / 1e9
+
+
+def probe_loop(threads: int) -> None:
+    """`--probe`: a read-bandwidth probe per line read from stdin (its own process: its 512 MB and torch import
+    stay out of the measured engine's RSS)."""
+    import torch
+
+    data = torch.ones(64 << 20, dtype=torch.int64)
+    for _ in sys.stdin:
+        time.sleep(0.01)  # the engine's worker threads stop spinning (OpenMP, ggml) and leave the cores free
+        print(read_bandwidth(threads, data, passes=3), flush=True)
 
 
 # -- workers: one engine, one size, in a fresh process (so peak RSS is its own) --------------------------------------
@@ -76,20 +92,22 @@ def qwen35_worker(ckpt: Path, variant: str, args: argparse.Namespace) -> dict:
             prefill(model, ids, make_cache(model.config))
             return time.perf_counter() - start
 
-    def run_decode(n: int) -> tuple[float, float]:
-        """(time to first token of a 512-token prompt, decode tok/s over n further tokens)."""
+    def start_decode():
+        """(time to first token of a 512-token prompt, a function that decodes one more token)."""
         ids = torch.randint(1000, 200000, (1, 512), generator=torch.Generator().manual_seed(1))
         with torch.inference_mode():
             cache = make_cache(model.config)
             start = time.perf_counter()
             token = torch.tensor([[greedy(prefill(model, ids, cache)[0])]])
             ttft = time.perf_counter() - start
-            start = time.perf_counter()
-            for _ in range(n):  # the library's own greedy step (as generate_tokens does)
-                token = torch.tensor([[greedy(model(token, cache)[0, -1])]])
-            return ttft, n / (time.perf_counter() - start)
 
-    return measure(run_prefill, run_decode, load_s, weight_bytes_qwen35(model), args)
+        @torch.inference_mode()
+        def step() -> None:  # the library's own greedy step (as generate_tokens does)
+            nonlocal token
+            token = torch.tensor([[greedy(model(token, cache)[0, -1])]])
+        return ttft, step
+
+    return measure(run_prefill, start_decode, load_s, weight_bytes_qwen35(model), args)
 
 
 def weight_bytes_qwen35(model) -> int:
@@ -122,20 +140,22 @@ def transformers_worker(ckpt: Path, args: argparse.Namespace) -> dict:
             model(input_ids=ids, use_cache=True, logits_to_keep=1)
             return time.perf_counter() - start
 
-    def run_decode(n: int) -> tuple[float, float]:
+    def start_decode():
         ids = torch.randint(1000, 200000, (1, 512), generator=torch.Generator().manual_seed(1))
         with torch.inference_mode():
             start = time.perf_counter()
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             ttft, past = time.perf_counter() - start, out.past_key_values
-            start = time.perf_counter()
-            for _ in range(n):
-                out = model(input_ids=token, past_key_values=past, use_cache=True)
-                token, past = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
-            return ttft, n / (time.perf_counter() - start)
 
-    return measure(run_prefill, run_decode, load_s, weight, args)
+        @torch.inference_mode()
+        def step() -> None:
+            nonlocal token, past
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            token, past = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+        return ttft, step
+
+    return measure(run_prefill, start_decode, load_s, weight, args)
 
 
 def llama_worker(ckpt: Path, quant: str, args: argparse.Namespace) -> dict:
@@ -154,19 +174,20 @@ def llama_worker(ckpt: Path, quant: str, args: argparse.Namespace) -> dict:
         llm.eval(ids)
         return time.perf_counter() - start
 
-    def run_decode(n: int) -> tuple[float, float]:
+    def start_decode():
         llm.reset()
         start = time.perf_counter()
         llm.eval([1000 + (i * 7919) % 199000 for i in range(512)])
         token = llm.sample(temp=0.0)
         ttft = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(n):
+
+        def step() -> None:
+            nonlocal token
             llm.eval([token])
             token = llm.sample(temp=0.0)
-        return ttft, n / (time.perf_counter() - start)
+        return ttft, step
 
-    return measure(run_prefill, run_decode, load_s, gguf_weight_bytes(gguf), args)
+    return measure(run_prefill, start_decode, load_s, gguf_weight_bytes(gguf), args)
 
 
 def gguf_file(ckpt: Path, quant: str, args: argparse.Namespace) -> Path:
@@ -233,16 +254,29 @@ def peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(run_prefill, run_decode, load_s: float, weight_bytes: int, args: argparse.Namespace) -> dict:
+def measure(run_prefill, start_decode, load_s: float, weight_bytes: int, args: argparse.Namespace) -> dict:
+    probe = subprocess.Popen([sys.executable, __file__, "--probe", "--threads", str(args.threads)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     run_prefill(32)  # warm-up: first-call allocations and kernel builds are not what is measured
     load_peak = peak_rss()
     reset_peak_rss()
-    ttft, decode = run_decode(args.decode)  # first, as a user would: load, then generate
+    ttft, step = start_decode()  # first, as a user would: load, then generate
+    elapsed, bandwidths = 0.0, []
+    for done in range(0, args.decode, PROBE_EVERY):
+        start = time.perf_counter()
+        for _ in range(min(PROBE_EVERY, args.decode - done)):
+            step()
+        elapsed += time.perf_counter() - start
+        probe.stdin.write("\n")
+        probe.stdin.flush()
+        bandwidths.append(float(probe.stdout.readline()))
+    probe.stdin.close()
+    probe.wait()
     generate_rss = peak_rss()
     prefill = {n: n / min(run_prefill(n) for _ in range(1 if n > 1024 else 2)) for n in args.prefill}
-    return {"load_s": load_s, "prefill": prefill, "ttft_s": ttft, "decode": decode,
+    return {"load_s": load_s, "prefill": prefill, "ttft_s": ttft, "decode": args.decode / elapsed,
             "peak_rss": max(load_peak, peak_rss()), "generate_rss": generate_rss,
-            "weight_bytes": weight_bytes, "read_bw": read_bandwidth(args.threads)}
+            "weight_bytes": weight_bytes, "read_bw": statistics.median(bandwidths)}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -287,7 +321,10 @@ def main() -> None:
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "qwen35-bench"))
     p.add_argument("--compile", action="store_true", help="qwen35 engines decode through torch.compile")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.probe:
+        return probe_loop(args.threads)
     if args.worker:
         return worker(args)
     sys.path.insert(0, str(HERE))
@@ -302,7 +339,7 @@ def main() -> None:
         for engine in engines:
             print(f"  {size} {engine} …", flush=True)
             r = run_one(engine, size, args)
-            if "error" not in r:  # against the read bandwidth of the same process, right after its decode
+            if "error" not in r:  # against the read bandwidth probed between its decode steps
                 r["bandwidth_gbs"] = r["weight_bytes"] * r["decode"] / 1e9
                 r["bandwidth_share"] = r["bandwidth_gbs"] / r["read_bw"]
             rows.append({"size": size, "engine": engine, **r})
