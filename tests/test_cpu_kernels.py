@@ -145,3 +145,17 @@ def test_training_never_uses_the_kernels(monkeypatch):
     with torch.no_grad():
         layer(x)
     assert used  # inference asks for them
+
+
+def test_registered_operators_agree_with_their_fakes():
+    """torch.compile traces the kernels through shape-only fakes (`_register_ops`): each must promise the real
+    output's shape and dtype (the int4 one counts tiles of 16 rows)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 256, generator=g).bfloat16(), torch.randn(48, 256, generator=g)
+    int8 = make_linear(int8_quantize(w, torch.bfloat16), 0)
+    int4 = make_linear(int4_quantize(w, 64, torch.bfloat16), 64)
+    ops = torch.ops.qwen35
+    for op, args in [(ops.linear_bf16, (x, w.bfloat16())), (ops.linear_int8, (x, int8.qweight, int8.scales)),
+                     (ops.linear_int4, (x, int4.packed, int4.scales, int4.zeros, 64)),
+                     (ops.rms_norm, (x, w[0].bfloat16(), 1e-6, 1.0))]:
+        torch.library.opcheck(op, args, test_utils=("test_faketensor",))

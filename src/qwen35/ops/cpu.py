@@ -94,7 +94,7 @@ def _register_ops(module: ModuleType) -> None:
         return x.new_empty(x.shape[0], q.shape[0])
 
     def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, G: int) -> Tensor:
-        return x.new_empty(x.shape[0], packed.shape[0])
+        return x.new_empty(x.shape[0], 16 * packed.shape[0])  # tiles of 16 rows
 
     def rms_norm(x: Tensor, w: Tensor, eps: float, offset: float) -> Tensor:
         return torch.empty_like(x)
