@@ -90,8 +90,8 @@ def _register_ops(module: ModuleType) -> None:
     def linear_bf16(x: Tensor, w: Tensor) -> Tensor:
         return x.new_empty(x.shape[0], w.shape[0])
 
-    def linear_int8(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-        return x.new_empty(x.shape[0], q.shape[0])
+    def linear_int8(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
+        return x.new_empty(x.shape[0], 16 * packed.shape[0])  # tiles of 16 rows
 
     def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, G: int) -> Tensor:
         return x.new_empty(x.shape[0], 16 * packed.shape[0])  # tiles of 16 rows

@@ -90,6 +90,14 @@ def int4_kernel_layout(qweight: torch.Tensor) -> torch.Tensor:
     return mixed.reshape(n // 16, 16, half // 4, 4).transpose(1, 2).reshape(n // 16, 8 * half * 2)
 
 
+def int8_kernel_layout(qweight: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 -> the kernel's (see `int8_tile` in kernels/gemv.cpp), (N/16, 16K) uint8: tiles of 16 rows;
+    per tile and 4 columns c.., 64 bytes, byte 4r + j = row r's column c+j, as q + 128."""
+    n, k = qweight.shape
+    shifted = qweight.view(torch.uint8) ^ 0x80  # two's complement with the sign bit flipped: q + 128
+    return shifted.reshape(n // 16, 16, k // 4, 4).transpose(1, 2).reshape(n // 16, 16 * k)
+
+
 def tile_table(table: torch.Tensor) -> torch.Tensor:
     """Scales or zeros (N, K/G) -> the int4 kernel's (N/16, K/G, 16): one tile's 16 rows side by side."""
     n, groups = table.shape
@@ -97,30 +105,39 @@ def tile_table(table: torch.Tensor) -> torch.Tensor:
 
 
 class Int8Linear(nn.Module):
-    """y = x (q * scale)^T with int8 weights per output channel (qwen35's kernel, or `_weight_int8pack_mm`)."""
+    """y = x (q * scale)^T with int8 weights per output channel, on qwen35's kernel or `_weight_int8pack_mm`.
+
+    On the kernel it holds only its layout (tiles of 16 rows, see `int8_kernel_layout`), built once at load.
+    """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
-        self.register_buffer("qweight", qweight)
+        self.own_kernel = (kernels() is not None and scales.dtype == torch.bfloat16 and qweight.device.type == "cpu"
+                           and self.out_features % 16 == 0 and self.in_features % 32 == 0)
+        if self.own_kernel:
+            self.register_buffer("packed", int8_kernel_layout(qweight))
+        else:
+            self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        k = fast_path(x) if self.scales.dtype == torch.bfloat16 else None
-        if k is None:
+        k = fast_path(x) if self.own_kernel else None
+        if not self.own_kernel:
             out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales.to(x.dtype))
-        elif flat.shape[0] <= GEMV_ROWS:
-            out = k.linear_int8(flat.contiguous(), self.qweight, self.scales)
+        elif k is not None and flat.shape[0] <= GEMV_ROWS:
+            out = k.linear_int8(flat.contiguous(), self.packed, self.scales)
         else:
-            out = tiled_linear(flat, self.out_features, lambda a, b: self.rows(slice(a, b)))
+            out = tiled_linear(flat, self.out_features, lambda a, b: self.rows(slice(a, b)).to(x.dtype))
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
         """Weight rows, dequantized to the scales' dtype (tiles of a prefill product; embedding lookups)."""
-        q, scales = self.qweight[index], self.scales[index]
-        k = kernels() if scales.dtype == torch.bfloat16 and q.device.type == "cpu" else None
-        return q.to(scales.dtype) * scales[:, None] if k is None else k.int8_dequantize(q.contiguous(), scales)
+        if not self.own_kernel:
+            return self.qweight[index].to(self.scales.dtype) * self.scales[index][:, None]
+        rows = torch.arange(*index.indices(self.out_features)) if isinstance(index, slice) else index.to(torch.long)
+        return kernels().int8_dequantize(self.packed, self.scales, rows.contiguous())
 
 
 class Int4Linear(nn.Module):
@@ -168,7 +185,7 @@ class Int4Linear(nn.Module):
         """Weight rows, dequantized to the scales' dtype (tiles of a prefill product; embedding lookups)."""
         if not self.own_kernel:
             return self.stored.rows(index)
-        rows = torch.arange(self.out_features)[index] if isinstance(index, slice) else index.to(torch.long)
+        rows = torch.arange(*index.indices(self.out_features)) if isinstance(index, slice) else index.to(torch.long)
         return kernels().int4_dequantize(self.packed, self.scales, self.zeros, self.group_size, rows.contiguous())
 
 

@@ -61,10 +61,10 @@ void lane_sums(const __m512 (&v)[R], float* y) {
 // The kernels (one line each on what they compute; the .cpp files say how).
 bool available();
 torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w);
-torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales);
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                           const torch::Tensor& zeros, int64_t G);
-torch::Tensor int8_dequantize(const torch::Tensor& q, const torch::Tensor& scales);
+torch::Tensor int8_dequantize(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& rows);
 torch::Tensor int4_dequantize(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& zeros,
                               int64_t G, const torch::Tensor& rows);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps, double offset);

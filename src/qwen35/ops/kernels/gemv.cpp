@@ -86,38 +86,41 @@ Int8Rows quantize_rows(const bf16* x, int64_t M, int64_t K) {
   return r;
 }
 
-// R int8 weight rows (one scale each) against MB activation rows. The weight bytes XOR 0x80 are w + 128 as u8,
-// so dpbusd gives sum (w + 128) q; the 128 * sum q part is taken off once per activation row (qsum). R rows at
-// once share the activation loads and the final reduction, which matter for short rows (K = 1024).
-template <int MB, int R>
-void int8_rows(const Int8Rows* xr, int64_t m0, const int8_t* w, const bf16* scale, int64_t K, bf16* y, int64_t ldy) {
-  const Int8Rows& x = *xr;
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+// int8 kernel layout: tiles of 16 weight rows. Per tile and 4 columns c..c+3, 64 bytes: byte 4r + j holds row r's
+// column c + j as q + 128 (u8, for dpbusd), so one instruction multiplies 4 columns of 16 rows by 4 activations
+// broadcast to every lane, and the 16 sums stay in int32 lanes over a 32-column activation block (as int4_tile).
+// dpbusd gives sum (q + 128) x: the 128 * sum x part is taken off once per activation row (qsum).
+template <int MB>
+void int8_tile(const Int8Rows& x, int64_t m0, const uint8_t* w, const bf16* scale, int64_t K, bf16* y, int64_t ldy) {
   const int64_t chunks = x.K64 / 64;
-  __m512 out[MB][R];
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) out[m][r] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t left = K - c * 64;  // the last chunk may be partial: padded q are 0, masked bytes add nothing
-    const __mmask64 mask = left >= 64 ? ~0ull : (1ull << left) - 1;
-    __m512i wv[R];
-    for (int r = 0; r < R; ++r) {
-      prefetch(w + r * K + c * 64 + kAhead);
-      wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + r * K + c * 64), flip);
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < K / 32; ++b) {  // blocks of 32 columns: 8 x 64 bytes
+    const uint8_t* p = w + b * 512;
+    for (int i = 0; i < 8; ++i) prefetch(p + kAhead + 64 * i);
+    __m512i even[MB], odd[MB];  // two accumulators: half the dependency chain
+    for (int m = 0; m < MB; ++m) even[m] = odd[m] = _mm512_setzero_si512();
+    for (int i = 0; i < 8; i += 2) {
+      const __m512i v0 = _mm512_loadu_si512(p + 64 * i), v1 = _mm512_loadu_si512(p + 64 * i + 64);
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* xq = x.q.data() + (m0 + m) * x.K64 + b * 32 + 4 * i;
+        int32_t x0, x1;
+        std::memcpy(&x0, xq, 4);
+        std::memcpy(&x1, xq + 4, 4);
+        even[m] = _mm512_dpbusd_epi32(even[m], v0, _mm512_set1_epi32(x0));
+        odd[m] = _mm512_dpbusd_epi32(odd[m], v1, _mm512_set1_epi32(x1));
+      }
     }
     for (int m = 0; m < MB; ++m) {
-      const __m512i xq = _mm512_loadu_si512(x.q.data() + (m0 + m) * x.K64 + c * 64);
-      const __m512 xs = _mm512_loadu_ps(x.scale.data() + ((m0 + m) * chunks + c) * 16);
-      for (int r = 0; r < R; ++r)
-        out[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xq)), xs,
-                                    out[m][r]);
+      const float d = x.scale[((m0 + m) * chunks + b / 2) * 16 + (b % 2) * 8];  // the block's activation scale
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even[m], odd[m])), _mm512_set1_ps(d), acc[m]);
     }
   }
+  const __m512 s = load_bf16_ps(scale, 16);
   for (int m = 0; m < MB; ++m) {
-    float sums[R];
-    lane_sums<R>(out[m], sums);
-    for (int r = 0; r < R; ++r)
-      y[m * ldy + r] = bf16(static_cast<float>(scale[r]) * (sums[r] - 128.0f * x.qsum[m0 + m]));
+    const __m512 out = _mm512_mul_ps(s, _mm512_sub_ps(acc[m], _mm512_set1_ps(128.0f * x.qsum[m0 + m])));
+    const __m256bh v = _mm512_cvtneps_pbh(out);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ldy), reinterpret_cast<const __m256i&>(v));
   }
 }
 
@@ -186,34 +189,47 @@ void for_blocks(int64_t M, int64_t N, Block&& block) {
   });
 }
 
-// Calls f(MB, R) with runtime mb (1-4) and r (1 or 4) as compile-time constants.
+// Calls f(MB) with runtime mb (1-4) as a compile-time constant.
 template <typename F>
-void dispatch_shape(int mb, int r, F&& f) {
-  auto with_r = [&](auto mbc) {
-    if (r == 4) f(mbc, std::integral_constant<int, 4>{});
-    else f(mbc, std::integral_constant<int, 1>{});
-  };
+void dispatch_rows(int mb, F&& f) {
   switch (mb) {
-    case 1: with_r(std::integral_constant<int, 1>{}); break;
-    case 2: with_r(std::integral_constant<int, 2>{}); break;
-    case 3: with_r(std::integral_constant<int, 3>{}); break;
-    default: with_r(std::integral_constant<int, 4>{}); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
   }
+}
+
+// Calls tile(t, m, MB) for every tile of 16 weight rows (split across threads, each a contiguous range) and
+// activation rows m..m+MB (MB <= 4, a compile-time constant).
+template <typename Tile>
+void for_tiles(int64_t M, int64_t tiles, Tile&& tile) {
+  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t m = 0; m < M; m += 4)
+        dispatch_rows(static_cast<int>(std::min<int64_t>(4, M - m)), [&](auto MB) { tile(t, m, MB); });
+  });
+}
+
+// A row's 4-byte pieces of a tile (one per 64-byte block) side by side in `row`: 4-byte loads and stores,
+// which this CPU runs two per cycle (a 16-lane gather of the same pieces was several times slower).
+inline void row_pieces(const uint8_t* tile, int r, int64_t pieces, uint8_t* row) {
+  for (int64_t i = 0; i < pieces; ++i) std::memcpy(row + 4 * i, tile + 64 * i + 4 * r, 4);
 }
 
 // Row r of a tile in the int4 kernel layout (see int4_tile) to bf16, rounded as the reference computes it:
 // w = (q - 8) * scale + zero, a product then a sum (no fused multiply-add), then to nearest-even bf16.
-// Per 128 columns one gather collects the row's 4 bytes from each of 16 64-byte blocks.
-void int4_row_to_bf16(const uint8_t* tile, const bf16* s, const bf16* z, int r, int64_t K, int64_t G, bf16* w) {
+// `row`: K/2 bytes of scratch.
+void int4_row_to_bf16(const uint8_t* tile, const bf16* s, const bf16* z, int r, int64_t K, int64_t G, uint8_t* row,
+                      bf16* w) {
   const __m512 eight = _mm512_set1_ps(8.0f);
   const __m512i nibble = _mm512_set1_epi8(15);
-  const __m512i at = _mm512_add_epi32(_mm512_set_epi32(960, 896, 832, 768, 704, 640, 576, 512, 448, 384, 320, 256,
-                                                       192, 128, 64, 0), _mm512_set1_epi32(4 * r));
-  // per 32-bit lane i (8 columns): low nibbles = its first 4 columns, high = the next 4; qwords put back in order
+  // per 32-bit piece i (8 columns): low nibbles = its first 4 columns, high = the next 4; qwords put back in order
   const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  row_pieces(tile, r, K / 8, row);
   alignas(64) uint8_t q[128];
   for (int64_t block = 0; block < K / 128; ++block) {
-    const __m512i bytes = _mm512_i32gather_epi32(at, tile + block * 1024, 1);
+    const __m512i bytes = _mm512_loadu_si512(row + block * 64);
     const __m512i lo = _mm512_and_si512(bytes, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
     const __m512i a = _mm512_unpacklo_epi32(lo, hi), b = _mm512_unpackhi_epi32(lo, hi);
     _mm512_store_si512(q, _mm512_permutex2var_epi64(a, first, b));
@@ -229,14 +245,16 @@ void int4_row_to_bf16(const uint8_t* tile, const bf16* s, const bf16* z, int r, 
   }
 }
 
-// One int8 weight row to bf16: q * scale rounded once, as PyTorch's bf16 product of the two.
-void int8_row_to_bf16(const int8_t* q, float scale, int64_t K, bf16* w) {
+// Row r of a tile in the int8 kernel layout (see int8_tile) to bf16: q * scale rounded once, as PyTorch's bf16
+// product of the two. `row`: K bytes of scratch.
+void int8_row_to_bf16(const uint8_t* tile, float scale, int r, int64_t K, uint8_t* row, bf16* w) {
   const __m512 s = _mm512_set1_ps(scale);
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 mask = K - k >= 16 ? 0xFFFF : (1u << (K - k)) - 1;
-    const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + k)));
-    const __m256bh out = _mm512_cvtneps_pbh(_mm512_mul_ps(v, s));
-    _mm256_mask_storeu_epi16(w + k, mask, reinterpret_cast<const __m256i&>(out));
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+  row_pieces(tile, r, K / 4, row);
+  for (int64_t k = 0; k < K; k += 16) {  // K is a multiple of 32
+    const __m128i q = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)), flip);
+    const __m256bh out = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), s));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + k), reinterpret_cast<const __m256i&>(out));
   }
 }
 
@@ -263,7 +281,7 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w) {
   const uint16_t *xp = u16(x), *wp = u16(w);
   bf16* yp = y.data_ptr<at::BFloat16>();
   for_blocks(M, N, [&](int64_t n, int r, int64_t m, int mb) {
-    dispatch_shape(mb, 1, [&](auto MB, auto) {
+    dispatch_rows(mb, [&](auto MB) {
       for (int i = 0; i < r; ++i) bf16_row<MB()>(xp + m * K, wp + (n + i) * K, K, yp + m * N + n + i, N);
     });
   });
@@ -273,21 +291,28 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w) {
   return y;
 }
 
-// y (M, N) = x (M, K) @ (q (N, K) int8 * scale (N))^T, x and y bf16.
-torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+// Checks int8 operands in the kernel layout (see int8_tile): packed (N/16, 16K), scales (N).
+static void check_int8(const torch::Tensor& packed, const torch::Tensor& scales, int64_t K) {
+  check(packed, at::kByte, 2, "packed");
+  check(scales, at::kBFloat16, 1, "scales");
+  TORCH_CHECK(K % 32 == 0 && packed.size(1) == 16 * K && scales.size(0) == 16 * packed.size(0),
+              "int8 operands do not match K=", K, " (a multiple of 32), ", packed.size(0), " tiles and ",
+              scales.size(0), " scales");
+}
+
+// y (M, N) = x (M, K) @ (q * scale)^T with q int8 in the kernel layout (see int8_tile), one scale per row.
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales) {
   check(x, at::kBFloat16, 2, "x");
-  check(q, at::kChar, 2, "qweight");
-  check(scale, at::kBFloat16, 1, "scales");
-  TORCH_CHECK(x.size(1) == q.size(1) && scale.size(0) == q.size(0), "shapes do not match");
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  const int64_t M = x.size(0), K = x.size(1), tiles = packed.size(0), N = 16 * tiles;
+  check_int8(packed, scales, K);
   auto y = torch::empty({M, N}, x.options());
 #ifdef QWEN35_AVX512
   const Int8Rows xq = quantize_rows(x.data_ptr<at::BFloat16>(), M, K);
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const bf16* sp = scale.data_ptr<at::BFloat16>();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const bf16* sp = scales.data_ptr<at::BFloat16>();
   bf16* yp = y.data_ptr<at::BFloat16>();
-  for_blocks(M, N, [&](int64_t n, int r, int64_t m, int mb) {
-    dispatch_shape(mb, r, [&](auto MB, auto R) { int8_rows<MB(), R()>(&xq, m, qp + n * K, sp + n, K, yp + m * N + n, N); });
+  for_tiles(M, tiles, [&](int64_t t, int64_t m, auto MB) {
+    int8_tile<MB()>(xq, m, wp + t * 16 * K, sp + 16 * t, K, yp + m * N + 16 * t, N);
   });
 #else
   TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16 and VNNI");
@@ -323,19 +348,15 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const bf16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
   bf16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t m = 0; m < M; m += 4)
-        dispatch_shape(static_cast<int>(std::min<int64_t>(4, M - m)), 1, [&](auto MB, auto) {
-          const auto args = std::make_tuple(std::cref(xq), m, xsum.data(), wp + t * 8 * K, sp + t * groups * 16,
-                                            zp + t * groups * 16, K, yp + m * N + 16 * t, N);
-          switch (G) {
-            case 32: std::apply(int4_tile<MB(), 32>, args); break;
-            case 64: std::apply(int4_tile<MB(), 64>, args); break;
-            case 128: std::apply(int4_tile<MB(), 128>, args); break;
-            default: std::apply(int4_tile<MB(), 256>, args); break;
-          }
-        });
+  for_tiles(M, tiles, [&](int64_t t, int64_t m, auto MB) {
+    const auto args = std::make_tuple(std::cref(xq), m, xsum.data(), wp + t * 8 * K, sp + t * groups * 16,
+                                      zp + t * groups * 16, K, yp + m * N + 16 * t, N);
+    switch (G) {
+      case 32: std::apply(int4_tile<MB(), 32>, args); break;
+      case 64: std::apply(int4_tile<MB(), 64>, args); break;
+      case 128: std::apply(int4_tile<MB(), 128>, args); break;
+      default: std::apply(int4_tile<MB(), 256>, args); break;
+    }
   });
 #else
   TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16 and VNNI");
@@ -358,10 +379,11 @@ torch::Tensor int4_dequantize(const torch::Tensor& packed, const torch::Tensor& 
   const bf16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
   bf16* wp = w.data_ptr<at::BFloat16>();
   at::parallel_for(0, rows.size(0), 16, [&](int64_t i0, int64_t i1) {
+    std::vector<uint8_t> row(K / 2);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = rp[i] / 16;
       int4_row_to_bf16(pp + t * 8 * K, sp + t * groups * 16, zp + t * groups * 16, static_cast<int>(rp[i] % 16), K, G,
-                       wp + i * K);
+                       row.data(), wp + i * K);
     }
   });
 #else
@@ -370,19 +392,23 @@ torch::Tensor int4_dequantize(const torch::Tensor& packed, const torch::Tensor& 
   return w;
 }
 
-// W (N, K) in bf16 from int8 rows and their scales (prefill tiles, embedding lookups), as `int4_dequantize`.
-torch::Tensor int8_dequantize(const torch::Tensor& q, const torch::Tensor& scales) {
-  check(q, at::kChar, 2, "qweight");
-  check(scales, at::kBFloat16, 1, "scales");
-  TORCH_CHECK(scales.size(0) == q.size(0), "shapes do not match");
-  const int64_t N = q.size(0), K = q.size(1);
-  auto w = torch::empty({N, K}, scales.options());
+// Rows `rows` (int64) of W in bf16 from the int8 kernel layout, as `int4_dequantize`.
+torch::Tensor int8_dequantize(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& rows) {
+  const int64_t K = packed.size(1) / 16, N = 16 * packed.size(0);
+  check_int8(packed, scales, K);
+  check(rows, at::kLong, 1, "rows");
+  auto w = torch::empty({rows.size(0), K}, scales.options());
 #ifdef QWEN35_AVX512
-  const int8_t* qp = q.data_ptr<int8_t>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.size(0); ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < N, "row ", rp[i], " is not in [0, ", N, ")");
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
   const bf16* sp = scales.data_ptr<at::BFloat16>();
   bf16* wp = w.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) int8_row_to_bf16(qp + n * K, static_cast<float>(sp[n]), K, wp + n * K);
+  at::parallel_for(0, rows.size(0), 16, [&](int64_t i0, int64_t i1) {
+    std::vector<uint8_t> row(K);
+    for (int64_t i = i0; i < i1; ++i)
+      int8_row_to_bf16(pp + rp[i] / 16 * 16 * K, static_cast<float>(sp[rp[i]]), static_cast<int>(rp[i] % 16), K,
+                       row.data(), wp + i * K);
   });
 #else
   TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16 and VNNI");
