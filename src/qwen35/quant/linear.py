@@ -79,6 +79,11 @@ def tiled_linear(x: torch.Tensor, out_features: int, rows: Callable[[int, int], 
     return out
 
 
+def row_index(index: torch.Tensor | slice, n: int) -> torch.Tensor:
+    """Rows as the kernels' dequantizers take them: int64, contiguous."""
+    return torch.arange(*index.indices(n)) if isinstance(index, slice) else index.to(torch.long).contiguous()
+
+
 def int4_kernel_layout(qweight: torch.Tensor) -> torch.Tensor:
     """Stored (N, K/2) nibbles (low = even column) -> the kernel's (see `int4_tile` in kernels/gemv.cpp),
     (N/16, 8K): tiles of 16 rows; per tile and 8 columns c.., 64 bytes, byte 4r + j = row r's column c+j |
@@ -136,8 +141,7 @@ class Int8Linear(nn.Module):
         """Weight rows, dequantized to the scales' dtype (tiles of a prefill product; embedding lookups)."""
         if not self.own_kernel:
             return self.qweight[index].to(self.scales.dtype) * self.scales[index][:, None]
-        rows = torch.arange(*index.indices(self.out_features)) if isinstance(index, slice) else index.to(torch.long)
-        return kernels().int8_dequantize(self.packed, self.scales, rows.contiguous())
+        return kernels().int8_dequantize(self.packed, self.scales, row_index(index, self.out_features))
 
 
 class Int4Linear(nn.Module):
@@ -185,8 +189,8 @@ class Int4Linear(nn.Module):
         """Weight rows, dequantized to the scales' dtype (tiles of a prefill product; embedding lookups)."""
         if not self.own_kernel:
             return self.stored.rows(index)
-        rows = torch.arange(*index.indices(self.out_features)) if isinstance(index, slice) else index.to(torch.long)
-        return kernels().int4_dequantize(self.packed, self.scales, self.zeros, self.group_size, rows.contiguous())
+        return kernels().int4_dequantize(self.packed, self.scales, self.zeros, self.group_size,
+                                         row_index(index, self.out_features))
 
 
 class StoredTable(nn.Module):
