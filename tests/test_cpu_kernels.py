@@ -76,6 +76,7 @@ def test_dequantized_tiles_equal_the_reference(bits, group, k):
     layer = make_linear(parts, group)
     assert layer.own_kernel == (k != 1000)
     ref = dequantize(parts, group).to(torch.bfloat16)
+    assert torch.equal(layer.rows(slice(16, 48)), ref[16:])  # whole tiles of 16 rows (prefill)
     assert torch.equal(layer.rows(slice(3, 48)), ref[3:])
     picked = torch.tensor([47, 0, 17, 17, 30])
     assert torch.equal(layer.rows(picked), ref[picked])
