@@ -1,5 +1,5 @@
-// Shared by qwen35's CPU kernels (gemv.cpp, fused.cpp): compiled on the user's machine at first use with
-// -march=native. The AVX-512 code paths need BF16 and VNNI (Zen 4, Sapphire Rapids and later).
+// Shared by qwen35's CPU kernels (gemv.cpp, dequant.cpp, fused.cpp): compiled on the user's machine at first use
+// with -march=native. The AVX-512 code paths need BF16 and VNNI (Zen 4, Sapphire Rapids and later).
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -30,6 +30,27 @@ inline const uint16_t* u16(const torch::Tensor& t) {
 }
 
 inline float bf16_round(float v) { return static_cast<float>(bf16(v)); }
+
+// Checks int8 operands in the kernel layout (see int8_tile): packed (N/16, 16K), scales (N).
+inline void check_int8(const torch::Tensor& packed, const torch::Tensor& scales, int64_t K) {
+  check(packed, at::kByte, 2, "packed");
+  check(scales, at::kBFloat16, 1, "scales");
+  TORCH_CHECK(K % 32 == 0 && packed.size(1) == 16 * K && scales.size(0) == 16 * packed.size(0),
+              "int8 operands do not match K=", K, " (a multiple of 32), ", packed.size(0), " tiles and ",
+              scales.size(0), " scales");
+}
+
+// Checks int4 operands in the kernel layout (see int4_tile): packed (N/16, 8K), scales and zeros (N/16, K/G, 16).
+inline void check_int4(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& zeros,
+                       int64_t K, int64_t G) {
+  check(packed, at::kByte, 2, "packed");
+  check(scales, at::kBFloat16, 3, "scales");
+  check(zeros, at::kBFloat16, 3, "zeros");
+  TORCH_CHECK(K % 128 == 0 && (G == 32 || G == 64 || G == 128 || G == 256) && K % G == 0,
+              "int4 kernel needs K % 128 == 0 and a group of 32/64/128/256 dividing K; K=", K, " G=", G);
+  TORCH_CHECK(packed.size(1) == 8 * K && scales.size(0) == packed.size(0) && scales.size(1) == K / G &&
+              scales.size(2) == 16 && zeros.sizes() == scales.sizes(), "int4 operands do not match K=", K, " G=", G);
+}
 
 #ifdef QWEN35_AVX512
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }

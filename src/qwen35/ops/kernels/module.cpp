@@ -1,4 +1,4 @@
-// The Python module: qwen35.ops.cpu builds gemv.cpp, fused.cpp and this file into one extension.
+// The Python module: qwen35.ops.cpu builds gemv.cpp, dequant.cpp, fused.cpp and this file into one extension.
 #include "common.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
