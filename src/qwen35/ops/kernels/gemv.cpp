@@ -48,42 +48,55 @@ void bf16_row(const uint16_t* x, const uint16_t* w, int64_t K, bf16* y, int64_t 
   }
 }
 
-// Activations for the integer kernels: each row cut into blocks of 32 and rounded to int8 with one scale per
-// block (as llama.cpp's Q8_0), so weight x activation products run on VNNI's u8 x s8 dot (64 per instruction)
-// instead of widening every weight to float. Rows are zero-padded to a multiple of 64 columns. `scale` holds,
-// per 64-column chunk, the 16 fp32 lane scales of a dpbusd result (lanes 0-7: the chunk's first block).
+// Activations for the integer kernels: each row (K a multiple of 32, as the tile kernels require) cut into blocks
+// of 32 and rounded to int8 with one scale per block (as llama.cpp's Q8_0), so weight x activation products run on
+// VNNI's u8 x s8 dot (64 per instruction) instead of widening every weight to float.
 struct Int8Rows {
-  int64_t K64;  // padded row length
-  std::vector<int8_t> q;
-  std::vector<float> scale;
-  std::vector<float> bsum;  // per row and block of 32: scale * sum(q), the block's sum as the kernels see it
-  std::vector<float> qsum;  // per row: the sum of its bsum, for the int8 weights' +128 offset
+  std::vector<int8_t> q;     // (M, K)
+  std::vector<float> scale;  // per row and block of 32
+  std::vector<float> bsum;   // per row and block: scale * sum(q), the block's sum as the kernels see it
+  std::vector<float> qsum;   // per row: the sum of its bsum, for the int8 weights' +128 offset
 };
 
 Int8Rows quantize_rows(const bf16* x, int64_t M, int64_t K) {
-  Int8Rows r{(K + 63) / 64 * 64};
-  const int64_t chunks = r.K64 / 64;
-  r.q.assign(M * r.K64, 0);
-  r.scale.assign(M * chunks * 16, 0.0f);
-  r.bsum.assign(M * (r.K64 / 32), 0.0f);
+  Int8Rows r;
+  const int64_t blocks = K / 32;
+  r.q.resize(M * K);
+  r.scale.resize(M * blocks);
+  r.bsum.resize(M * blocks);
   r.qsum.assign(M, 0.0f);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b * 32 < K; ++b) {
-      const int64_t k0 = b * 32, k1 = std::min(K, k0 + 32);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t k0 = m * K + b * 32;
       float amax = 0.0f;
-      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::abs(static_cast<float>(x[m * K + k])));
+      for (int64_t k = k0; k < k0 + 32; ++k) amax = std::max(amax, std::abs(static_cast<float>(x[k])));
       const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
       int32_t sum = 0;
-      for (int64_t k = k0; k < k1; ++k) {
-        const int8_t v = static_cast<int8_t>(std::nearbyint(static_cast<float>(x[m * K + k]) * inv));
-        r.q[m * r.K64 + k] = v;
-        sum += v;
+      for (int64_t k = k0; k < k0 + 32; ++k) {
+        r.q[k] = static_cast<int8_t>(std::nearbyint(static_cast<float>(x[k]) * inv));
+        sum += r.q[k];
       }
-      std::fill_n(r.scale.data() + (m * chunks + b / 2) * 16 + (b % 2) * 8, 8, d);
-      r.bsum[m * (r.K64 / 32) + b] = d * static_cast<float>(sum);
+      r.scale[m * blocks + b] = d;
+      r.bsum[m * blocks + b] = d * static_cast<float>(sum);
       r.qsum[m] += d * static_cast<float>(sum);
     }
   return r;
+}
+
+// Two dpbusd steps of the tile kernels: weights w0 against activations q[0..3], w1 against q[4..7], each 4 bytes
+// broadcast to every lane.
+inline void dot_pair(__m512i& a0, __m512i& a1, __m512i w0, __m512i w1, const int8_t* q) {
+  int32_t x0, x1;
+  std::memcpy(&x0, q, 4);
+  std::memcpy(&x1, q + 4, 4);
+  a0 = _mm512_dpbusd_epi32(a0, w0, _mm512_set1_epi32(x0));
+  a1 = _mm512_dpbusd_epi32(a1, w1, _mm512_set1_epi32(x1));
+}
+
+// A tile's 16 outputs (fp32 lanes) to bf16 at y.
+inline void store_tile(bf16* y, __m512 v) {
+  const __m256bh out = _mm512_cvtneps_pbh(v);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), reinterpret_cast<const __m256i&>(out));
 }
 
 // int8 kernel layout: tiles of 16 weight rows. Per tile and 4 columns c..c+3, 64 bytes: byte 4r + j holds row r's
@@ -92,35 +105,25 @@ Int8Rows quantize_rows(const bf16* x, int64_t M, int64_t K) {
 // dpbusd gives sum (q + 128) x: the 128 * sum x part is taken off once per activation row (qsum).
 template <int MB>
 void int8_tile(const Int8Rows& x, int64_t m0, const uint8_t* w, const bf16* scale, int64_t K, bf16* y, int64_t ldy) {
-  const int64_t chunks = x.K64 / 64;
+  const int64_t blocks = K / 32;
   __m512 acc[MB];
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < K / 32; ++b) {  // blocks of 32 columns: 8 x 64 bytes
+  for (int64_t b = 0; b < blocks; ++b) {  // blocks of 32 columns: 8 x 64 bytes
     const uint8_t* p = w + b * 512;
     __m512i even[MB], odd[MB];  // two accumulators: half the dependency chain
     for (int m = 0; m < MB; ++m) even[m] = odd[m] = _mm512_setzero_si512();
     for (int i = 0; i < 8; i += 2) {
       const __m512i v0 = _mm512_loadu_si512(p + 64 * i), v1 = _mm512_loadu_si512(p + 64 * i + 64);
-      for (int m = 0; m < MB; ++m) {
-        const int8_t* xq = x.q.data() + (m0 + m) * x.K64 + b * 32 + 4 * i;
-        int32_t x0, x1;
-        std::memcpy(&x0, xq, 4);
-        std::memcpy(&x1, xq + 4, 4);
-        even[m] = _mm512_dpbusd_epi32(even[m], v0, _mm512_set1_epi32(x0));
-        odd[m] = _mm512_dpbusd_epi32(odd[m], v1, _mm512_set1_epi32(x1));
-      }
+      for (int m = 0; m < MB; ++m) dot_pair(even[m], odd[m], v0, v1, x.q.data() + (m0 + m) * K + b * 32 + 4 * i);
     }
     for (int m = 0; m < MB; ++m) {
-      const float d = x.scale[((m0 + m) * chunks + b / 2) * 16 + (b % 2) * 8];  // the block's activation scale
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even[m], odd[m])), _mm512_set1_ps(d), acc[m]);
+      const __m512 d = _mm512_set1_ps(x.scale[(m0 + m) * blocks + b]);  // the block's activation scale
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even[m], odd[m])), d, acc[m]);
     }
   }
   const __m512 s = load_bf16_ps(scale, 16);
-  for (int m = 0; m < MB; ++m) {
-    const __m512 out = _mm512_mul_ps(s, _mm512_sub_ps(acc[m], _mm512_set1_ps(128.0f * x.qsum[m0 + m])));
-    const __m256bh v = _mm512_cvtneps_pbh(out);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ldy), reinterpret_cast<const __m256i&>(v));
-  }
+  for (int m = 0; m < MB; ++m)
+    store_tile(y + m * ldy, _mm512_mul_ps(s, _mm512_sub_ps(acc[m], _mm512_set1_ps(128.0f * x.qsum[m0 + m]))));
 }
 
 // int4 kernel layout: tiles of 16 weight rows. Per tile and 8 columns c..c+7, 64 bytes: byte 4r + j holds
@@ -135,7 +138,7 @@ template <int MB, int G>
 void int4_tile(const Int8Rows& x, int64_t m0, const float* xsum, const uint8_t* w, const bf16* s, const bf16* z,
                int64_t K, bf16* y, int64_t ldy) {
   const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8(static_cast<char>(0xF0));
-  const int64_t groups = K / G, chunks = x.K64 / 64;
+  const int64_t groups = K / G, blocks = K / 32;
   __m512 out[MB];
   for (int m = 0; m < MB; ++m) out[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -148,19 +151,12 @@ void int4_tile(const Int8Rows& x, int64_t m0, const float* xsum, const uint8_t* 
       for (int i = 0; i < 4; ++i) {
         const __m512i v = _mm512_loadu_si512(p + 64 * i);
         const __m512i wl = _mm512_and_si512(v, low4), wh = _mm512_and_si512(v, high4);
-        for (int m = 0; m < MB; ++m) {
-          const int8_t* xq = x.q.data() + (m0 + m) * x.K64 + b * 32 + 8 * i;
-          int32_t x0, x1;
-          std::memcpy(&x0, xq, 4);
-          std::memcpy(&x1, xq + 4, 4);
-          lo[m] = _mm512_dpbusd_epi32(lo[m], wl, _mm512_set1_epi32(x0));
-          hi[m] = _mm512_dpbusd_epi32(hi[m], wh, _mm512_set1_epi32(x1));
-        }
+        for (int m = 0; m < MB; ++m) dot_pair(lo[m], hi[m], wl, wh, x.q.data() + (m0 + m) * K + b * 32 + 8 * i);
       }
       for (int m = 0; m < MB; ++m) {
         const __m512i dot = _mm512_add_epi32(lo[m], _mm512_srai_epi32(hi[m], 4));
-        const float d = x.scale[((m0 + m) * chunks + b / 2) * 16 + (b % 2) * 8];  // the block's activation scale
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(d), acc[m]);
+        const __m512 d = _mm512_set1_ps(x.scale[(m0 + m) * blocks + b]);  // the block's activation scale
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc[m]);
       }
     }
     const __m512 sg = load_bf16_ps(s + g * 16, 16), zg = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sg,
@@ -168,10 +164,7 @@ void int4_tile(const Int8Rows& x, int64_t m0, const float* xsum, const uint8_t* 
     for (int m = 0; m < MB; ++m)
       out[m] = _mm512_fmadd_ps(zg, _mm512_set1_ps(xsum[(m0 + m) * groups + g]), _mm512_fmadd_ps(acc[m], sg, out[m]));
   }
-  for (int m = 0; m < MB; ++m) {
-    const __m256bh v = _mm512_cvtneps_pbh(out[m]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ldy), reinterpret_cast<const __m256i&>(v));
-  }
+  for (int m = 0; m < MB; ++m) store_tile(y + m * ldy, out[m]);
 }
 
 // Calls block(n, r, m, mb) for weight rows n..n+r (r = 4, or 1 at a range's end; split across threads, each a
@@ -274,7 +267,7 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
   const Int8Rows xq = quantize_rows(x.data_ptr<at::BFloat16>(), M, K);
   std::vector<float> xsum(M * groups, 0.0f);  // per activation row and group: sum of x, for the zero points
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < K / 32; ++b) xsum[m * groups + b * 32 / G] += xq.bsum[m * (xq.K64 / 32) + b];
+    for (int64_t b = 0; b < K / 32; ++b) xsum[m * groups + b * 32 / G] += xq.bsum[m * (K / 32) + b];
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const bf16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
   bf16* yp = y.data_ptr<at::BFloat16>();
