@@ -136,6 +136,49 @@ def test_fused_decode_follows_the_plain_model(monkeypatch):
     assert clear.sum() > 30 and torch.equal(fast.argmax(-1)[clear], plain.argmax(-1)[clear])
 
 
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_decode_plan_is_bit_identical_to_layer_by_layer(bits, monkeypatch):
+    """The native decode step (`ops.decode`) against the model's own layers, nano model, a batch of 2 with a left-
+    padded row (the attention mask path): equal logits at every step, and the layers never ran in Python."""
+    model = qwen35.load(None, dtype="bfloat16", device="cpu").model
+    if bits:
+        qwen35.quantize(model, bits=bits, group_size=32)
+    g = torch.Generator().manual_seed(1)
+    ids, steps = torch.randint(0, 1000, (2, 9), generator=g), torch.randint(0, 1000, (10, 2, 1), generator=g)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+
+    def run(step) -> torch.Tensor:
+        model.decode_layers = step
+        cache = make_cache(model.config, 2)
+        with torch.inference_mode():
+            first = model(ids, cache, attention_mask=mask)[:, -1]
+            return torch.stack([first] + [model(s, cache)[:, -1] for s in steps])
+
+    plain, layers = run(model.run_layers), model.run_layers
+    lengths = []  # tokens per call of the Python layers: the prefill only
+    monkeypatch.setattr(model, "run_layers", lambda x, *a: lengths.append(x.shape[1]) or layers(x, *a))
+    assert torch.equal(run(model.decode_step), plain) and lengths == [9]
+
+
+def test_decode_plan_follows_replaced_modules():
+    """Quantizing after a decode step swaps the linears: the plan is rebuilt, not run on the old weights."""
+    model = qwen35.load(None, dtype="bfloat16", device="cpu").model
+    ids = torch.randint(0, 1000, (1, 5), generator=torch.Generator().manual_seed(2))
+
+    def logits() -> torch.Tensor:
+        cache = make_cache(model.config)
+        with torch.inference_mode():
+            model(ids, cache)
+            return model(ids[:, :1], cache)[0, -1]
+
+    before = logits()
+    qwen35.quantize(model, bits=4, group_size=32)
+    after = logits()
+    model.decode_layers = model.run_layers
+    assert not torch.equal(before, after) and torch.equal(after, logits())
+
+
 def test_training_never_uses_the_kernels(monkeypatch):
     layer = cpu.Linear(64, 16, bias=False).bfloat16()
     x = torch.randn(1, 64, dtype=torch.bfloat16, requires_grad=True)

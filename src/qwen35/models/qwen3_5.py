@@ -16,7 +16,8 @@ from torch import nn
 from qwen35.cache import DeltaCache, KVCache, ModelCache, make_cache
 from qwen35.config import ModelConfig
 from qwen35.ops import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
-from qwen35.ops.cpu import Linear, attention_decode, deltanet_decode, fast_path, prepare_compile, rms_norm
+from qwen35.ops.cpu import Linear, attention_decode, deltanet_decode, fast_path, kernels, prepare_compile, rms_norm
+from qwen35.ops.decode import build_plan, run_plan
 
 
 class RMSNorm(nn.Module):
@@ -243,7 +244,8 @@ class Qwen35Model(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.decode_layers = self.run_layers  # one token per sequence: `compile_decode` swaps in a compiled one
+        self.decode_layers = self.decode_step  # one token per sequence: `compile_decode` swaps in a compiled one
+        self._plan: object = None  # the native decode plan: None until first built, False where none applies
 
     def compile_decode(self) -> None:
         """Decode steps through torch.compile, compiled now (about a minute): fewer Python and dispatch costs
@@ -267,6 +269,25 @@ class Qwen35Model(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, attn_mask, pad_mask, cache.layers[i] if cache is not None else None)
         return x
+
+    def decode_step(self, x: torch.Tensor, rope, attn_mask, pad_mask, cache: ModelCache) -> torch.Tensor:
+        """One token per sequence: every layer in one native call where the CPU kernels take it (`ops.decode`,
+        bit-identical), else `run_layers`."""
+        if pad_mask is None and fast_path(x) is not None and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling():
+            if self._plan is None:
+                self._plan = build_plan(kernels(), self) or False
+            if self._plan and (out := run_plan(self._plan, x, rope, attn_mask, cache)) is not None:
+                return out
+        return self.run_layers(x, rope, attn_mask, pad_mask, cache)
+
+    def reset_decode_plan(self) -> None:
+        """Forget the decode plan (it holds the weight tensors): after replacing modules or weights."""
+        self._plan = None
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), ...: new tensors, so a new plan
+        self.reset_decode_plan()
+        return super()._apply(fn, recurse)
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, H); image features (n, H) replace the `<|image_pad|>` tokens, in order."""

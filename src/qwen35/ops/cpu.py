@@ -175,6 +175,11 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight) if self.bias is None else F.linear(x, self.weight, self.bias)
 
+    def decode_operands(self) -> tuple[int, int, list[torch.Tensor]] | None:
+        """How the decode plan (`qwen35.ops.decode`) calls this layer, or None when the kernel does not apply."""
+        ok = self.bias is None and self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu"
+        return (0, 0, [self.weight]) if ok else None
+
 
 def deltanet_decode(k: ModuleType, qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
                     conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,

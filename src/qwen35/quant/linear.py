@@ -137,6 +137,10 @@ class Int8Linear(nn.Module):
             out = tiled_linear(flat, self.out_features, lambda a, b: self.rows(slice(a, b)).to(x.dtype))
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def decode_operands(self) -> tuple[int, int, list[torch.Tensor]] | None:
+        """How the decode plan (`qwen35.ops.decode`) calls this layer: on qwen35's kernel only."""
+        return (1, 0, [self.packed, self.scales]) if self.own_kernel else None
+
     def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
         """Weight rows, dequantized to the scales' dtype (tiles of a prefill product; embedding lookups)."""
         if not self.own_kernel:
@@ -184,6 +188,10 @@ class Int4Linear(nn.Module):
         else:
             out = tiled_linear(flat, self.out_features, lambda a, b: self.rows(slice(a, b)).to(x.dtype))
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def decode_operands(self) -> tuple[int, int, list[torch.Tensor]] | None:
+        """How the decode plan (`qwen35.ops.decode`) calls this layer: on qwen35's kernel only."""
+        return (2, self.group_size, [self.packed, self.scales, self.zeros]) if self.own_kernel else None
 
     def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
         """Weight rows, dequantized to the scales' dtype (tiles of a prefill product; embedding lookups)."""

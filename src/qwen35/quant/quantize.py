@@ -121,4 +121,5 @@ def quantize(model, bits: int = 4, group_size: int = 64, head: int | bool = 0):
         model.embed_tokens = QuantEmbedding(model.lm_head if tied else StoredTable(
             quantize_parts(model.embed_tokens.weight, cfg, dtype, cfg.head), group_size))
     model.quantization = cfg
+    model.reset_decode_plan()
     return model

@@ -1,5 +1,6 @@
-// The Python module: qwen35.ops.cpu builds gemv.cpp, dequant.cpp, fused.cpp and this file into one extension.
-#include "common.h"
+// The Python module: qwen35.ops.cpu builds gemv.cpp, dequant.cpp, fused.cpp, decode.cpp and this file into one
+// extension.
+#include "decode.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &qwen35::available, "True when built with AVX-512 BF16 (the GEMV kernels work)");
@@ -11,4 +12,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &qwen35::rms_norm);
   m.def("deltanet_decode", &qwen35::deltanet_decode);
   m.def("attention_decode", &qwen35::attention_decode);
+  py::class_<qwen35::DecodePlan>(m, "DecodePlan")
+      .def(py::init<double>())
+      .def("add_deltanet", &qwen35::DecodePlan::add_deltanet)
+      .def("add_attention", &qwen35::DecodePlan::add_attention)
+      .def("run", &qwen35::DecodePlan::run, py::call_guard<py::gil_scoped_release>());
 }

@@ -1,0 +1,81 @@
+"""A decode token through all layers in one native call (`kernels/decode.cpp`), where the CPU kernels run.
+
+The plan holds each layer's weights (the same tensors as the model: in-place updates are seen). It covers the
+dense models whose linears all run on qwen35's decode kernels; anything else, and any step it cannot take (an
+empty recurrent state, a padded token, more rows than the GEMV kernels take), goes layer by layer in Python,
+which is the reference: the results are bit-identical.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from qwen35.cache import KVCache, ModelCache
+from qwen35.ops.cpu import GEMV_ROWS
+
+
+def build_plan(k: ModuleType, model: nn.Module) -> object | None:
+    """The plan of `model` (a `Qwen35Model`), or None when a layer is not on the decode kernels."""
+    config = model.config
+    if config.is_moe:
+        return None
+    plan = k.DecodePlan(config.rms_norm_eps)
+    for layer in model.layers:
+        mlp = layer.mlp
+        weights = {"input_layernorm": layer.input_layernorm.weight,
+                   "post_attention_layernorm": layer.post_attention_layernorm.weight}
+        linears = {"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj}
+        if layer.layer_type == "linear_attention":
+            m = layer.linear_attn
+            weights |= {"conv1d": m.conv1d.weight.squeeze(1), "A_log": m.A_log, "dt_bias": m.dt_bias,
+                        "norm": m.norm.weight}
+            names = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+        else:
+            m = layer.self_attn
+            weights |= {"q_norm": m.q_norm.weight, "k_norm": m.k_norm.weight}
+            names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        linears |= {name: getattr(m, name) for name in names}
+        operands = {name: _operands(lin) for name, lin in linears.items()}
+        bf16 = all(w.dtype == torch.bfloat16 for name, w in weights.items() if name not in ("A_log", "dt_bias"))
+        if not bf16 or any(v is None for v in operands.values()):
+            return None
+        if layer.layer_type == "linear_attention":
+            plan.add_deltanet(weights, operands)
+        else:
+            plan.add_attention(weights, operands, m.n_heads, m.n_kv, m.head_dim)
+    return plan
+
+
+def _operands(linear: nn.Module) -> tuple[int, int, list[torch.Tensor]] | None:
+    """What the plan calls a linear with: (kind, group size, tensors), or None if it is not on the kernels."""
+    get = getattr(linear, "decode_operands", None)
+    return get() if get is not None else None
+
+
+def run_plan(plan, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn_mask: torch.Tensor | None,
+             cache: ModelCache) -> torch.Tensor | None:
+    """x (B, 1, H) -> the last layer's output (B, 1, H), the cache advanced by one token; None (nothing done)
+    when this step is not one the plan takes."""
+    b = x.shape[0]
+    if b > GEMV_ROWS:
+        return None
+    state, lengths = [], []
+    for layer in cache.layers:
+        if isinstance(layer, KVCache):
+            state += [layer.k, layer.v]
+            lengths.append(layer.length)
+        elif layer.state is None:  # a sequence starts here: the prefill path sets the state up
+            return None
+        else:
+            layer.conv, layer.state = layer.conv.contiguous(), layer.state.contiguous()  # updated in place
+            state += [layer.conv, layer.state]
+            lengths.append(0)
+    valid = None if attn_mask is None else attn_mask.reshape(b, -1).contiguous()
+    out = plan.run(x.reshape(b, -1), *rope, valid, state, lengths)
+    for layer in cache.layers:
+        if isinstance(layer, KVCache):
+            layer.length += 1
+    return out.view(b, 1, -1)
