@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import VOCAB
 from qwen35.loading import load_model
+from qwen35.ops.cpu import kernels
 from qwen35.quant import Int4Linear, Int8Linear, QuantConfig, quantize, quantize_checkpoint
 from qwen35.quant.linear import (StoredTable, dequantize, int4_kernel_layout, int4_quantize, int8_quantize,
                                  make_linear, pack_nibbles, unpack_nibbles)
@@ -162,3 +163,25 @@ def test_quantized_nano_greedy_starts_as_bf16():
     int8, int4 = [same_prefix(int8_model, p) for p in prompts], [same_prefix(int4_model, p) for p in prompts]
     assert min(int8) >= 32 and sum(int8) / len(int8) >= 40, int8
     assert sum(int4) / len(int4) >= 12, int4
+
+
+@pytest.mark.skipif(kernels() is None, reason="the block is for qwen35's CPU kernels")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_weights_sit_in_one_block(bits):
+    """`quantize` gathers every kernel layout into one memory block (on 2 MB pages); the model computes the same
+    as with each buffer in its own allocation."""
+    import qwen35
+
+    model = qwen35.load(None, dtype="bfloat16", device="cpu").model
+    quantize(model, bits=bits, group_size=32)
+    layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)) and m.own_kernel]
+    buffers = [t for m in layers for t in m.buffers(recurse=False)]
+    assert layers and len({t.untyped_storage().data_ptr() for t in buffers}) == 1
+    ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        gathered = model(ids)
+        for m in layers:
+            for name, t in list(m.named_buffers(recurse=False)):
+                setattr(m, name, t.clone())
+        model.reset_decode_plan()
+        assert torch.equal(model(ids), gathered)

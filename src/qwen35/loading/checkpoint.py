@@ -155,7 +155,11 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
     model.load_state_dict(loaded, strict=False, assign=True)
     if config.tie_word_embeddings and not (quant is not None and quant.head):
         model.lm_head.weight = model.embed_tokens.weight
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if quant is not None:
+        from qwen35.quant.linear import gather_on_huge_pages
+        gather_on_huge_pages(model)
+    return model
 
 
 def release_freed_memory() -> None:

@@ -201,6 +201,28 @@ class Int4Linear(nn.Module):
                                          row_index(index, self.out_features))
 
 
+def gather_on_huge_pages(model: nn.Module) -> None:
+    """Move the kernel layouts of every Int8Linear/Int4Linear on qwen35's kernels into one block on 2 MB pages
+    (`kernels/memory.cpp`), in module order: a decode token then streams one region instead of hundreds of
+    1-3 MB ones on 4 KB pages (0.8B int4 body alone: 26 -> 30-31 GB/s, alternated in one process). One buffer
+    at a time, each old one freed as it is replaced: the peak is the weights plus one matrix."""
+    k = kernels()
+    layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)) and m.own_kernel]
+    if k is None or not layers:
+        return
+    buffers = [(m, name) for m in layers for name, _ in m.named_buffers(recurse=False)]
+    block = k.huge_page_empty(sum(_padded(getattr(m, name).nbytes) for m, name in buffers))
+    start = 0
+    for m, name in buffers:
+        old = getattr(m, name)
+        setattr(m, name, block[start:start + old.nbytes].view(old.dtype).view(old.shape).copy_(old))
+        start += _padded(old.nbytes)
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // 64) * 64  # each buffer starts on a cache line
+
+
 class StoredTable(nn.Module):
     """A quantized table kept in the stored form, only ever read by rows (an untied embedding: its memory-mapped
     parts stay on disk but for the rows looked up)."""

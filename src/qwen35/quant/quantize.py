@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.models.qwen3_5 import Experts, Qwen35Model
-from qwen35.quant.linear import Int4Linear, StoredTable, int4_quantize, int8_quantize, make_linear
+from qwen35.quant.linear import (Int4Linear, StoredTable, gather_on_huge_pages, int4_quantize, int8_quantize,
+                                make_linear)
 
 SMALL = ("in_proj_a", "in_proj_b", "gate", "shared_expert_gate")  # a handful of outputs: not worth it
 METHOD = "qwen35-weight-only"
@@ -121,5 +122,6 @@ def quantize(model, bits: int = 4, group_size: int = 64, head: int | bool = 0):
         model.embed_tokens = QuantEmbedding(model.lm_head if tied else StoredTable(
             quantize_parts(model.embed_tokens.weight, cfg, dtype, cfg.head), group_size))
     model.quantization = cfg
+    gather_on_huge_pages(model)
     model.reset_decode_plan()
     return model

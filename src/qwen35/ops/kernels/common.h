@@ -95,5 +95,6 @@ torch::Tensor deltanet_decode(const torch::Tensor& qkv, const torch::Tensor& z, 
                               const torch::Tensor& norm_w, double eps);
 torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const std::optional<torch::Tensor>& valid, double scale);
+torch::Tensor huge_page_empty(int64_t nbytes);
 
 }  // namespace qwen35

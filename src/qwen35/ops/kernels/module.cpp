@@ -1,4 +1,4 @@
-// The Python module: qwen35.ops.cpu builds gemv.cpp, dequant.cpp, fused.cpp, decode.cpp and this file into one
+// The Python module: qwen35.ops.cpu builds every .cpp file here (gemv, dequant, fused, decode, memory) into one
 // extension.
 #include "decode.h"
 
@@ -12,6 +12,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &qwen35::rms_norm);
   m.def("deltanet_decode", &qwen35::deltanet_decode);
   m.def("attention_decode", &qwen35::attention_decode);
+  m.def("huge_page_empty", &qwen35::huge_page_empty);
   py::class_<qwen35::DecodePlan>(m, "DecodePlan")
       .def(py::init<double>())
       .def("add_deltanet", &qwen35::DecodePlan::add_deltanet)
