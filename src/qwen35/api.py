@@ -15,7 +15,7 @@ import torch
 
 from qwen35.generate import generate_tokens
 from qwen35.loading import (available_vision, load_model, load_vision, preprocessor_config, release_freed_memory,
-                            resolve_checkpoint, return_large_blocks)
+                            resolve_checkpoint)
 from qwen35.models import Qwen35Model
 from qwen35.ops.cpu import kernels
 from qwen35.models.vision import ImageInputs, VisionModel
@@ -164,7 +164,6 @@ def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfl
         raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
     if device == "cpu":
         kernels()  # built on first use: do it now, while the caller shows "loading"
-        return_large_blocks()
     tokenizer = Tokenizer.from_dir(path)  # first: its parse leaves ~0.2 GB of freed heap, returned before the weights
     release_freed_memory()
     model = load_model(path, dtype=dtype, device=device, progress=progress)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-import os
 import re
 import struct
 from collections import defaultdict
@@ -167,19 +166,6 @@ def release_freed_memory() -> None:
     248k-token tokenizer.json parse alone). A no-op where there is no glibc."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def return_large_blocks(threshold: int = 1 << 20) -> None:
-    """glibc: blocks of `threshold` bytes and more come from mmap and go back to the OS when freed. By default
-    the threshold rises to the largest block freed (up to 32 MiB), and prefill activations are then carved from
-    a heap that keeps them: a 4B int4 model measured 3.00-3.11 GB generating after a 512-token prompt, 2.90-2.91
-    with this. Process-wide; left alone where the user set MALLOC_MMAP_THRESHOLD_; a no-op without glibc."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 
