@@ -19,6 +19,7 @@ from torch import nn
 from qwen35.ops.cpu import GEMV_ROWS, fast_path, kernels
 
 TILE_ROWS = 256  # weight rows dequantized at once for a many-row (prefill) product
+TRIM_EVERY = 128 << 20  # bytes gathered on huge pages between returns of the freed copies to the OS
 
 
 def int8_quantize(weight: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -205,18 +206,25 @@ def gather_on_huge_pages(model: nn.Module) -> None:
     """Move the kernel layouts of every Int8Linear/Int4Linear on qwen35's kernels into one block on 2 MB pages
     (`kernels/memory.cpp`), in module order: a decode token then streams one region instead of hundreds of
     1-3 MB ones on 4 KB pages (0.8B int4 body alone: 26 -> 30-31 GB/s, alternated in one process). One buffer
-    at a time, each old one freed as it is replaced: the peak is the weights plus one matrix."""
+    at a time, each old one freed as it is replaced and returned to the OS every 128 MB: the load peak
+    rises by about that much."""
     k = kernels()
     layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)) and m.own_kernel]
     if k is None or not layers:
         return
     buffers = [(m, name) for m in layers for name, _ in m.named_buffers(recurse=False)]
+    from qwen35.loading.checkpoint import release_freed_memory
+
+    release_freed_memory()  # what loading left in the heap, before the block's pages add to it
     block = k.huge_page_empty(sum(_padded(getattr(m, name).nbytes) for m, name in buffers))
-    start = 0
+    start = trimmed = 0
     for m, name in buffers:
         old = getattr(m, name)
         setattr(m, name, block[start:start + old.nbytes].view(old.dtype).view(old.shape).copy_(old))
         start += _padded(old.nbytes)
+        if start - trimmed > TRIM_EVERY:  # glibc keeps freed heap blocks: hand them back as we go
+            release_freed_memory()
+            trimmed = start
 
 
 def _padded(nbytes: int) -> int:
