@@ -62,11 +62,12 @@ def run_plan(plan, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], att
     b = x.shape[0]
     if b > GEMV_ROWS:
         return None
-    state, lengths = [], []
+    state, lengths, kv = [], [], []
     for layer in cache.layers:
         if isinstance(layer, KVCache):
             state += [layer.k, layer.v]
             lengths.append(layer.length)
+            kv.append(layer)
         elif layer.state is None:  # a sequence starts here: the prefill path sets the state up
             return None
         else:
@@ -75,7 +76,6 @@ def run_plan(plan, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], att
             lengths.append(0)
     valid = None if attn_mask is None else attn_mask.reshape(b, -1).contiguous()
     out = plan.run(x.reshape(b, -1), *rope, valid, state, lengths)
-    for layer in cache.layers:
-        if isinstance(layer, KVCache):
-            layer.length += 1
+    for layer in kv:
+        layer.length += 1
     return out.view(b, 1, -1)
