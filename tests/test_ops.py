@@ -58,16 +58,16 @@ def test_chunk_size_does_not_change_result():
 
 def test_causal_conv_matches_reference_with_carried_state():
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(2, 12, 30, generator=g), torch.randn(12, 4, generator=g)
+    x, w = torch.randn(2, 30, 12, generator=g), torch.randn(12, 4, generator=g)
     y_ref, s_ref = causal_conv1d_reference(x, w, None)
     y, s = causal_conv1d(x, w, None)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s, s_ref)
     parts, state = [], None
     for a, b in [(0, 1), (1, 9), (9, 10), (10, 30)]:  # one step at a time and in odd pieces
-        y_part, state = causal_conv1d(x[:, :, a:b], w, state)
+        y_part, state = causal_conv1d(x[:, a:b], w, state)
         parts.append(y_part)
-    torch.testing.assert_close(torch.cat(parts, -1), y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(parts, 1), y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state, s_ref)
     # the carried state owns its few columns: a view would keep the whole chunk's input alive in the cache
     assert s.untyped_storage().nbytes() == s.numel() * s.element_size()

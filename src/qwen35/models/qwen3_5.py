@@ -190,9 +190,9 @@ class GatedDeltaNet(nn.Module):
             return self.out_proj(o).view(b, 1, -1)
         if pad_mask is not None:  # zero inputs at left pads: the state then stays exactly as at a sequence start
             x = x * pad_mask[..., None].to(x.dtype)
-        mixed, conv_state = causal_conv1d(self.in_proj_qkv(x).transpose(1, 2), self.conv1d.weight.squeeze(1),
+        mixed, conv_state = causal_conv1d(self.in_proj_qkv(x), self.conv1d.weight.squeeze(1),
                                           cache.conv if cache is not None else None)
-        q, k, v = mixed.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = _l2norm(q.reshape(b, t, self.hk, self.dk).float()) * self.dk ** -0.5
         k = _l2norm(k.reshape(b, t, self.hk, self.dk).float())
         v = v.reshape(b, t, self.hv, self.dv)
