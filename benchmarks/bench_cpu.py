@@ -5,14 +5,16 @@ For each size (the real 0.8B/2B/4B/9B configs, random weights, official layout, 
 to first token of a 512-token prompt, decode tok/s over 128 tokens (EOS ignored), peak RSS (whole run, and while
 generating: the 512-token prompt and its 128 tokens, run first after loading), and achieved weight
 bandwidth (weight bytes read per token x decode tok/s) as a share of the read bandwidth measured between blocks
-of 16 decode steps, outside their timing, by a helper process (the median of those probes: this machine's
-bandwidth drifts by tens of percent within minutes, so the two figures are taken seconds apart).
+of 16 decode steps, outside their timing (the median of those probes: this machine's bandwidth drifts by tens of
+percent within minutes, so the two figures are taken seconds apart). With --turns, the engines of a size run at
+once and take turns, block by block and prefill by prefill, so the ratios to the peers (last two columns) compare
+the same minutes of the machine.
 Engines: qwen35 bf16 / int8 / int4 (g64, int8 head) / int4h4 (int4 head too) / int4g128h4 (groups of 128,
 int4 head; only when named), transformers bf16 (same checkpoint), and llama.cpp through llama-cpp-python
 (`make bench` builds it from source) on the same checkpoint converted by llama.cpp's own converter to F16, then
 quantized to Q8_0 / Q4_0. Same thread count everywhere. Prints a table, then one JSON line.
 
-    python benchmarks/bench_cpu.py --sizes 0.8B --engines all
+    python benchmarks/bench_cpu.py --sizes 0.8B --engines all [--turns]
 """
 
 from __future__ import annotations
@@ -24,8 +26,13 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
+
+# what a worker hands `serve`: prefill(n) -> seconds, start() -> (time to first token, step), load s, weight bytes
+Hooks = tuple[Callable[[int], float], Callable[[], tuple[float, Callable[[], None]]], float, int]
 
 HERE = Path(__file__).resolve().parent
 ENGINES = ["qwen35-bf16", "qwen35-int8", "qwen35-int4", "qwen35-int4h4", "transformers-bf16", "llama-F16",
@@ -39,12 +46,18 @@ LLAMA_SRC = "llama-cpp-python==0.3.36"
 PROBE_EVERY = 16  # decode steps between two read-bandwidth probes
 
 
-def read_bandwidth(threads: int, data=None, passes: int = 5) -> float:
-    """GB/s of one pass over 512 MB with PyTorch (best of `passes`): the ceiling decode is held against."""
+def probe_data():
+    import torch
+
+    return torch.ones(64 << 20, dtype=torch.int64)
+
+
+def read_bandwidth(threads: int, data, passes: int = 5) -> float:
+    """GB/s of one pass over `data` (512 MB, `probe_data`) with PyTorch, best of `passes`: the ceiling decode is
+    held against."""
     import torch
 
     torch.set_num_threads(threads)
-    data = torch.ones(64 << 20, dtype=torch.int64) if data is None else data
     best = float("inf")
     for _ in range(passes):
         start = time.perf_counter()
@@ -53,20 +66,9 @@ def read_bandwidth(threads: int, data=None, passes: int = 5) -> float:
     return data.numel() * 8 / best / 1e9
 
 
-def probe_loop(threads: int) -> None:
-    """`--probe`: a read-bandwidth probe per line read from stdin (its own process: its 512 MB and torch import
-    stay out of the measured engine's RSS)."""
-    import torch
-
-    data = torch.ones(64 << 20, dtype=torch.int64)
-    for _ in sys.stdin:
-        time.sleep(0.01)  # the engine's worker threads stop spinning (OpenMP, ggml) and leave the cores free
-        print(read_bandwidth(threads, data, passes=3), flush=True)
-
-
 # -- workers: one engine, one size, in a fresh process (so peak RSS is its own) --------------------------------------
 
-def qwen35_worker(ckpt: Path, variant: str, args: argparse.Namespace) -> dict:
+def qwen35_worker(ckpt: Path, variant: str, args: argparse.Namespace) -> Hooks:
     import torch
 
     import qwen35
@@ -107,7 +109,7 @@ def qwen35_worker(ckpt: Path, variant: str, args: argparse.Namespace) -> dict:
             token = torch.tensor([[greedy(model(token, cache)[0, -1])]])
         return ttft, step
 
-    return measure(run_prefill, start_decode, load_s, weight_bytes_qwen35(model), args)
+    return run_prefill, start_decode, load_s, weight_bytes_qwen35(model)
 
 
 def weight_bytes_qwen35(model) -> int:
@@ -121,7 +123,7 @@ def weight_bytes_qwen35(model) -> int:
     return total
 
 
-def transformers_worker(ckpt: Path, args: argparse.Namespace) -> dict:
+def transformers_worker(ckpt: Path, args: argparse.Namespace) -> Hooks:
     import torch
     import transformers as tf
 
@@ -155,10 +157,10 @@ def transformers_worker(ckpt: Path, args: argparse.Namespace) -> dict:
             token, past = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
         return ttft, step
 
-    return measure(run_prefill, start_decode, load_s, weight, args)
+    return run_prefill, start_decode, load_s, weight
 
 
-def llama_worker(ckpt: Path, quant: str, args: argparse.Namespace) -> dict:
+def llama_worker(ckpt: Path, quant: str, args: argparse.Namespace) -> Hooks:
     import llama_cpp
 
     gguf = gguf_file(ckpt, quant, args)
@@ -187,7 +189,7 @@ def llama_worker(ckpt: Path, quant: str, args: argparse.Namespace) -> dict:
             token = llm.sample(temp=0.0)
         return ttft, step
 
-    return measure(run_prefill, start_decode, load_s, gguf_weight_bytes(gguf), args)
+    return run_prefill, start_decode, load_s, gguf_weight_bytes(gguf)
 
 
 def gguf_file(ckpt: Path, quant: str, args: argparse.Namespace) -> Path:
@@ -254,29 +256,36 @@ def peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(run_prefill, start_decode, load_s: float, weight_bytes: int, args: argparse.Namespace) -> dict:
-    probe = subprocess.Popen([sys.executable, __file__, "--probe", "--threads", str(args.threads)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    run_prefill(32)  # warm-up: first-call allocations and kernel builds are not what is measured
-    load_peak = peak_rss()
-    reset_peak_rss()
-    ttft, step = start_decode()  # first, as a user would: load, then generate
-    elapsed, bandwidths = 0.0, []
-    for done in range(0, args.decode, PROBE_EVERY):
-        start = time.perf_counter()
-        for _ in range(min(PROBE_EVERY, args.decode - done)):
-            step()
-        elapsed += time.perf_counter() - start
-        probe.stdin.write("\n")
-        probe.stdin.flush()
-        bandwidths.append(float(probe.stdout.readline()))
-    probe.stdin.close()
-    probe.wait()
-    generate_rss = peak_rss()
-    prefill = {n: n / min(run_prefill(n) for _ in range(1 if n > 1024 else 2)) for n in args.prefill}
-    return {"load_s": load_s, "prefill": prefill, "ttft_s": ttft, "decode": args.decode / elapsed,
-            "peak_rss": max(load_peak, peak_rss()), "generate_rss": generate_rss,
-            "weight_bytes": weight_bytes, "read_bw": statistics.median(bandwidths)}
+def serve(run_prefill, start_decode, load_s: float, weight_bytes: int) -> None:
+    """Answer the driver's commands, one JSON line each (see `Worker`): the driver decides what runs when, so
+    engines can take turns."""
+    step = None
+    reply({"load_s": load_s, "weight_bytes": weight_bytes})
+    for line in sys.stdin:
+        command, *arg = line.split()
+        if command == "warmup":  # first-call allocations and kernel builds are not what is measured
+            run_prefill(32)
+            answer = {"load_peak": peak_rss()}
+            reset_peak_rss()
+        elif command == "start":  # first, as a user would: load, then generate
+            ttft, step = start_decode()
+            answer = {"ttft_s": ttft}
+        elif command == "decode":
+            start = time.perf_counter()
+            for _ in range(int(arg[0])):
+                step()
+            answer = {"seconds": time.perf_counter() - start}
+        elif command == "prefill":
+            answer = {"seconds": run_prefill(int(arg[0]))}
+        elif command == "rss":  # the peak since warm-up (generating) or since start (loading included)
+            answer = {"peak_rss": peak_rss()}
+        else:
+            return
+        reply(answer)
+
+
+def reply(answer: dict) -> None:
+    print("RESULT " + json.dumps(answer), flush=True)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -287,28 +296,94 @@ def worker(args: argparse.Namespace) -> None:
     ckpt = Path(args.cache) / size
     family, variant = engine.split("-", 1)
     if family == "qwen35":
-        result = qwen35_worker(ckpt, variant, args)
+        hooks = qwen35_worker(ckpt, variant, args)
     elif family == "transformers":
-        result = transformers_worker(ckpt, args)
+        hooks = transformers_worker(ckpt, args)
     else:
-        result = llama_worker(ckpt, variant, args)
-    print("RESULT " + json.dumps(result))
+        hooks = llama_worker(ckpt, variant, args)
+    serve(*hooks)
 
 
 # -- driver -------------------------------------------------------------------------------------------------------
 
-def run_one(engine: str, size: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", engine, size, "--cache", args.cache, "--threads", str(args.threads),
-           "--decode", str(args.decode), "--prefill", ",".join(map(str, args.prefill))] + ["--compile"] * args.compile
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
-    result = json.loads(line[len("RESULT "):])
-    result["prefill"] = {int(k): v for k, v in result["prefill"].items()}
-    return result
+class Worker:
+    """One engine on one size in its own process (so its peak RSS is its own), driven line by line."""
+
+    def __init__(self, engine: str, size: str, args: argparse.Namespace):
+        self.engine, self.log = engine, tempfile.TemporaryFile("w+")
+        cmd = [sys.executable, __file__, "--worker", engine, size, "--cache", args.cache, "--threads",
+               str(args.threads), "--decode", str(args.decode), "--prefill", ",".join(map(str, args.prefill))]
+        cmd += ["--compile"] * args.compile
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        self.result = self.answer()
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.answer()
+
+    def answer(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+        self.proc.wait()
+        self.log.seek(0)
+        tail = self.log.read().strip().splitlines()[-3:]
+        raise RuntimeError(" | ".join(tail) or f"exit code {self.proc.returncode}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+        self.log.close()
+
+
+def run_group(engines: list[str], size: str, args: argparse.Namespace, probe) -> dict[str, dict]:
+    """Measure `engines` on `size` taking turns: every block of decode steps and every prefill runs each engine
+    once, in a rotating order, so all see the same minutes of this shared machine (one engine: a plain run).
+    The read bandwidth is probed on `probe` (a 512 MB tensor) between rounds, while every engine waits."""
+    results: dict[str, dict] = {}
+    workers: list[Worker] = []
+    for engine in engines:  # one at a time: loading, converting and quantizing do not overlap
+        try:
+            w = Worker(engine, size, args)
+            w.result.update(w.ask("warmup"))
+            workers.append(w)
+        except RuntimeError as e:
+            results[engine] = {"error": str(e)}
+
+    def turns(command: str, key: str, round_: int = 0) -> None:
+        for w in workers[round_ % len(workers):] + workers[:round_ % len(workers)]:
+            time.sleep(0.01)  # the last engine's threads stop spinning (OpenMP, ggml) and leave the cores free
+            try:
+                w.result.setdefault(key, []).append(w.ask(command))
+            except RuntimeError as e:  # this engine failed: report it, keep what the others measure
+                results[w.engine] = {"error": str(e)}
+                workers.remove(w)
+                w.close()
+
+    turns("start", "start")
+    bandwidths = []
+    for r, done in enumerate(range(0, args.decode, PROBE_EVERY)):
+        turns(f"decode {min(PROBE_EVERY, args.decode - done)}", "decode", r)
+        time.sleep(0.01)
+        bandwidths.append(read_bandwidth(args.threads, probe, passes=3))
+    turns("rss", "generate")
+    for n in args.prefill:
+        for r in range(1 if n > 1024 else 2):
+            turns(f"prefill {n}", f"prefill {n}", r)
+    turns("rss", "end")
+    for w in workers:
+        w.close()
+        r = w.result
+        results[w.engine] = {
+            "load_s": r["load_s"], "weight_bytes": r["weight_bytes"], "ttft_s": r["start"][0]["ttft_s"],
+            "decode": args.decode / sum(b["seconds"] for b in r["decode"]),
+            "prefill": {n: n / min(p["seconds"] for p in r[f"prefill {n}"]) for n in args.prefill},
+            "generate_rss": r["generate"][0]["peak_rss"],
+            "peak_rss": max(r["load_peak"], r["end"][0]["peak_rss"]), "read_bw": statistics.median(bandwidths)}
+    return results
 
 
 def main() -> None:
@@ -320,32 +395,59 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "qwen35-bench"))
     p.add_argument("--compile", action="store_true", help="qwen35 engines decode through torch.compile")
+    p.add_argument("--turns", action="store_true", help="all engines of a size loaded at once and measured taking "
+                   "turns (same minutes of the machine for each; needs the memory of all of them)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
-    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.probe:
-        return probe_loop(args.threads)
     if args.worker:
         return worker(args)
     sys.path.insert(0, str(HERE))
     from shape_true import write_checkpoint
 
     engines = ENGINES if args.engines == "all" else args.engines.split(",")
-    bandwidth = read_bandwidth(args.threads)
+    probe = probe_data()
+    bandwidth = read_bandwidth(args.threads, probe)
     print(f"read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads); cpu: {cpu_name()}", flush=True)
     rows = []
     for size in args.sizes.split(","):
-        write_checkpoint(size, Path(args.cache) / size)
+        if not all(prepared(engine, size, Path(args.cache)) for engine in engines):
+            write_checkpoint(size, Path(args.cache) / size)
+        results: dict[str, dict] = {}
+        for group in [engines] if args.turns else [[e] for e in engines]:
+            print(f"  {size} {', '.join(group)} …", flush=True)
+            results.update(run_group(group, size, args, probe))
         for engine in engines:
-            print(f"  {size} {engine} …", flush=True)
-            r = run_one(engine, size, args)
+            r = results[engine]
             if "error" not in r:  # against the read bandwidth probed between its decode steps
                 r["bandwidth_gbs"] = r["weight_bytes"] * r["decode"] / 1e9
                 r["bandwidth_share"] = r["bandwidth_gbs"] / r["read_bw"]
-            rows.append({"size": size, "engine": engine, **r})
+            rows.append({"size": size, "engine": engine, **r, **peer_ratios(engine, results, args)})
     print_table(rows, args)
-    print(json.dumps({"benchmark": "cpu", "threads": args.threads, "read_bandwidth_gbs": round(bandwidth, 2),
-                      "cpu": cpu_name(), "results": rows}))
+    print(json.dumps({"benchmark": "cpu", "threads": args.threads, "turns": args.turns,
+                      "read_bandwidth_gbs": round(bandwidth, 2), "cpu": cpu_name(), "results": rows}))
+
+
+def prepared(engine: str, size: str, cache: Path) -> bool:
+    """Whether `engine` can run without the bf16 checkpoint being written (its quantized artifact exists)."""
+    family, variant = engine.split("-", 1)
+    if family == "qwen35" and variant != "bf16":
+        return (cache / f"{size}-{variant}" / "config.json").exists()
+    return family == "llama" and (cache / f"{size}-{variant}.gguf").exists()
+
+
+def peer_ratios(engine: str, results: dict[str, dict], args: argparse.Namespace) -> dict:
+    """A qwen35 engine's decode over llama.cpp's at the same width, and its first prefill over transformers'."""
+    family, variant = engine.split("-", 1)
+    peer = "llama-" + {"bf16": "F16", "int8": "Q8_0"}.get(variant, "Q4_0")
+    ours, out = results[engine], {}
+    if family != "qwen35" or "error" in ours:
+        return out
+    if "error" not in results.get(peer, {"error": ""}):
+        out["decode_vs_llama"] = ours["decode"] / results[peer]["decode"]
+    if "error" not in results.get("transformers-bf16", {"error": ""}):
+        n = args.prefill[0]
+        out["prefill_vs_transformers"] = ours["prefill"][n] / results["transformers-bf16"]["prefill"][n]
+    return out
 
 
 def cpu_name() -> str:
@@ -359,9 +461,9 @@ def cpu_name() -> str:
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
-    heads = ["size", "engine"] + [f"prefill {n}" for n in args.prefill] + ["TTFT s", "decode tok/s", "GB/s",
-                                                                             "read bw", "share", "peak RSS GB",
-                                                                             "generating RSS GB"]
+    heads = ["size", "engine"] + [f"prefill {n}" for n in args.prefill] + [
+        "TTFT s", "decode tok/s", "GB/s", "read bw", "share", "peak RSS GB", "generating RSS GB",
+        "decode ÷ llama.cpp", f"prefill {args.prefill[0]} ÷ transformers"]
     print("\n| " + " | ".join(heads) + " |\n|" + "---|" * len(heads))
     for r in rows:
         if "error" in r:
@@ -370,7 +472,8 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         cells = [r["size"], r["engine"]] + [f"{r['prefill'][n]:.0f}" for n in args.prefill] + [
             f"{r['ttft_s']:.2f}", f"{r['decode']:.1f}", f"{r['bandwidth_gbs']:.1f}", f"{r['read_bw']:.1f}",
             f"{100 * r['bandwidth_share']:.0f}%", f"{r['peak_rss'] / 1e9:.2f}",
-            f"{r['generate_rss'] / 1e9:.2f}"]
+            f"{r['generate_rss'] / 1e9:.2f}"] + [f"{r[key]:.2f}" if key in r else "" for key in
+                                                 ("decode_vs_llama", "prefill_vs_transformers")]
         print("| " + " | ".join(cells) + " |")
 
 
