@@ -115,7 +115,8 @@ def qwen35_worker(ckpt: Path, variant: str, args: argparse.Namespace) -> Hooks:
 def weight_bytes_qwen35(model) -> int:
     """Bytes one decode step reads: every parameter and buffer once, less an untied embedding (one row read)."""
     seen, total = set(), 0
-    skip = set() if model.config.tie_word_embeddings else {id(t) for t in model.embed_tokens.state_dict().values()}
+    table = model.embed_tokens
+    skip = set() if model.config.tie_word_embeddings else {id(t) for t in [*table.parameters(), *table.buffers()]}
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in seen and id(t) not in skip:
             seen.add(id(t))

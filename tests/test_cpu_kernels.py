@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import qwen35
 import qwen35.ops.cpu as cpu
+import qwen35.quant.linear as qlinear
 from qwen35.cache import make_cache
 from qwen35.generate import prefill
 from qwen35.quant.linear import dequantize, int4_quantize, int8_activations, int8_quantize, make_linear
@@ -68,9 +69,11 @@ def test_quantized_layers_match_dequantized_reference(m, bits, group):
 
 @pytest.mark.parametrize("bits, group, k", [(8, 0, 1000), (8, 0, 96), (8, 0, 256), (4, 32, 256), (4, 64, 384),
                                              (4, 128, 256)])
-def test_dequantized_tiles_equal_the_reference(bits, group, k):
+def test_dequantized_tiles_equal_the_reference(bits, group, k, monkeypatch):
     """The prefill tiles (weight rows to bf16, vectorised) round exactly as the fp32 reference cast to bf16;
-    rows picked one by one (embedding lookups) too. K = 1000 is not for the kernel (PyTorch's path)."""
+    rows picked one by one (embedding lookups) too. K = 1000 is not for the kernel (PyTorch's path). The kernel
+    layout is built in blocks of 32 rows here (two blocks, the second partial)."""
+    monkeypatch.setattr(qlinear, "LAYOUT_ROWS", 32)
     w = torch.randn(48, k, generator=torch.Generator().manual_seed(k + group))
     parts = int8_quantize(w, torch.bfloat16) if bits == 8 else int4_quantize(w, group, torch.bfloat16)
     layer = make_linear(parts, group)

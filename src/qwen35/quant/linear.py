@@ -19,6 +19,7 @@ from torch import nn
 from qwen35.ops.cpu import GEMV_ROWS, fast_path, kernels
 
 TILE_ROWS = 256  # weight rows dequantized at once for a many-row (prefill) product
+LAYOUT_ROWS = 4096  # rows per block while building a kernel layout (a multiple of 16)
 TRIM_EVERY = 128 << 20  # bytes gathered on huge pages between returns of the freed copies to the OS
 
 
@@ -88,20 +89,33 @@ def row_index(index: torch.Tensor | slice, n: int) -> torch.Tensor:
 def int4_kernel_layout(qweight: torch.Tensor) -> torch.Tensor:
     """Stored (N, K/2) nibbles (low = even column) -> the kernel's (see `int4_tile` in kernels/gemv.cpp),
     (N/16, 8K): tiles of 16 rows; per tile and 8 columns c.., 64 bytes, byte 4r + j = row r's column c+j |
-    column c+4+j << 4. In uint8 throughout (the load-time copy stays about twice the packed size)."""
-    n, half = qweight.shape
-    b = qweight.reshape(n, half // 4, 4)  # per 8 columns, 4 stored bytes: columns (0,1) (2,3) (4,5) (6,7)
-    lo, hi = b[..., :2], b[..., 2:]  # columns 0-3, columns 4-7
-    mixed = torch.stack([(lo & 15) | ((hi & 15) << 4), (lo >> 4) | (hi & 0xF0)], dim=-1)  # (n, K/8, 2, 2): j = 2a+b
-    return mixed.reshape(n // 16, 16, half // 4, 4).transpose(1, 2).reshape(n // 16, 8 * half * 2)
+    column c+4+j << 4."""
+    def tiles(q: torch.Tensor) -> torch.Tensor:
+        n, half = q.shape
+        b = q.reshape(n, half // 4, 4)  # per 8 columns, 4 stored bytes: columns (0,1) (2,3) (4,5) (6,7)
+        lo, hi = b[..., :2], b[..., 2:]  # columns 0-3, columns 4-7
+        mixed = torch.stack([(lo & 15) | ((hi & 15) << 4), (lo >> 4) | (hi & 0xF0)], dim=-1)  # (n, K/8, 2, 2)
+        return mixed.reshape(n // 16, 16, half // 4, 4).transpose(1, 2).reshape(n // 16, 8 * half * 2)
+    return _by_row_blocks(qweight, tiles, 16 * qweight.shape[1])
 
 
 def int8_kernel_layout(qweight: torch.Tensor) -> torch.Tensor:
     """(N, K) int8 -> the kernel's (see `int8_tile` in kernels/gemv.cpp), (N/16, 16K) uint8: tiles of 16 rows;
     per tile and 4 columns c.., 64 bytes, byte 4r + j = row r's column c+j, as q + 128."""
-    n, k = qweight.shape
-    shifted = qweight.view(torch.uint8) ^ 0x80  # two's complement with the sign bit flipped: q + 128
-    return shifted.reshape(n // 16, 16, k // 4, 4).transpose(1, 2).reshape(n // 16, 16 * k)
+    def tiles(q: torch.Tensor) -> torch.Tensor:
+        n, k = q.shape
+        shifted = q.view(torch.uint8) ^ 0x80  # two's complement with the sign bit flipped: q + 128
+        return shifted.reshape(n // 16, 16, k // 4, 4).transpose(1, 2).reshape(n // 16, 16 * k)
+    return _by_row_blocks(qweight, tiles, 16 * qweight.shape[1])
+
+
+def _by_row_blocks(qweight: torch.Tensor, tiles: Callable[[torch.Tensor], torch.Tensor], width: int) -> torch.Tensor:
+    """A layout of whole 16-row tiles built LAYOUT_ROWS rows at a time into its final buffer: whole-matrix
+    temporaries made the 9B's 1 GB int8 head cost 3 GB more while loading."""
+    out = torch.empty(qweight.shape[0] // 16, width, dtype=torch.uint8)
+    for start in range(0, qweight.shape[0], LAYOUT_ROWS):
+        out[start // 16:(start + LAYOUT_ROWS) // 16] = tiles(qweight[start:start + LAYOUT_ROWS])
+    return out
 
 
 def tile_table(table: torch.Tensor) -> torch.Tensor:
