@@ -54,64 +54,73 @@ torch::Tensor deltanet_decode(const torch::Tensor& qkv, const torch::Tensor& z, 
   float* mp = mixed.data_ptr<float>();
   const bf16 *xp = qkv.data_ptr<at::BFloat16>(), *wp = conv_w.data_ptr<at::BFloat16>();
   bf16* cs = conv_state.data_ptr<at::BFloat16>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      for (int64_t c = 0; c < C; ++c) {
-        bf16* hist = cs + (bi * C + c) * (W - 1);
-        const bf16* wc = wp + c * W;
-        const float u = static_cast<float>(xp[bi * C + c]);
-        float acc = static_cast<float>(wc[W - 1]) * u;
-        for (int64_t j = 0; j < W - 1; ++j) acc += static_cast<float>(wc[j]) * static_cast<float>(hist[j]);
-        for (int64_t j = 0; j + 1 < W - 1; ++j) hist[j] = hist[j + 1];
-        hist[W - 2] = xp[bi * C + c];
-        mp[bi * C + c] = bf16_round(silu(bf16_round(acc)));
-      }
-      for (int64_t h = 0; h < 2 * Hk; ++h) {  // q heads then k heads: L2-normalise in fp32; q also by dk^-1/2
-        float* v = mp + bi * C + h * dk;
-        float ss = 0.f;
-        for (int64_t i = 0; i < dk; ++i) ss += v[i] * v[i];
-        const float scale = 1.0f / std::sqrt(ss + 1e-6f) * (h < Hk ? 1.0f / std::sqrt(static_cast<float>(dk)) : 1.0f);
-        for (int64_t i = 0; i < dk; ++i) v[i] *= scale;
-      }
-    }
-  });
-  auto out = torch::empty({B, Hv * dv}, qkv.options());
-  bf16* op = out.data_ptr<at::BFloat16>();
   const bf16 *zp = z.data_ptr<at::BFloat16>(), *bp = b.data_ptr<at::BFloat16>(), *ap = a.data_ptr<at::BFloat16>();
   const bf16* nw = norm_w.data_ptr<at::BFloat16>();
   float* sp = state.data_ptr<float>();
-  at::parallel_for(0, B * Hv, 1, [&](int64_t i0, int64_t i1) {
+  auto out = torch::empty({B, Hv * dv}, qkv.options());
+  bf16* op = out.data_ptr<at::BFloat16>();
+  const int64_t group = Hv / Hk;
+
+  auto conv = [&](int64_t bi, int64_t c0, int64_t n) {  // channels c0.. of sequence bi: conv + SiLU into mixed
+    for (int64_t c = c0; c < c0 + n; ++c) {
+      bf16* hist = cs + (bi * C + c) * (W - 1);
+      const bf16* wc = wp + c * W;
+      const float u = static_cast<float>(xp[bi * C + c]);
+      float acc = static_cast<float>(wc[W - 1]) * u;
+      for (int64_t j = 0; j < W - 1; ++j) acc += static_cast<float>(wc[j]) * static_cast<float>(hist[j]);
+      for (int64_t j = 0; j + 1 < W - 1; ++j) hist[j] = hist[j + 1];
+      hist[W - 2] = xp[bi * C + c];
+      mp[bi * C + c] = bf16_round(silu(bf16_round(acc)));
+    }
+  };
+  auto l2norm = [&](float* v, float scale) {
+    float ss = 0.f;
+    for (int64_t i = 0; i < dk; ++i) ss += v[i] * v[i];
+    const float inv = 1.0f / std::sqrt(ss + 1e-6f) * scale;
+    for (int64_t i = 0; i < dk; ++i) v[i] *= inv;
+  };
+  // One task per sequence and key head: its q/k channels, then the value heads reading them. A single parallel
+  // region with no serial part: the conv over all channels had run on one thread while the other waited.
+  at::parallel_for(0, B * Hk, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> pred(dv), o(dv);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t bi = i / Hv, h = i % Hv, hk = h / (Hv / Hk);
-      const float* q = mp + bi * C + hk * dk;
-      const float* k = mp + bi * C + (Hk + hk) * dk;
-      const float* v = mp + bi * C + 2 * Hk * dk + h * dv;
-      const float beta = bf16_round(1.0f / (1.0f + std::exp(-static_cast<float>(bp[bi * Hv + h]))));
-      const float x = static_cast<float>(ap[bi * Hv + h]) + dtp[h];
-      const float softplus = x > 20.0f ? x : std::log1p(std::exp(x));
-      const float decay = std::exp(-std::exp(Ap[h]) * softplus);
-      float* S = sp + i * dk * dv;
-      std::fill(pred.begin(), pred.end(), 0.f);
-      for (int64_t r = 0; r < dk; ++r)
-        for (int64_t c = 0; c < dv; ++c) pred[c] += k[r] * (S[r * dv + c] * decay);
-      for (int64_t c = 0; c < dv; ++c) pred[c] = beta * (v[c] - pred[c]);  // the delta to write
-      std::fill(o.begin(), o.end(), 0.f);
-      for (int64_t r = 0; r < dk; ++r)
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bi = t / Hk, hk = t % Hk;
+      float* q = mp + bi * C + hk * dk;
+      float* k = mp + bi * C + (Hk + hk) * dk;
+      conv(bi, hk * dk, dk);
+      conv(bi, (Hk + hk) * dk, dk);
+      conv(bi, 2 * Hk * dk + hk * group * dv, group * dv);
+      l2norm(q, 1.0f / std::sqrt(static_cast<float>(dk)));  // q also by dk^-1/2
+      l2norm(k, 1.0f);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const int64_t i = bi * Hv + h;
+        const float* v = mp + bi * C + 2 * Hk * dk + h * dv;
+        const float beta = bf16_round(1.0f / (1.0f + std::exp(-static_cast<float>(bp[i]))));
+        const float x = static_cast<float>(ap[i]) + dtp[h];
+        const float softplus = x > 20.0f ? x : std::log1p(std::exp(x));
+        const float decay = std::exp(-std::exp(Ap[h]) * softplus);
+        float* S = sp + i * dk * dv;
+        std::fill(pred.begin(), pred.end(), 0.f);
+        for (int64_t r = 0; r < dk; ++r)
+          for (int64_t c = 0; c < dv; ++c) pred[c] += k[r] * (S[r * dv + c] * decay);
+        for (int64_t c = 0; c < dv; ++c) pred[c] = beta * (v[c] - pred[c]);  // the delta to write
+        std::fill(o.begin(), o.end(), 0.f);
+        for (int64_t r = 0; r < dk; ++r)
+          for (int64_t c = 0; c < dv; ++c) {
+            const float s = S[r * dv + c] * decay + k[r] * pred[c];
+            S[r * dv + c] = s;
+            o[c] += q[r] * s;
+          }
+        float ss = 0.f;
         for (int64_t c = 0; c < dv; ++c) {
-          const float s = S[r * dv + c] * decay + k[r] * pred[c];
-          S[r * dv + c] = s;
-          o[c] += q[r] * s;
+          o[c] = bf16_round(o[c]);
+          ss += o[c] * o[c];
         }
-      float ss = 0.f;
-      for (int64_t c = 0; c < dv; ++c) {
-        o[c] = bf16_round(o[c]);
-        ss += o[c] * o[c];
-      }
-      const float inv = 1.0f / std::sqrt(ss / dv + static_cast<float>(eps));
-      for (int64_t c = 0; c < dv; ++c) {
-        const float normed = bf16_round(static_cast<float>(nw[c]) * bf16_round(o[c] * inv));
-        op[bi * Hv * dv + h * dv + c] = bf16(normed * silu(static_cast<float>(zp[bi * Hv * dv + h * dv + c])));
+        const float inv = 1.0f / std::sqrt(ss / dv + static_cast<float>(eps));
+        for (int64_t c = 0; c < dv; ++c) {
+          const float normed = bf16_round(static_cast<float>(nw[c]) * bf16_round(o[c] * inv));
+          op[i * dv + c] = bf16(normed * silu(static_cast<float>(zp[i * dv + c])));
+        }
       }
     }
   });
