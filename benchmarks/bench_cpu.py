@@ -199,14 +199,14 @@ def gguf_file(ckpt: Path, quant: str, args: argparse.Namespace) -> Path:
 
     src = llama_source(Path(args.cache))
     f16 = Path(args.cache) / f"{ckpt.name}-F16.gguf"
+    out = Path(args.cache) / f"{ckpt.name}-{quant}.gguf"
+    if out.exists():  # made by an earlier run (the F16 it came from may have been deleted: 8 GB at 4B)
+        return out
     if not f16.exists():
         env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
         subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", "f16",
                         "--no-mtp", "--outfile", str(f16)], check=True, env=env, stdout=subprocess.DEVNULL)
-    if quant == "F16":
-        return f16
-    out = Path(args.cache) / f"{ckpt.name}-{quant}.gguf"
-    if not out.exists():
+    if quant != "F16":
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
         params.nthread = args.threads
