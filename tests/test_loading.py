@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import VOCAB
 from qwen35.config import ConfigError, load_config
-from qwen35.loading import CheckpointError, load_model, resolve_checkpoint, save_model
+from qwen35.loading import (CheckpointError, available_vision, load_model, preprocessor_config, resolve_checkpoint,
+                            save_model)
+from qwen35.sampling import SamplingParams
 
 
 @pytest.fixture()
@@ -122,7 +127,7 @@ def test_pickle_weights_are_refused(ckpt):
     (lambda c: c.update(model_type="llama"), r"'model_type' = 'llama'"),
     (lambda c: c["text_config"].update(num_key_value_heads=3), r"'num_attention_heads' = 4 .*divisible by num_key_value_heads \(3\)"),
     (lambda c: c["text_config"].update(layer_types=["linear_attention"] * 3), r"'layer_types'.*exactly num_hidden_layers \(4\)"),
-    (lambda c: c["text_config"].update(layer_types=["mamba"] * 4), r"'layer_types' = 'mamba'"),
+    (lambda c: c["text_config"].update(layer_types=["mamba"] * 4), r"'layer_types\[0\]' = 'mamba'"),
     (lambda c: c["text_config"].update(hidden_size=-5), r"'hidden_size' = -5"),
     (lambda c: c["text_config"].update(hidden_size="64"), r"'hidden_size' = '64'"),
     (lambda c: c["text_config"].pop("linear_num_key_heads"), r"'linear_num_key_heads' is missing"),
@@ -185,3 +190,94 @@ def test_repo_id_without_network_says_how_to_pass_a_path(tmp_path, monkeypatch):
 def test_bad_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a local directory nor a Hugging Face repo id"):
         resolve_checkpoint(str(tmp_path / "no" / "such" / "dir"))
+
+
+def _edit_config(ckpt: Path, edit, where=lambda raw: raw["text_config"]) -> None:
+    raw = json.loads((ckpt / "config.json").read_text())
+    edit(where(raw))
+    (ckpt / "config.json").write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("max_position_embeddings", "4096", "an integer from 1 to"),  # loaded, then every request failed
+    ("max_position_embeddings", -1, "an integer from 1 to"),
+    ("rope_theta", 0, "a finite number > 0.0"),
+    ("rms_norm_eps", float("nan"), "a finite number > 0.0"),
+    ("hidden_size", True, "an integer"),
+    ("head_dim", 32.0, "an integer"),
+    ("tie_word_embeddings", "false", "one of \\[False, True\\]"),
+    ("eos_token_id", "2", "an integer"),
+    ("layer_types", ["linear_attention"] * 100_000, "a list of at most 1,024 items"),
+])
+def test_config_types_and_ranges_are_checked_at_load(ckpt, field, value, allowed):
+    """Every config field is checked for type and range when the checkpoint loads, naming field, value and rule."""
+    where = {"rope_theta": lambda raw: raw["text_config"]["rope_parameters"],
+             "tie_word_embeddings": lambda raw: raw}.get(field, lambda raw: raw["text_config"])
+    _edit_config(ckpt, lambda t: t.update({field: value}), where)
+    with pytest.raises(ConfigError, match=rf"config\.json: config field '{field}(\[0\])?' = .* is not supported: "
+                                          rf"{allowed}"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize("layers", [10**9, 10**5])
+def test_huge_layer_count_is_refused_before_anything_is_sized(ckpt, layers):
+    """Without `layer_types` the pattern is built from num_hidden_layers: 10^9 grew 2.4 GB before any check."""
+    _edit_config(ckpt, lambda t: (t.pop("layer_types"), t.update(num_hidden_layers=layers)))
+    with pytest.raises(ConfigError, match=rf"'num_hidden_layers' = {layers} .*from 1 to 1,024"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("dense-tied", lambda t: (t.pop("layer_types"), t.update(num_hidden_layers=8)),
+     r"num_hidden_layers = 8, but the weights hold 4 \(0\.\.3\) layers"),
+    ("dense-tied", lambda t: t.update(vocab_size=301), r"vocab_size = 301, but embed_tokens\.weight .* \(300, 64\)"),
+    ("moe-untied", lambda t: t.update(num_experts=8), r"num_experts = 8, but the weights hold 6 \(0\.\.5\) experts"),
+])
+def test_config_is_checked_against_the_weight_headers_before_the_model_is_built(reference_checkpoint, tmp_path,
+                                                                                monkeypatch, name, edit, message):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reference_checkpoint(name)[0], ckpt)
+    _edit_config(ckpt, edit)
+
+    def never(config):
+        raise AssertionError("the model was built before config.json was compared with the weights")
+
+    monkeypatch.setattr("qwen35.loading.checkpoint.Qwen35Model", never)
+    with pytest.raises(CheckpointError, match=rf"config\.json: {message}.*do not match"):
+        load_model(ckpt)
+
+
+@contextmanager
+def _writer_after(fifo: Path, seconds: float):
+    """After `seconds`, a writer opens and closes the FIFO again and again, so code that opens it to read fails the
+    test instead of hanging (a thread cannot rescue it: safetensors blocks in open() holding the GIL)."""
+    writer = subprocess.Popen(["sh", "-c", f'sleep {seconds}; while :; do : > "$0"; done', str(fifo)])
+    try:
+        yield
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+@pytest.mark.parametrize("file, call", [
+    ("config.json", load_model), ("model.safetensors", load_model), ("model.safetensors.index.json", load_model),
+    ("preprocessor_config.json", preprocessor_config),
+    ("generation_config.json", SamplingParams.from_generation_config),
+])
+def test_non_regular_files_are_refused_not_opened(ckpt, kind, file, call):
+    path = ckpt / file
+    path.unlink(missing_ok=True)
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    what = "a FIFO \\(named pipe\\)" if kind == "fifo" else "a directory"
+    with _writer_after(path, 10), pytest.raises(ValueError, match=f"{file} is {what}, not a regular file"):
+        call(ckpt)
+
+
+@pytest.mark.parametrize("field, value", [("depth", 10**9), ("rope_parameters", {"rope_theta": "1e4"})])
+def test_vision_config_types_and_ranges_are_checked_at_load(ckpt, field, value):
+    """`load` reads the vision config (available_vision) before any image: a depth of 10^9 is refused there."""
+    _edit_config(ckpt, lambda v: v.update({field: value}), lambda raw: raw["vision_config"])
+    name = "depth" if field == "depth" else "rope_theta"
+    with pytest.raises(ConfigError, match=rf"'vision_config\.{name}' = .* is not supported"):
+        available_vision(ckpt)

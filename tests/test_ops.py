@@ -71,3 +71,30 @@ def test_causal_conv_matches_reference_with_carried_state():
     torch.testing.assert_close(state, s_ref)
     # the carried state owns its few columns: a view would keep the whole chunk's input alive in the cache
     assert s.untyped_storage().nbytes() == s.numel() * s.element_size()
+
+
+def test_decode_products_stay_on_the_gemv_kernels_at_any_batch(monkeypatch):
+    """Batch invariance, on any CPU: a decode step's products, (B, 1, K) with B above GEMV_ROWS, go to the
+    streaming kernel in blocks of at most GEMV_ROWS rows (which computes a row alike in any block), and its norms
+    to the fused kernel past NORM_ROWS; a prefill's rows still go to GEMM. A stand-in records the calls."""
+    import types
+
+    import qwen35.ops.cpu as cpu
+
+    calls: list[tuple[str, int]] = []
+    fake = types.SimpleNamespace(
+        linear_bf16=lambda x, w: calls.append(("gemv", x.shape[0])) or torch.nn.functional.linear(x, w),
+        rms_norm=lambda x, w, eps, offset: calls.append(("norm", x.shape[0]))
+        or cpu.rms_norm_reference(x, w, eps, offset))
+    monkeypatch.setattr(cpu, "fast_path", lambda x: fake)
+    w, x = torch.randn(24, 32).bfloat16(), torch.randn(40, 1, 32).bfloat16()
+    with torch.inference_mode():
+        out = cpu.linear(x, w)
+        assert calls == [("gemv", 16), ("gemv", 16), ("gemv", 8)] and out.shape == (40, 1, 24)
+        assert torch.equal(out, torch.nn.functional.linear(x, w))
+        calls.clear()
+        cpu.linear(x.view(1, 40, 32), w)  # a 40-token prefill: GEMM
+        assert calls == []
+        cpu.rms_norm(torch.randn(40, 1, 8, 32).bfloat16(), torch.zeros(32).bfloat16(), 1e-6)  # q_norm of 40 rows
+        cpu.rms_norm(torch.randn(1, 400, 32).bfloat16(), torch.zeros(32).bfloat16(), 1e-6)  # a long prefill
+        assert calls == [("norm", 320)]

@@ -25,6 +25,7 @@ import pytest
 import uvicorn
 
 from qwen35.server import ServerSettings, create_app
+from qwen35.server.protocol import uvicorn_config
 from qwen35.tokenizer.choice import ChoiceText
 
 MODEL = "qwen35-nano"
@@ -35,7 +36,7 @@ HI = [{"role": "user", "content": "Hello, how are you?"}]
 def running_server(settings: ServerSettings, load: Callable, ready: bool = True) -> Iterator[tuple[str, object]]:
     """(base url, server state) of a live uvicorn server in a thread; stopped on exit."""
     app = create_app(settings, load)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, settings, port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

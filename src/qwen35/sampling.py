@@ -10,10 +10,16 @@ from typing import Any
 
 import torch
 
+from qwen35.files import regular_file_exists
+
+GREEDY_BELOW = 1e-5  # a temperature under this samples greedily, as vLLM does: logits / 1e-40 would overflow
+MIN_REPETITION_PENALTY = 0.01  # logits / penalty stays finite (1e-300 is 0 in fp32: every seen logit inf)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling options. temperature 0 is greedy; penalties follow the OpenAI / HF definitions."""
+    """Per-request sampling options. temperature 0 is greedy (so is any temperature under GREEDY_BELOW);
+    penalties follow the OpenAI / HF definitions."""
 
     temperature: float = 1.0
     top_k: int = 0  # 0: off
@@ -34,9 +40,10 @@ class SamplingParams:
                   ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
                   ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
                   ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
-                  ("repetition_penalty", 0 < self.repetition_penalty <= 10, "in (0, 10]"),
+                  ("repetition_penalty", MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10,
+                   f"in [{MIN_REPETITION_PENALTY}, 10]"),
                   ("max_tokens", self.max_tokens >= 1, ">= 1")]
-        for name, ok, allowed in checks:
+        for name, ok, allowed in checks:  # NaN fails every comparison, so it is refused too
             if not ok:
                 raise ValueError(f"sampling option {name}={getattr(self, name)!r} is invalid: must be {allowed}")
 
@@ -57,7 +64,7 @@ class SamplingParams:
     def from_generation_config(cls, directory: Path) -> "SamplingParams":
         """Defaults from the checkpoint's generation_config.json (do_sample false means greedy)."""
         file = Path(directory) / "generation_config.json"
-        if not file.exists():
+        if not regular_file_exists(file):  # a FIFO there is an error, not a read that blocks forever
             return cls()
         try:
             raw = json.loads(file.read_text(encoding="utf-8"))
@@ -96,16 +103,17 @@ def sample(logits: torch.Tensor, generated: torch.Tensor, params: SamplingParams
     """Next token from logits (V,) after penalties, temperature, top-k, top-p and min-p.
 
     Works on the candidates sorted by logit: only the top k when top-k is set (a sort of 20 values, not of the
-    whole vocabulary); the same distribution as masking the full vector.
+    whole vocabulary); the same distribution as masking the full vector. The largest logit is subtracted before
+    dividing by the temperature, so no finite input overflows to inf/NaN however small the temperature.
     """
     logits = apply_penalties(logits.float(), generated, params)
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return greedy(logits)
     if params.top_k:
         values, order = logits.topk(min(params.top_k, logits.shape[-1]))
     else:
         values, order = logits.sort(descending=True)
-    probs = torch.softmax(values / params.temperature, dim=-1)
+    probs = torch.softmax((values - values[0]) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= params.top_p, 0.0)  # the smallest set reaching top_p
     if params.min_p > 0:

@@ -35,14 +35,25 @@ def add_arena_parser(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--out", required=True, help="prompt JSONL to write (the log goes next to it)")
 
     st = cmds.add_parser("stats", help="the honest figures from W/L/T counts (e.g. 499 431 70)")
-    st.add_argument("wins", type=int)
-    st.add_argument("losses", type=int)
-    st.add_argument("ties", type=int)
+    st.add_argument("wins", type=count_arg, help="games A won")
+    st.add_argument("losses", type=count_arg, help="games A lost")
+    st.add_argument("ties", type=count_arg, help="games tied")
 
     pw = cmds.add_parser("power", help="prompts needed to detect a decisive win share")
     pw.add_argument("--share", type=float, required=True, help="true share of decisive games won, e.g. 0.537")
     pw.add_argument("--ties", type=float, default=0.0, help="expected tie rate, e.g. 0.07")
-    pw.add_argument("--alpha", type=float, default=0.05)
+    pw.add_argument("--alpha", type=float, default=0.05, help="significance level of the two-sided sign test")
+
+
+def count_arg(text: str) -> int:
+    """A W/L/T count: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count: give whole numbers of games, 0 or more")
+    return value
 
 
 def _prompt_source_args(p: argparse.ArgumentParser) -> None:
@@ -51,10 +62,10 @@ def _prompt_source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--source", help="sharegpt (the installed ShareGPT V3 file), mtbench, ifbench, or a "
                                     "WildChat/ShareGPT-style JSON/JSONL conversation file")
     g.add_argument("-n", "--n", type=int, default=None, help="how many prompts (seeded sample)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the prompt sample (and, for run, of the bootstrap)")
     g.add_argument("--language", default="en", help="language filter for conversation files (en, any, …)")
-    g.add_argument("--min-chars", type=int, default=15)
-    g.add_argument("--max-chars", type=int, default=1500)
+    g.add_argument("--min-chars", type=int, default=15, help="shortest prompt kept from a conversation file")
+    g.add_argument("--max-chars", type=int, default=1500, help="longest prompt kept from a conversation file")
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -63,10 +74,10 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--model", action="append", required=True, metavar="SPEC", help="key=value,… (repeatable)")
     ev.add_argument("--file", help="the benchmark file for gpqa (CSV) / mmlu-pro (JSONL)")
     ev.add_argument("--limit", type=int, default=None, help="first N items after a seeded shuffle")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--out", default="eval-out")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the shuffle")
+    ev.add_argument("--out", default="eval-out", help="results folder")
     ev.add_argument("--cache", default=None, help="SQLite cache (default: OUT/cache.sqlite)")
-    ev.add_argument("--budget", type=float, default=None)
+    ev.add_argument("--budget", type=float, default=None, help="stop when the cost reaches this many USD")
 
 
 def _progress(console: Console) -> Progress:
@@ -110,21 +121,10 @@ def _arena(args: argparse.Namespace, console: Console, err: Console) -> None:
     from qwen35.eval.prompts import save_jsonl
     from qwen35.eval.runner import ArenaRun, games_json, run_arena
     from qwen35.eval.specs import parse_spec
-    from qwen35.eval.stats import equivalence_p, exact_power, required_prompts, summary_from_counts
+    from qwen35.eval.stats import required_prompts
 
     if args.arena_command == "stats":
-        s = summary_from_counts(args.wins, args.losses, args.ties)
-        console.print(f"prompts {s.n}: W {s.wins} / L {s.losses} / T {s.ties}\n"
-                      f"win rate, ties = ½: {100 * s.win_rate:.1f}% (95% CI {100 * s.win_rate_ci.low:.1f}–"
-                      f"{100 * s.win_rate_ci.high:.1f}%)\n"
-                      f"decisive share: {100 * s.decisive_share:.2f}% (Wilson 95% {100 * s.decisive_ci.low:.1f}–"
-                      f"{100 * s.decisive_ci.high:.1f}%)\nsign test (ties dropped), two-sided p = {s.sign_p:.4f}\n"
-                      f"power of this design: {exact_power(s.n, s.decisive_share, s.ties / s.n):.2f}\n"
-                      f"prompts for 80% power: {s.prompts_for_80_power}")
-        scores = [1.0] * args.wins + [0.0] * args.losses + [0.5] * args.ties
-        for margin in (0.05, 0.10):
-            console.print(f"equivalence (TOST) within ±{int(margin * 100)} pp of 50%: p = "
-                          f"{equivalence_p(scores, margin):.2g}")
+        _counts_report(args.wins, args.losses, args.ties, console)
         return
     if args.arena_command == "power":
         for power in (0.8, 0.9):
@@ -165,6 +165,32 @@ def _arena(args: argparse.Namespace, console: Console, err: Console) -> None:
                          games_json(run))
     print(report.markdown(run, analysis, ledger.rows()), flush=True)  # plain: tables must not be re-wrapped
     console.print(f"report: {files['html']}  {files['markdown']}")
+
+
+def _counts_report(wins: int, losses: int, ties: int, console: Console) -> None:
+    """`arena stats W L T`: the figures that W/L/T counts alone support."""
+    from qwen35.eval.stats import equivalence_p, exact_power, summary_from_counts
+
+    if wins + losses == 0:
+        raise ValueError(f"no decisive games in {wins} {losses} {ties}: the decisive share, sign test and power "
+                         "need at least one win or loss (counts are W L T, e.g. `qwen35 arena stats 499 431 70`)")
+    if wins + losses + ties < 2:
+        raise ValueError("one game is too few: the win rate's confidence interval needs at least 2")
+    s = summary_from_counts(wins, losses, ties)
+    needed = s.prompts_for_80_power
+    if needed is None:  # the sample size formula needs an effect strictly between 0 and 1 and not ½
+        needed = f"— (not estimable from a decisive share of {100 * s.decisive_share:.0f}%)"
+    console.print(f"prompts {s.n}: W {s.wins} / L {s.losses} / T {s.ties}\n"
+                  f"win rate, ties = ½: {100 * s.win_rate:.1f}% (95% CI {100 * s.win_rate_ci.low:.1f}–"
+                  f"{100 * s.win_rate_ci.high:.1f}%)\n"
+                  f"decisive share: {100 * s.decisive_share:.2f}% (Wilson 95% {100 * s.decisive_ci.low:.1f}–"
+                  f"{100 * s.decisive_ci.high:.1f}%)\nsign test (ties dropped), two-sided p = {s.sign_p:.4f}\n"
+                  f"power of this design: {exact_power(s.n, s.decisive_share, s.ties / s.n):.2f}\n"
+                  f"prompts for 80% power: {needed}")
+    scores = [1.0] * wins + [0.0] * losses + [0.5] * ties
+    for margin in (0.05, 0.10):
+        console.print(f"equivalence (TOST) within ±{int(margin * 100)} pp of 50%: p = "
+                      f"{equivalence_p(scores, margin):.2g}")
 
 
 def _eval(args: argparse.Namespace, console: Console, err: Console) -> None:

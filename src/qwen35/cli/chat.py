@@ -1,14 +1,15 @@
 """`qwen35 chat` (interactive or one-shot) and `qwen35 generate`.
 
 Interactive: replies stream; thinking streams dimmed, then collapses to one line once the answer starts
-(`/thinking` shows it again). Ctrl-C stops a reply, not the program; Ctrl-D or /exit leaves.
+(`/thinking` shows it again). Ctrl-C stops a reply, not the program; Ctrl-D or /exit leaves. When the
+conversation outgrows the model's context, the oldest turns are dropped (the system prompt stays), with a note.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -16,6 +17,7 @@ from rich.text import Text
 
 from qwen35.api import Piece, Qwen35
 from qwen35.cli.main import load_for, sampling_options
+from qwen35.cli.reader import LineReader, TerminalLines, piped_lines, read_message
 
 HELP = """commands:
   /reset            forget the conversation
@@ -27,24 +29,43 @@ HELP = """commands:
 multi-line input: start and end with a line of three double quotes (\"\"\"); Ctrl-C stops a reply"""
 
 
-def read_message(console: Console) -> str | None:
-    """One user message; None at end of input. A line of triple quotes opens and closes a multi-line block."""
-    try:
-        first = console.input("[bold green]you>[/] ")
-    except EOFError:
-        return None
-    if first.strip() != '"""':
-        return first
-    lines = []
-    while True:
-        try:
-            line = input()
-        except EOFError:
-            break
-        if line.strip() == '"""':
-            break
-        lines.append(line)
-    return "\n".join(lines)
+NO_THINKING = "this model has no thinking mode (it was trained with thinking off)"
+
+
+def has_thinking_mode(model: Qwen35) -> bool:
+    """False for checkpoints made by `qwen35 train nano`, the built-in model among them (its training_figures.json
+    marks them): trained with thinking off, inside <think> they write the answer as thinking and never close it,
+    so the reply comes back empty. Their template still renders <think>, so it cannot tell."""
+    return not (model.path / "training_figures.json").is_file()
+
+
+def reply_reserve(max_tokens: int, context: int) -> int:
+    """Context kept free for the reply: --max-tokens, but at most a quarter of the context, so that a large
+    --max-tokens does not squeeze out the whole conversation."""
+    return min(max_tokens, context // 4)
+
+
+def prompt_length(model: Qwen35, messages: list[dict], think: bool | None) -> int:
+    """Tokens of the chat prompt for `messages` (an image counts as its placeholder only)."""
+    return len(model.tokenizer.encode(model.chat_prompt(messages, enable_thinking=think)))
+
+
+def fit_history(history: list[dict], count: Callable[[list[dict]], int], context: int,
+                reserve: int) -> tuple[list[dict], int]:
+    """The newest whole turns of `history` whose prompt leaves `reserve` of `context` tokens free, and how many
+    turns were dropped to get there.
+
+    A turn is a user message and all that follows it (the reply, tool messages): no reply outlives its question.
+    `count(history)` is the prompt's length in tokens, the system prompt included. Raises ValueError when even
+    the last turn alone does not fit.
+    """
+    starts = [i for i, message in enumerate(history) if message["role"] == "user"]
+    for dropped, start in enumerate(starts):
+        tokens = count(history[start:])
+        if tokens <= context - reserve:
+            return history[start:], dropped
+    raise ValueError(f"your message is too long for this model: with the system prompt it takes {tokens} tokens; "
+                     f"{context - reserve} fit ({context}-token context, {reserve} kept for the reply). Shorten it")
 
 
 def show_reply(stream: Iterator[Piece], console: Console) -> tuple[str, str, Piece | None]:
@@ -78,18 +99,28 @@ def run_chat(args: argparse.Namespace, err: Console) -> None:
     model = load_for(args, err)
     sampling = sampling_options(args)
     think = None if args.think is None else args.think == "on"
-    system = args.system
+    if think and not has_thinking_mode(model):
+        raise ValueError(f"{NO_THINKING}; leave out --think on")
     if args.prompt is not None:
         one_shot(model, args, sampling, think, err)
         return
     console = Console()
+    terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    chat_loop(model, TerminalLines() if terminal else piped_lines(console), console, sampling, think, args.system,
+              list(args.image))
+
+
+def chat_loop(model: Qwen35, read_line: LineReader, console: Console, sampling: dict, think: bool | None,
+              system: str | None, images: list[str]) -> None:
+    """The interactive chat, until end of input or /exit; `images` are attached to the next message."""
+    context = model.config.max_position_embeddings
+    reserve = reply_reserve(model.defaults.updated(**sampling).max_tokens, context)
     console.print(f"[dim]{model.path.name} · {HELP.splitlines()[0]} /help[/]")
     history: list[dict] = []
     last_thinking = ""
-    images = list(args.image)  # attached to the next message
     while True:
         try:
-            message = read_message(console)
+            message = read_message(read_line)
         except KeyboardInterrupt:
             console.print("\n[dim](Ctrl-D or /exit to leave)[/]")
             continue
@@ -100,6 +131,8 @@ def run_chat(args: argparse.Namespace, err: Console) -> None:
             if command == "/reset":
                 history = []
                 console.print("[dim]conversation cleared[/]")
+            elif command == "/think" and rest == "on" and not has_thinking_mode(model):
+                console.print(f"[yellow]{NO_THINKING}; thinking stays off[/]")
             elif command == "/think" and rest in ("on", "off"):
                 think = rest == "on"
                 console.print(f"[dim]thinking {rest}[/]")
@@ -120,10 +153,15 @@ def run_chat(args: argparse.Namespace, err: Console) -> None:
         if not message.strip():
             continue
         history.append({"role": "user", "content": user_content(message, images)})
-        messages = ([{"role": "system", "content": system}] if system else []) + history
+        head = [{"role": "system", "content": system}] if system else []
         try:
-            stream = model.stream_chat(messages, enable_thinking=think, **sampling)
-        except ValueError as e:  # a bad image or prompt: say so, forget this message, keep chatting
+            history, dropped = fit_history(history, lambda turns: prompt_length(model, head + turns, think),
+                                           context, reserve)
+            if dropped:
+                what = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
+                console.print(f"[dim]dropped {what} to fit the {context}-token context[/]")
+            stream = model.stream_chat(head + history, enable_thinking=think, **sampling)
+        except ValueError as e:  # too long, a bad image: say so, forget this message, keep chatting
             history.pop()
             console.print(f"[bold red]error:[/] {e}", highlight=False)
             continue
@@ -141,8 +179,9 @@ def user_content(text: str, images: list[str]) -> str | list[dict]:
 
 def one_shot(model: Qwen35, args: argparse.Namespace, sampling: dict, think: bool | None, err: Console) -> None:
     """Print the reply's answer to stdout as it streams (thinking to stderr with --show-thinking)."""
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": user_content(args.prompt, args.image)}]
+        {"role": "user", "content": user_content(text, args.image)}]
     for piece in model.stream_chat(messages, enable_thinking=think, **sampling):
         if piece.kind == "answer":
             sys.stdout.write(piece.text)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+from importlib.metadata import version
+from typing import NoReturn
 
 from rich.console import Console
 
@@ -21,10 +24,45 @@ SAMPLING_FLAGS = {  # flag -> (SamplingParams field, type, help)
 }
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default in --help only when it says something: not for None, off switches, empty lists, or a
+    value outside the flag's choices (it stands for "not given", e.g. --head's 0)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        unsayable = action.choices is not None and action.default not in action.choices
+        if action.default is None or action.default is False or action.default in ((), []) or unsayable:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every `qwen35` parser: defaults in --help, and a usage mistake in one line instead of the whole usage."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def device_arg(text: str) -> str:
+    """--device, checked before loading so that a wrong name is one line, not a traceback from deep in torch."""
+    name = text.strip().lower()
+    if name == "cpu" or re.fullmatch(r"cuda(:\d+)?", name):
+        return name
+    if name == "mps":
+        raise argparse.ArgumentTypeError("Apple's GPU (mps) is not supported; run on the CPU with --device cpu")
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}: supported are cpu, cuda and cuda:N (an NVIDIA GPU "
+                                     "and its index)")
+
+
 def _model_args(p: argparse.ArgumentParser, sampling: bool = True, compile: bool = True) -> None:
     p.add_argument("-m", "--model", help="checkpoint directory or Hugging Face repo id (default: the built-in model)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="weights and compute precision")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
     if compile:
         p.add_argument("--compile", action="store_true",
                        help="decode through torch.compile, compiled while loading (about a minute): +15-25%% "
@@ -44,13 +82,15 @@ def sampling_options(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen35", description="Run Qwen3.5 models on your own machine.")
+    parser = Parser(prog="qwen35", description="Run Qwen3.5 models on your own machine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading details")
+    parser.add_argument("--version", action="version", version=f"qwen35 {version('qwen35')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     chat = sub.add_parser("chat", help="chat in the terminal (or one-shot with -p)")
     _model_args(chat)
-    chat.add_argument("-p", "--prompt", help="one-shot: print the reply to this message and exit")
+    chat.add_argument("-p", "--prompt", help="one-shot: print the reply to this message and exit ('-' reads "
+                                             "standard input)")
     chat.add_argument("-s", "--system", help="system prompt")
     chat.add_argument("--think", choices=["on", "off"], default=None, help="thinking mode (default: the template's)")
     chat.add_argument("--show-thinking", action="store_true", help="one-shot: also print the thinking (to stderr)")
@@ -67,10 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="write an int8 / int4 weight-only copy of a checkpoint")
     quant.add_argument("src", help="checkpoint directory or Hugging Face repo id")
     quant.add_argument("dst", help="output directory")
-    quant.add_argument("--bits", type=int, choices=[8, 4], default=4)
+    quant.add_argument("--bits", type=int, choices=[8, 4], default=4, help="weight bits")
     quant.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=64, help="int4 group along K")
     quant.add_argument("--head", type=int, nargs="?", const=8, default=0, choices=[8, 4], metavar="BITS",
-                       help="also the LM head / embedding: int8 (--head) or int4 (--head 4, group as --group-size)")
+                       help="also the LM head / embedding: int8 (--head) or int4 (--head 4, group as --group-size); "
+                            "left as they are without it")
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _model_args(serve, sampling=False, compile=False)  # a batch would compile anew mid-serving
@@ -82,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="where the finished checkpoint goes")
     train.add_argument("--work", default="runs/nano", help="tokenizer, checkpoints and logs (resumable)")
     train.add_argument("--minutes", type=float, default=75.0, help="wall-time budget for all stages")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="same seed, same model")
 
     from qwen35.cli.arena import add_arena_parser, add_eval_parser
     add_arena_parser(sub)
@@ -92,8 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_for(args: argparse.Namespace, console: Console):
     """Load the model named by --model with a status line; the built-in default is created on first use."""
-    from qwen35.api import load
+    import torch
 
+    from qwen35.api import load
+    from qwen35.ops.cpu import kernels
+
+    if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
+        kernels()  # before the spinner: a first build (minutes, see qwen35.ops.build) prints its own progress lines
     what = f"Loading {args.model or 'the built-in default model'}"
     what += " and compiling its decode step (about a minute)" * args.compile
     with console.status(f"{what}…", spinner="dots"):
@@ -131,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             run_nano(args.out, args.work, NanoRecipe(minutes=args.minutes, seed=args.seed),
                      command="qwen35 " + " ".join(sys.argv[1:] if argv is None else argv))
     except (ValueError, FileNotFoundError, ConnectionError, FloatingPointError) as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)  # one line, even when long
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

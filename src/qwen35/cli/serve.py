@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 from pathlib import Path
 
 from rich.console import Console
@@ -12,9 +14,21 @@ from qwen35.server.settings import LOOPBACK_HOSTS, ServerSettings
 from qwen35.vision import ImagePolicy
 
 
+def port_arg(text: str) -> int:
+    """--port: 0-65535, checked here (a bigger one was a 70-line traceback from the socket layer)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: give 0-65535 (0 picks a free one)")
+    return port
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind: loopback is this machine only; 0.0.0.0 "
+                                                       "exposes it to the network")
+    p.add_argument("--port", type=port_arg, default=8000, help="TCP port (0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require this key (Bearer); also $QWEN35_API_KEY")
     p.add_argument("--api-key-file", default=None, help="read the key from a file (keeps it out of `ps`)")
     p.add_argument("--allowed-host", action="append", default=None,
@@ -56,9 +70,20 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                                              if args.allowed_local_media_path else None))
 
 
+def check_address(host: str, port: int) -> None:
+    """Fail in one line, before the model loads, when host:port cannot be listened on (in use, not this machine's
+    address, a privileged port). The server binds it again itself; this probe is closed at once."""
+    try:
+        socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
+    except OSError as e:
+        hint = "stop what uses it or pick another --port" if e.errno == errno.EADDRINUSE else "check --host and --port"
+        raise ConnectionError(f"cannot listen on {host}:{port}: {e.strerror or e}; {hint}") from None
+
+
 def run_serve(args: argparse.Namespace, console: Console) -> None:
     from qwen35.api import load
     from qwen35.server.serve import serve
 
+    check_address(args.host, args.port)
     serve(settings_from_args(args), lambda: load(args.model, dtype=args.dtype, device=args.device), console,
           verbose=args.verbose)

@@ -7,6 +7,7 @@ Every row then computes exactly what it would alone, so greedy output does not d
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -20,7 +21,9 @@ from qwen35.models.vision import ImageInputs
 from qwen35.sampling import SamplingParams, sample
 
 
+log = logging.getLogger("qwen35.engine")
 NUMERICAL_ERROR = "numerical error in model output (NaN/Inf logits)"
+SEQUENCE_FAILED = "this request failed in the engine (see the server log); the other requests go on"
 
 
 @dataclass(frozen=True)
@@ -77,28 +80,22 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """One prefill chunk (if a sequence is waiting and there is room), then one decode step for all running."""
+        """One prefill chunk (if a sequence is waiting and there is room), then one decode step for all running.
+
+        A failure that belongs to one sequence (its prefill, its sampling) ends that sequence alone, with an
+        error event; only a failure of the shared batched forward raises (the caller then ends the batch).
+        """
         events: list[Event] = []
         job = self.scheduler.next_prefill()
         if job is not None:
-            seq, start, end = job
-            seq.cache = seq.cache or make_cache(self.model.config, 1, self.device)
-            logits = prefill_chunk(self.model, torch.tensor([seq.prompt], device=self.device), seq.cache, start, end,
-                                   seq.images)[0, -1]
-            if self.scheduler.prefilled(seq, end):
-                event = self._sample(seq, logits)
-                events.append(event)
-                if event.finish_reason is None:
-                    self.scheduler.admit(seq)
-                    self.batch = seq.cache if self.batch is None else merge_caches([self.batch, seq.cache])
-                seq.cache = None
+            events += self._prefill(*job)
         running = list(self.scheduler.running)
         if running:
             ids = torch.tensor([[s.generated[-1]] for s in running], device=self.device)
             logits = self.model(ids, self.batch)[:, -1]
             keep = []
             for row, seq in enumerate(running):
-                event = self._sample(seq, logits[row])
+                event = self._sample_or_fail(seq, logits[row])
                 events.append(event)
                 if event.finish_reason is None:
                     keep.append(row)
@@ -107,6 +104,32 @@ class Engine:
             if len(keep) < len(running):
                 self._keep(keep)
         return events
+
+    def _prefill(self, seq: Sequence, start: int, end: int) -> list[Event]:
+        """One chunk of a waiting sequence's prompt; on its last chunk, its first token (and it joins the batch)."""
+        try:
+            seq.cache = seq.cache or make_cache(self.model.config, 1, self.device)
+            logits = prefill_chunk(self.model, torch.tensor([seq.prompt], device=self.device), seq.cache, start, end,
+                                   seq.images)[0, -1]
+        except Exception:  # noqa: BLE001 - only this sequence's state was touched
+            log.exception("prefill of %s failed; ending that request", seq.id)
+            self.scheduler.abort(seq.id)
+            return [Event(seq.id, -1, "error", error=SEQUENCE_FAILED)]
+        if not self.scheduler.prefilled(seq, end):
+            return []
+        event = self._sample_or_fail(seq, logits)
+        if event.finish_reason is None:
+            self.scheduler.admit(seq)
+            self.batch = seq.cache if self.batch is None else merge_caches([self.batch, seq.cache])
+        seq.cache = None
+        return [event]
+
+    def _sample_or_fail(self, seq: Sequence, logits: torch.Tensor) -> Event:
+        try:
+            return self._sample(seq, logits)
+        except Exception:  # noqa: BLE001 - a bad value in one request must not end the others
+            log.exception("sampling for %s failed; ending that request", seq.id)
+            return Event(seq.id, -1, "error", error=SEQUENCE_FAILED)
 
     def _keep(self, rows: list[int]) -> None:
         self.batch = select_rows(self.batch, rows) if rows else None

@@ -73,7 +73,10 @@ def exact_power(n_prompts: int, decisive_share: float, tie_rate: float = 0.0, al
     """Power of the exact two-sided sign test with `n_prompts` prompts (expected number of decisive ones)."""
     n = round(n_prompts * (1 - tie_rate))
     k = np.arange(n + 1)
-    critical = int(k[2 * stats.binom.sf(k - 1, n, 0.5) <= alpha].min())  # reject when wins >= critical
+    rejecting = k[2 * stats.binom.sf(k - 1, n, 0.5) <= alpha]
+    if rejecting.size == 0:  # too few decisive prompts for any result to reach alpha (e.g. 3 of 3 won: p = 0.25)
+        return 0.0
+    critical = int(rejecting.min())  # reject when wins >= critical
     return float(stats.binom.sf(critical - 1, n, decisive_share) + stats.binom.cdf(n - critical, n, decisive_share))
 
 
@@ -207,7 +210,7 @@ def summary_from_counts(wins: int, losses: int, ties: int, win_rate: float | Non
         s = np.array([1.0] * wins + [0.0] * losses + [0.5] * ties)
         win_rate = float(s.mean())
         half = float(stats.norm.ppf(0.975) * s.std(ddof=1) / math.sqrt(n))
-        win_rate_ci = Interval(win_rate - half, win_rate + half)
+        win_rate_ci = Interval(max(0.0, win_rate - half), min(1.0, win_rate + half))  # a rate stays in [0, 1]
     decisive = wins + losses
     share = wins / decisive if decisive else float("nan")
     needed = None

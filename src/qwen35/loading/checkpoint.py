@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from qwen35.config import ModelConfig, load_config
+from qwen35.files import regular_file_exists
 from qwen35.models import Qwen35Model
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SKIPPED_PREFIXES = {"mtp.": "multi-token-prediction head (not used for plain generation)",
                     "model.visual.": "vision tower (loaded beside the text model by `load_vision`)"}
 QUANT_PARTS = (".qweight", ".scales", ".zeros")
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+_EXPERT_INDEX = re.compile(r"^layers\.\d+\.mlp\.experts\.(\d+)\.")
 _EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -38,18 +41,18 @@ class CheckpointError(ValueError):
 def weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the shards named by `model.safetensors.index.json`, else all."""
     index = directory / "model.safetensors.index.json"
-    if index.exists():
+    if regular_file_exists(index):
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted(set(weight_map.values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{index}: not a valid shard index ({e!r}); re-download it") from None
-        missing = [n for n in names if not (directory / n).is_file()]
+        missing = [n for n in names if not regular_file_exists(directory / n)]
         if missing:
             raise CheckpointError(f"{index} names shard(s) {missing} that are not in {directory}; "
                                   "the download is incomplete")
         return [directory / n for n in names]
-    files = sorted(directory.glob("*.safetensors"))
+    files = sorted(f for f in directory.glob("*.safetensors") if regular_file_exists(f))
     if not files:
         found = sorted(p.name for p in directory.iterdir())[:10]
         hint = " (pickle .bin files are never loaded: convert them to safetensors)" if any(
@@ -84,6 +87,55 @@ def _diagnose(file: Path, error: Exception) -> CheckpointError:
     return CheckpointError(f"{file}: not a readable safetensors file ({error}); re-download it")
 
 
+def open_weights(file: Path) -> safe_open:
+    """`safe_open` of one shard (memory-mapped; the header only is read now), its failures named and explained."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise _diagnose(file, e) from None
+
+
+def _check_geometry(config: ModelConfig, files: list[Path], config_file: Path) -> None:
+    """Compare config.json with the weights' headers (names and shapes, no data) before the model is built, so a
+    config claiming more layers or another vocabulary than the weights hold is refused before sizing anything."""
+    layers: set[int] = set()
+    experts: set[int] = set()
+    embed: tuple[tuple[int, ...], Path] | None = None
+    for file in files:
+        with open_weights(file) as f:
+            for name in f.keys():
+                ours = _checkpoint_name(name)
+                if ours is None:
+                    continue
+                if m := _LAYER.match(ours):
+                    layers.add(int(m[1]))
+                if m := _EXPERT_INDEX.match(ours):
+                    experts.add(int(m[1]))
+                if ours == "embed_tokens.weight":
+                    embed = (tuple(f.get_slice(name).get_shape()), file)
+    counts = [("num_hidden_layers", config.num_hidden_layers, layers, "layers")]
+    if experts:  # per-expert tensors (official layout); a fused layout is checked tensor by tensor
+        counts.append(("num_experts", config.num_experts, experts, "experts per MoE layer"))
+    for field, want, have, what in counts:
+        if have != set(range(want)):
+            raise CheckpointError(f"{config_file}: {field} = {want}, but the weights hold {_describe(have)} {what}; "
+                                  "config.json and the weights do not match (use this checkpoint's own config.json)")
+    if embed is not None:
+        shape, file = embed
+        for field, want, have in zip(("vocab_size", "hidden_size"), (config.vocab_size, config.hidden_size), shape):
+            if want != have:
+                raise CheckpointError(f"{config_file}: {field} = {want}, but embed_tokens.weight in {file.name} has "
+                                      f"shape {shape}; config.json and the weights do not match")
+
+
+def _describe(indices: set[int]) -> str:
+    """'4 (0..3)', or the first indices when they are not 0..n-1."""
+    ordered = sorted(indices)
+    if ordered == list(range(len(ordered))):
+        return f"{len(ordered)} (0..{len(ordered) - 1})" if ordered else "0"
+    return f"{len(ordered)} (indices {ordered[:8]}{'...' if len(ordered) > 8 else ''})"
+
+
 def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16, device: str = "cpu",
                progress: Callable[[int, int], None] | None = None) -> Qwen35Model:
     """Build a `Qwen35Model` from a checkpoint directory; `progress(done, total)` is called per file."""
@@ -95,6 +147,8 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
     quant = _quant_config(directory)
     if quant is not None:
         from qwen35.quant.checkpoint import build_quantized, complete
+    files = weight_files(directory)
+    _check_geometry(config, files, directory / "config.json")
     with torch.device("meta"):
         model = Qwen35Model(config)
     expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head appears once
@@ -102,13 +156,8 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
     quantized: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # module -> qweight / scales / zeros
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
     skipped: dict[str, int] = defaultdict(int)
-    files = weight_files(directory)
     for i, file in enumerate(files):
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except (SafetensorError, OSError) as e:
-            raise _diagnose(file, e) from None
-        with handle as f:
+        with open_weights(file) as f:
             for name in f.keys():
                 ours = _checkpoint_name(name)
                 if ours is None:
@@ -193,7 +242,7 @@ def _read(f, name: str, file: Path) -> torch.Tensor:
 def _own_mapping(file: Path, name: str) -> torch.Tensor:
     """The tensor as a view of its own memory mapping of the file: only the pages read later become resident
     (for an untied embedding, the rows of the tokens seen; 1 GB of int8 table at 9B stays on disk)."""
-    with safe_open(str(file), framework="pt", device="cpu") as f:
+    with open_weights(file) as f:
         return _read(f, name, file)
 
 

@@ -12,10 +12,10 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from qwen35.config import ModelConfig, load_config
-from qwen35.loading.checkpoint import DTYPES, CheckpointError, _checked, _diagnose, _read, weight_files
+from qwen35.files import regular_file_exists
+from qwen35.loading.checkpoint import DTYPES, CheckpointError, _checked, _read, open_weights, weight_files
 from qwen35.models.vision import VisionConfig, VisionModel
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,9 @@ def available_vision(directory: str | Path) -> VisionConfig | None:
     if config is None:
         return None
     for file in weight_files(directory):
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                if any(n.startswith(PREFIX) for n in f.keys()):
-                    return config
-        except (SafetensorError, OSError) as e:
-            raise _diagnose(file, e) from None
+        with open_weights(file) as f:
+            if any(n.startswith(PREFIX) for n in f.keys()):
+                return config
     return None
 
 
@@ -60,11 +57,7 @@ def load_vision(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16
     loaded: dict[str, torch.Tensor] = {}
     files = weight_files(directory)
     for file in files:
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except (SafetensorError, OSError) as e:
-            raise _diagnose(file, e) from None
-        with handle as f:
+        with open_weights(file) as f:
             for name in (n for n in f.keys() if n.startswith(PREFIX)):
                 ours = name[len(PREFIX):]
                 if ours not in expected:
@@ -86,7 +79,7 @@ def load_vision(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16
 def preprocessor_config(directory: str | Path) -> dict:
     """`preprocessor_config.json` of the checkpoint ({} when absent: the reference defaults apply)."""
     file = Path(directory) / "preprocessor_config.json"
-    if not file.is_file():
+    if not regular_file_exists(file):
         return {}
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))

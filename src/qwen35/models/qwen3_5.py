@@ -183,11 +183,13 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache: DeltaCache | None) -> torch.Tensor:
         b, t, _ = x.shape
         if t == 1 and cache is not None and cache.state is not None and (k := fast_path(x)) is not None:
-            flat = x.view(b, -1)  # decode on the CPU kernels: everything between the projections in one call
-            o = deltanet_decode(k, self.in_proj_qkv(flat), self.in_proj_z(flat), self.in_proj_b(flat),
-                                self.in_proj_a(flat), self.conv1d.weight.squeeze(1), self.A_log, self.dt_bias,
+            # decode on the CPU kernels: everything between the projections in one call; (B, 1, .) operands keep
+            # the products on the GEMV kernels at any batch size (batch invariance, `ops.cpu.one_token_each`)
+            qkv, z, beta, a = (proj(x).view(b, -1) for proj in (self.in_proj_qkv, self.in_proj_z, self.in_proj_b,
+                                                                 self.in_proj_a))
+            o = deltanet_decode(k, qkv, z, beta, a, self.conv1d.weight.squeeze(1), self.A_log, self.dt_bias,
                                 self.norm.weight, self.norm.eps, cache)
-            return self.out_proj(o).view(b, 1, -1)
+            return self.out_proj(o.view(b, 1, -1))
         if pad_mask is not None:  # zero inputs at left pads: the state then stays exactly as at a sequence start
             x = x * pad_mask[..., None].to(x.dtype)
         mixed, conv_state = causal_conv1d(self.in_proj_qkv(x), self.conv1d.weight.squeeze(1),

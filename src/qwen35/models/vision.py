@@ -12,16 +12,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.config import ConfigError
+from qwen35.config import MAX_LAYERS, MAX_WIDTH, ConfigError, Int, Real
 
 ACTIVATIONS = {"gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu,
                "silu": F.silu, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
+
+
+_SIDE = Int(1, 1 << 10)
+# Type and range of each number (depth bounded: it sizes the blocks built before any weight is read).
+VISION_FIELDS = MappingProxyType({
+    "depth": Int(1, MAX_LAYERS), "hidden_size": Int(1, MAX_WIDTH), "intermediate_size": Int(1, MAX_WIDTH),
+    "num_heads": Int(1, 1 << 12), "out_hidden_size": Int(1, MAX_WIDTH), "in_channels": Int(1, 16),
+    "patch_size": _SIDE, "temporal_patch_size": _SIDE, "spatial_merge_size": _SIDE,
+    "num_position_embeddings": Int(1, 1 << 24), "rope_theta": Real(0.0)})
 
 
 @dataclass(frozen=True)
@@ -75,16 +85,13 @@ class VisionConfig:
                      spatial_merge_size=get("spatial_merge_size", 2),
                      num_position_embeddings=get("num_position_embeddings", 2304),
                      hidden_act=get("hidden_act", "gelu_pytorch_tanh"),
-                     rope_theta=float(rope.get("rope_theta", 10000.0)))
+                     rope_theta=rope.get("rope_theta", 10000.0))
         config.validate(text_hidden)
         return config
 
     def validate(self, text_hidden: int) -> None:
-        for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "in_channels",
-                     "patch_size", "temporal_patch_size", "spatial_merge_size", "num_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config field 'vision_config.{name}' = {value!r}: a positive integer is required")
+        for name, check in VISION_FIELDS.items():
+            check(f"vision_config.{name}", getattr(self, name))
         if self.hidden_size % self.num_heads or self.head_dim % 4:
             raise ConfigError(f"config field 'vision_config.num_heads' = {self.num_heads}: hidden_size "
                               f"({self.hidden_size}) / num_heads must be a multiple of 4 (2-D rotary halves)")

@@ -1,18 +1,17 @@
 """Decode-speed CPU kernels (`kernels/*.cpp`), compiled on first use, each beside its plain PyTorch reference.
 
-The extension is built once per machine with `-march=native` into ~/.cache/qwen35 (about a minute; needs a
-C++ compiler and ninja). Where it cannot be used — no compiler, a CPU without AVX-512 BF16 and VNNI, or
-`QWEN35_KERNELS=0` — every caller falls back to PyTorch's own kernels (same math, equal up to bf16
-rounding).
+The extension is built once per machine with `-march=native` into ~/.cache/qwen35 by `make install`, or else on
+first use (a few minutes on 2 cores; needs a C++ compiler): see `qwen35.ops.build`. Where it cannot be used — no
+compiler, a CPU without AVX-512 BF16 and VNNI, or `QWEN35_KERNELS=0` — every caller falls back to PyTorch's own
+kernels (same math, equal up to bf16 rounding).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -21,9 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
-SOURCES = Path(__file__).with_name("kernels")
-GEMV_ROWS = 16  # up to this many activation rows (decode, batched decode) the streaming kernels; above, GEMM
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
+GEMV_ROWS = 16  # up to this many activation rows the streaming kernels; above, GEMM (prefill)
 NORM_ROWS = 256  # the fused RMSNorm runs rows one after another: for long prefills PyTorch's is faster
 
 
@@ -31,35 +28,21 @@ NORM_ROWS = 256  # the fused RMSNorm runs rows one after another: for long prefi
 def kernels() -> ModuleType | None:
     """The compiled extension, or None where it is unavailable (the reason is logged once)."""
     if os.environ.get("QWEN35_KERNELS", "1") == "0":
+        log.info("qwen35 CPU kernels are off (QWEN35_KERNELS=0); using PyTorch's kernels")
         return None
     if not cpu_supported():
-        log.info("qwen35 CPU kernels need AVX-512 BF16 and VNNI; using PyTorch's kernels")
+        log.info("qwen35 CPU kernels need AVX-512 BF16 and VNNI, which this CPU lacks; using PyTorch's kernels")
         return None
-    files, build = sorted(SOURCES.glob("*.[ch]*")), build_dir()
     try:
-        import fcntl  # POSIX; elsewhere the ImportError falls back like a missing compiler
+        from qwen35.ops.build import load_or_build
 
-        from torch.utils.cpp_extension import load
-
-        if shutil.which("ninja") is None:  # the pip-installed ninja, when the environment is not activated
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-
-        if not (build / "qwen35_cpu_kernels.so").exists():
-            log.warning("compiling qwen35's CPU kernels for this machine (once, about a minute)…")
-        build.mkdir(parents=True, exist_ok=True)
-        with open(build / "qwen35.lock", "w") as held:  # an OS lock: released even if this process is killed
-            fcntl.flock(held, fcntl.LOCK_EX)
-            # torch's own lock file outlives a build that was killed (Ctrl-C on first use), and every later load
-            # would wait on it forever; holding ours, no other qwen35 process is building, so it is stale
-            (build / "lock").unlink(missing_ok=True)
-            module = load(name="qwen35_cpu_kernels", sources=[str(f) for f in files if f.suffix == ".cpp"],
-                          build_directory=str(build), verbose=False, extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
+        module = load_or_build()
     except Exception as e:  # a missing compiler or ninja: fall back, say why  # noqa: BLE001
         log.warning("qwen35 CPU kernels could not be built (%s); using PyTorch's kernels", e)
         return None
     if not module.available():
+        log.warning("qwen35 CPU kernels were compiled without AVX-512 BF16 (a compiler older than this CPU?); "
+                    "using PyTorch's kernels")
         return None
     _register_ops(module)
     return module
@@ -111,15 +94,6 @@ def _register_ops(module: ModuleType) -> None:
     define(deltanet_decode, ("conv_state", "state"))
 
 
-def build_dir() -> Path:
-    """Where this checkout's kernels are built: keyed by the sources, flags, torch version and the sources' path
-    (torch's builder rebuilds when one build directory is reached from another checkout's sources)."""
-    files = sorted(SOURCES.glob("*.[ch]*"))
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files) + " ".join(FLAGS).encode()
-                            + torch.__version__.encode() + str(SOURCES.resolve()).encode()).hexdigest()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen35" / f"kernels-{digest[:16]}"
-
-
 def cpu_supported() -> bool:
     """Whether this CPU has what the kernels are written for (AVX-512 BF16 and VNNI: Zen 4, Sapphire Rapids on)."""
     return {"avx512_bf16", "avx512_vnni"} <= _cpu_flags()
@@ -144,14 +118,39 @@ def fast_path(x: torch.Tensor) -> ModuleType | None:
     return kernels()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T; few rows (decode) go to the streaming GEMV kernel. Reference: `F.linear`."""
-    k = fast_path(x)
+def one_token_each(x: torch.Tensor) -> bool:
+    """A decode step's activation, (B, 1, ...): one token per sequence. Such inputs stay on the kernels at any
+    batch size, so each sequence gets the bits it gets alone (a prefill, (B, T, ...), need not)."""
+    return x.dim() >= 3 and x.shape[1] == 1
+
+
+def gemv_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """x as (rows, K) when the streaming kernels take it: up to GEMV_ROWS rows, or a decode step of any batch
+    size. Else None: a prefill, for GEMM."""
     rows = x.numel() // x.shape[-1]
+    if rows <= GEMV_ROWS or one_token_each(x):
+        return x.reshape(rows, -1).contiguous()
+    return None
+
+
+def in_row_blocks(flat: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`product` over blocks of GEMV_ROWS rows. A kernel computes each row the same way in any block of up to
+    GEMV_ROWS, so every sequence of a batched decode gets the bits it gets alone (batch invariance); GEMM's
+    blocking would change them with the batch size."""
+    if flat.shape[0] <= GEMV_ROWS:
+        return product(flat)
+    return torch.cat([product(flat[i:i + GEMV_ROWS]) for i in range(0, flat.shape[0], GEMV_ROWS)])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T; decode-shaped products go to the streaming GEMV kernel. Reference: `F.linear`."""
+    k = fast_path(x)
     trains = torch.is_grad_enabled() and weight.requires_grad
-    if k is None or trains or rows > GEMV_ROWS or weight.dtype != torch.bfloat16:
+    flat = None if k is None or trains or weight.dtype != torch.bfloat16 else gemv_rows(x)
+    if flat is None:
         return F.linear(x, weight)
-    return k.linear_bf16(x.reshape(rows, -1).contiguous(), weight).reshape(*x.shape[:-1], weight.shape[0])
+    out = in_row_blocks(flat, lambda rows: k.linear_bf16(rows, weight))
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
@@ -164,7 +163,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 1.0) -> torch.Tensor:
     k = fast_path(x)
     if k is None or weight.dtype != torch.bfloat16 or (torch.is_grad_enabled() and weight.requires_grad) \
-            or x.numel() // x.shape[-1] > NORM_ROWS:
+            or (x.numel() // x.shape[-1] > NORM_ROWS and not one_token_each(x)):
         return rms_norm_reference(x, weight, eps, offset)
     return k.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight, eps, offset).view(x.shape)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.ops.cpu import GEMV_ROWS, fast_path, kernels
+from qwen35.ops.cpu import fast_path, gemv_rows, in_row_blocks, kernels
 
 TILE_ROWS = 256  # weight rows dequantized at once for a many-row (prefill) product
 LAYOUT_ROWS = 4096  # rows per block while building a kernel layout (a multiple of 16)
@@ -146,8 +146,8 @@ class Int8Linear(nn.Module):
         k = fast_path(x) if self.own_kernel else None
         if not self.own_kernel:
             out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales.to(x.dtype))
-        elif k is not None and flat.shape[0] <= GEMV_ROWS:
-            out = k.linear_int8(flat.contiguous(), self.packed, self.scales)
+        elif k is not None and (rows := gemv_rows(x)) is not None:
+            out = in_row_blocks(rows, lambda r: k.linear_int8(r, self.packed, self.scales))
         else:
             out = tiled_linear(flat, self.out_features, lambda a, b: self.rows(slice(a, b)).to(x.dtype))
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -198,8 +198,8 @@ class Int4Linear(nn.Module):
         if not self.own_kernel:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
                                                                self.scales_zeros.to(x.dtype))
-        elif k is not None and flat.shape[0] <= GEMV_ROWS:
-            out = k.linear_int4(flat.contiguous(), self.packed, self.scales, self.zeros, self.group_size)
+        elif k is not None and (rows := gemv_rows(x)) is not None:
+            out = in_row_blocks(rows, lambda r: k.linear_int4(r, self.packed, self.scales, self.zeros, self.group_size))
         else:
             out = tiled_linear(flat, self.out_features, lambda a, b: self.rows(slice(a, b)).to(x.dtype))
         return out.reshape(*x.shape[:-1], self.out_features)

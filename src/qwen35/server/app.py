@@ -56,9 +56,17 @@ class ServerState:
     def ready(self) -> tuple[Qwen35, Runner]:
         if self.qwen is None or self.runner is None:
             raise APIError(503, "the model failed to load; see the server log" if self.load_error else
-                           "Loading model: the server is starting; retry in a few seconds",
-                           headers={"Retry-After": "2"})
+                           _loading(), headers={"Retry-After": "2"})
         return self.qwen, self.runner
+
+
+def _loading() -> str:
+    """What the server is doing while it loads: a first build of the CPU kernels takes minutes, not seconds."""
+    from qwen35.ops.build import compiling, compiling_message
+
+    if compiling():
+        return f"Loading model: {compiling_message()}; retry in a minute"
+    return "Loading model: the server is starting; retry in a few seconds"
 
 
 def create_app(settings: ServerSettings, load: Callable[[], Qwen35]) -> FastAPI:

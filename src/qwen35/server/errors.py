@@ -17,7 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("qwen35.server")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+               413: "invalid_request_error", 431: "invalid_request_error",
                500: "server_error", 503: "unavailable_error"}
 
 

@@ -1,12 +1,14 @@
 """The door, as pure ASGI middleware (it runs before routing and body parsing):
 
-Host-header allowlist (DNS rebinding), API key on every route but /health (constant-time compare), and the body
-cap: a declared Content-Length over the limit is refused before a byte is read; a chunked body is counted while
-it streams in and refused the moment it passes the limit, so it is never buffered whole.
+header count and size caps (431), Host-header allowlist (DNS rebinding), API key on every route but /health
+(constant-time compare), and the body cap: a declared Content-Length over the limit is refused before a byte is
+read; a chunked body is counted while it streams in and refused the moment it passes the limit, so it is never
+buffered whole; a body that takes longer than `read_timeout` is a 408 (slowloris).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 
@@ -33,6 +35,12 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if len(scope["headers"]) > self.settings.max_header_count or \
+                sum(len(k) + len(v) for k, v in scope["headers"]) > self.settings.max_header_bytes:
+            await _reject(send, 431, f"the request has {len(scope['headers'])} headers; at most "
+                          f"{self.settings.max_header_count} headers of {self.settings.max_header_bytes} bytes in all "
+                          "are accepted")
+            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         host = _host_name(headers.get("host", "").strip()).lower()
         if self.allowed is not None and host not in self.allowed:
@@ -48,17 +56,22 @@ class Guard:
             await _reject(send, 413, f"the request body has {int(declared)} bytes; the limit is {limit} bytes")
             return
         body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                await self.app(scope, _replay(b"", message, receive), send)
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > limit:
-                await _reject(send, 413, f"the request body is over the limit of {limit} bytes")
-                return
-        await self.app(scope, _replay(bytes(body), None, receive), send)
+        try:
+            async with asyncio.timeout(self.settings.read_timeout):
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":  # the client left mid-body: no one to answer
+                        return
+                    body += message.get("body", b"")
+                    more = message.get("more_body", False)
+                    if len(body) > limit:
+                        await _reject(send, 413, f"the request body is over the limit of {limit} bytes")
+                        return
+        except TimeoutError:
+            await _reject(send, 408, f"the request body did not arrive within {self.settings.read_timeout:g} s "
+                          "(slow or stalled client); send it at once")
+            return
+        await self.app(scope, _replay(bytes(body), receive), send)
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         auth = headers.get("authorization", "")
@@ -66,9 +79,9 @@ class Guard:
         return hmac.compare_digest(given.strip().encode(), self.key)
 
 
-def _replay(body: bytes, first: Message | None, receive: Receive) -> Receive:
+def _replay(body: bytes, receive: Receive) -> Receive:
     """The body already read, as one message; after it, the real receive (so disconnects are still seen)."""
-    pending = [first or {"type": "http.request", "body": body, "more_body": False}]
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def replay() -> Message:
         return pending.pop() if pending else await receive()
@@ -79,6 +92,8 @@ def _replay(body: bytes, first: Message | None, receive: Receive) -> Receive:
 async def _reject(send: Send, status: int, message: str) -> None:
     payload = json.dumps(error_body(status, message)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if status in (408, 431):  # the rest of this request may still be on its way: do not read it as the next one
+        headers.append((b"connection", b"close"))
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -11,13 +11,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from jsonschema.exceptions import SchemaError
+from jsonschema.validators import validator_for
 from pydantic import BaseModel, ValidationError
 
 from qwen35.api import Qwen35
 from qwen35.sampling import SamplingParams
 from qwen35.server.errors import APIError
 from qwen35.server.media import load_media
-from qwen35.server.schemas import ChatRequest, CompletionRequest, SamplingFields
+from qwen35.server.schemas import ChatRequest, CompletionRequest, SamplingFields, Tool
 from qwen35.server.settings import ServerSettings
 from qwen35.vision import ImageError, prepare
 
@@ -26,6 +28,7 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list"}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CONTROL = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 SENTINEL, SENTINEL_END = "\ue000", "\ue001"
+MAX_DEPTH = 64  # nesting of the body's JSON: deep enough for any real tool schema, far from the stack's limit
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,15 @@ def parse_body(raw: bytes, schema: type[Body]) -> Body:
     except json.JSONDecodeError as e:
         raise APIError(400, f"the request body must be a JSON object; it is not valid JSON ({e.msg} at "
                        f"position {e.pos})") from None
+    except ValueError as e:  # Python's cap on integer digits (a 5,000-digit max_tokens)
+        raise APIError(400, f"the request body has a number that cannot be read ({e})") from None
+    except RecursionError:
+        raise APIError(400, f"the request body is nested too deeply; at most {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got a JSON {type(data).__name__}")
+    if _depth(data) > MAX_DEPTH:
+        raise APIError(400, f"the request body is nested more than {MAX_DEPTH} levels deep (arrays and objects "
+                       "inside each other); flatten it")
     try:
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -79,6 +89,17 @@ def parse_body(raw: bytes, schema: type[Body]) -> Body:
         got = repr(first.get("input"))[:60]
         detail = "is required" if first["type"] == "missing" else f"is invalid: {first['msg']} (got {got})"
         raise APIError(400, f"{param or 'body'} {detail}", param or None) from None
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest in parsed JSON; iterative, so no input can exhaust the stack."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack += [(child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)]
+    return deepest
 
 
 def check_model(name: str, settings: ServerSettings) -> None:
@@ -101,7 +122,7 @@ def _check_common(req: SamplingFields, qwen: Qwen35, settings: ServerSettings) -
     bias: dict[int, float] = {}
     vocab = qwen.tokenizer.vocab_size
     for key, value in (req.logit_bias or {}).items():
-        if not key.isdigit() or int(key) >= vocab:
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab:  # "²" is a digit to isdigit()
             raise APIError(400, f"logit_bias key {key[:20]!r} is not a token id in [0, {vocab})", "logit_bias")
         if not -100 <= value <= 100:
             raise APIError(400, f"logit_bias value {value} for token {key} must be in [-100, 100]", "logit_bias")
@@ -178,6 +199,26 @@ def encode_chat(qwen: Qwen35, messages: list[Any], tools: list[dict] | None,
     return prompt, ids
 
 
+def check_tools(tools: list[Any]) -> None:
+    """Each tool in OpenAI's shape, its parameters a valid JSON Schema (checked by `jsonschema`); a 400 naming
+    the tool otherwise, before the template renders anything."""
+    for i, tool in enumerate(tools):
+        try:
+            function = Tool.model_validate(tool).function
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = _param(("tools", i, *first["loc"]))
+            raise APIError(400, f"{where} is invalid: {first['msg']}; a tool is {{\"type\": \"function\", "
+                           "\"function\": {\"name\": ..., \"parameters\": {JSON Schema}}}", where) from None
+        if function.parameters is None:
+            continue
+        try:
+            validator_for(function.parameters).check_schema(function.parameters)
+        except SchemaError as e:
+            where = f"tools[{i}].function.parameters"
+            raise APIError(400, f"{where} is not a valid JSON Schema: {e.message[:200]}", where) from None
+
+
 def prepare_chat(req: ChatRequest, qwen: Qwen35, settings: ServerSettings) -> Job:
     check_model(req.model, settings)
     if req.chat_template is not None or "chat_template" in (req.chat_template_kwargs or {}):
@@ -200,6 +241,7 @@ def prepare_chat(req: ChatRequest, qwen: Qwen35, settings: ServerSettings) -> Jo
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     stops, bias = _check_common(req, qwen, settings)
+    check_tools(req.tools or [])
     images = load_media(req.messages, qwen, settings.images)
     tools = req.tools if req.tools and req.tool_choice != "none" else None
     prompt, ids = encode_chat(qwen, req.messages, tools, thinking)

@@ -1,7 +1,7 @@
 """Request bodies as pydantic models: types and ranges are checked here, before anything reaches the engine.
 
 Strict types (no "5" for 5, no 5.5 for an int), no NaN/Inf, unknown fields ignored as OpenAI's API does.
-Limits that depend on the model or the server settings (context, `n`, stop counts) are checked in `requests.py`.
+Limits that depend on the model or the server settings (context, `n`, stop counts) are checked in `prepare.py`.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from qwen35.sampling import MIN_REPETITION_PENALTY
 
 Penalty = Field(default=None, ge=-2.0, le=2.0)
 
@@ -31,7 +33,7 @@ class SamplingFields(BaseModel):
     min_p: float | None = Field(default=None, ge=0.0, lt=1.0)
     presence_penalty: float | None = Penalty
     frequency_penalty: float | None = Penalty
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=10.0)
     seed: int | None = Field(default=None, ge=0, lt=2**64)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)
@@ -40,6 +42,20 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False  # extra: go on past the end-of-turn token (benchmarks)
     response_format: dict[str, Any] | None = None
+
+
+class Function(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema: checked with `jsonschema` in prepare.py
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["function"]
+    function: Function
 
 
 class ChatRequest(SamplingFields):

@@ -7,6 +7,7 @@ up to --drain-timeout seconds, then end with finish_reason "abort"; the process 
 from __future__ import annotations
 
 import signal
+import socket
 from collections.abc import Callable
 from types import FrameType
 
@@ -15,15 +16,23 @@ from rich.console import Console
 
 from qwen35.api import Qwen35
 from qwen35.server.app import ServerState, create_app
+from qwen35.server.protocol import uvicorn_config
 from qwen35.server.settings import LOOPBACK_HOSTS, ServerSettings
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, told to drain the engine on the first exit signal and to stop if loading failed."""
+    """uvicorn's server, told to drain the engine on the first exit signal and to stop if loading failed; it says
+    "serving on …" once the socket is bound (uvicorn logs a bind failure and exits instead)."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState):
+    def __init__(self, config: uvicorn.Config, state: ServerState, console: Console):
         super().__init__(config)
-        self.state = state
+        self.state, self.console = state, console
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        port = self.servers[0].sockets[0].getsockname()[1]  # the one picked when --port is 0
+        self.console.print(f"serving {self.state.settings.model_name} on http://{self.config.host}:{port}/v1 "
+                           "(OpenAI-compatible; Ctrl-C or SIGTERM drains and stops)", highlight=False)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.state.runner is not None:
@@ -44,12 +53,10 @@ def serve(settings: ServerSettings, load: Callable[[], Qwen35], console: Console
                          "set --api-key"), highlight=False)
     app = create_app(settings, load)
     state: ServerState = app.state.server
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info" if verbose else
-                            "warning", timeout_graceful_shutdown=int(settings.drain_timeout) + 5)
-    console.print(f"serving {settings.model_name} on http://{settings.host}:{settings.port}/v1 "
-                  "(OpenAI-compatible; Ctrl-C or SIGTERM drains and stops)", highlight=False)
+    config = uvicorn_config(app, settings, log_level="info" if verbose else "warning",
+                            timeout_graceful_shutdown=int(settings.drain_timeout) + 5)
     signal.signal(signal.SIGTERM, _after_drain)  # uvicorn re-raises the signal once drained: exit 0, not -15
-    DrainingServer(config, state).run()
+    DrainingServer(config, state, console).run()
     if state.load_error is not None:
         raise ValueError(f"the model failed to load: {state.load_error}")
 

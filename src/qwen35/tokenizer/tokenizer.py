@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+
+from qwen35.files import regular_file_exists
+from qwen35.tokenizer.template import compile_chat_template, render
 
 ROLES = ("system", "user", "assistant", "tool")
 MEDIA_TYPES = ("image", "image_url", "video")
@@ -25,42 +25,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); re-download it or {BUILD_HINT}") from e
-
-
-def _no_underscore(name: Any) -> Any:
-    if isinstance(name, str) and name.startswith("_"):
-        raise jinja2.exceptions.SecurityError(f"chat templates cannot set namespace attribute {name!r}")
-    return name
-
-
-class _Namespace(jinja2.utils.Namespace):
-    """`namespace()` refusing underscore attributes, a sandbox hole transformers closes the same way."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:
-        attrs = dict(*args[1:], **kwargs)
-        jinja2.utils.Namespace.__init__(args[0], {_no_underscore(k): v for k, v in attrs.items()})
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        jinja2.utils.Namespace.__setitem__(self, _no_underscore(name), value)
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    """HF's `tojson`: plain json.dumps keeping non-ASCII; Jinja's own HTML-escapes, which changes the tokens."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def compile_chat_template(source: str) -> jinja2.Template:
-    """Compile in the sandboxed environment transformers uses (same options and globals), so renders match HF."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, namespace=_Namespace,
-                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    return env.from_string(source)
 
 
 def _plain(value: Any) -> Any:
@@ -161,7 +125,7 @@ class Tokenizer:
         """
         path = Path(path)
         tok_file = path / "tokenizer.json"
-        if not tok_file.is_file():
+        if not regular_file_exists(tok_file):
             raise FileNotFoundError(f"{tok_file} not found; {BUILD_HINT}")
         try:
             tokenizer = HFTokenizer.from_file(str(tok_file))
@@ -169,12 +133,12 @@ class Tokenizer:
             raise ValueError(f"{tok_file} could not be loaded ({e}); it is corrupt or not a Hugging Face "
                              f"tokenizer.json: {BUILD_HINT}") from e
         config_file = path / "tokenizer_config.json"
-        config = _read_json(config_file) if config_file.is_file() else {}
+        config = _read_json(config_file) if regular_file_exists(config_file) else {}
         if not isinstance(config, dict):
             raise ValueError(f"{config_file} must hold a JSON object; re-download it or {BUILD_HINT}")
         template = cls._find_template(path, config)
         gen_file = path / "generation_config.json"
-        gen = _read_json(gen_file) if gen_file.is_file() else {}
+        gen = _read_json(gen_file) if regular_file_exists(gen_file) else {}
         value = gen.get("eos_token_id") if isinstance(gen, dict) else None
         eos = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
         eos_token = config.get("eos_token")  # a string or an AddedToken dict
@@ -185,7 +149,7 @@ class Tokenizer:
     @staticmethod
     def _find_template(path: Path, config: dict) -> str | None:
         jinja_file = path / "chat_template.jinja"
-        if jinja_file.is_file():
+        if regular_file_exists(jinja_file):
             return jinja_file.read_text(encoding="utf-8")
         template = config.get("chat_template")
         if isinstance(template, list):
@@ -225,6 +189,6 @@ class Tokenizer:
         if enable_thinking is not None:
             context["enable_thinking"] = bool(enable_thinking)
         try:
-            return self._template.render(**context)
-        except jinja2.TemplateError as e:
+            return render(self._template, context)
+        except (jinja2.TemplateError, ArithmeticError) as e:  # 1/0 or an over-long range() are ArithmeticErrors
             raise ValueError(f"chat template of {self.source} failed: {type(e).__name__}: {e}") from e
