@@ -151,6 +151,15 @@ def test_version_and_defaults_in_help(capsys, monkeypatch):
     assert "TCP port (0 picks a free one) (default: 8000)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_serve_flags_reach_the_server_settings():
+    from qwen35.cli.main import build_parser
+    from qwen35.cli.serve import settings_from_args
+
+    args = build_parser().parse_args(["serve", "--read-timeout", "2.5", "--max-batch", "4"])
+    settings = settings_from_args(args)
+    assert (settings.read_timeout, settings.max_running, settings.host) == (2.5, 4, "127.0.0.1")
+
+
 def test_serve_announces_only_once_bound(capsys, default_model):
     import io
     import socket

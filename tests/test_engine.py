@@ -76,3 +76,47 @@ def test_eos_and_limits(model):
     full.add("c", [1], SamplingParams())
     with pytest.raises(OverflowError, match="queue is full"):
         full.add("d", [1], SamplingParams())
+
+
+def test_a_failure_in_one_sequence_ends_that_sequence_alone(model, monkeypatch):
+    """A prefill or sampling failure of one sequence ends it alone, with an error event: on its prompt, on its
+    first token (prefilled, out of the waiting list, not yet in the batch) or mid-decode. The others go on and
+    produce exactly what they produce alone."""
+    import qwen35.engine.engine as engine_module
+
+    real_sample, real_prefill = engine_module.sample, engine_module.prefill_chunk
+    culprits = {"first": 101, "later": 102, "prefill": 103}  # told apart by their seeds (greedy all the same)
+
+    def sample(logits, generated, params, generator=None):
+        if params.seed == culprits["first"] or (params.seed == culprits["later"] and len(generated) == 3):
+            raise OverflowError("simulated overflow in sampling")
+        return real_sample(logits, generated, params, generator)
+
+    def prefill_chunk(model, ids, cache, start, end, images=None):
+        if ids.shape[1] == 17:  # the culprit's prompt length
+            raise RuntimeError("simulated failure in the prompt's forward")
+        return real_prefill(model, ids, cache, start, end, images)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+    monkeypatch.setattr(engine_module, "prefill_chunk", prefill_chunk)
+    g = torch.Generator().manual_seed(7)
+    prompt = lambda n: torch.randint(0, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    innocents = [(f"ok{i}", prompt(n)) for i, n in enumerate([5, 30, 9])]
+    engine = Engine(model, scheduler=Scheduler(max_running=8, prefill_chunk=16))
+    engine.add(*innocents[0], SamplingParams(temperature=0, max_tokens=12))
+    engine.add("first", prompt(6), SamplingParams(temperature=0, max_tokens=12, seed=culprits["first"]))
+    engine.add(*innocents[1], SamplingParams(temperature=0, max_tokens=12))
+    engine.add("later", prompt(8), SamplingParams(temperature=0, max_tokens=12, seed=culprits["later"]))
+    engine.add("prefill", prompt(17), SamplingParams(temperature=0, max_tokens=12))
+    engine.add(*innocents[2], SamplingParams(temperature=0, max_tokens=12))
+    out: dict[str, list] = {}
+    while engine.has_work():
+        for e in engine.step():
+            out.setdefault(e.seq_id, []).append(e)
+    for seq_id in culprits:
+        assert out[seq_id][-1].finish_reason == "error" and "failed in the engine" in out[seq_id][-1].error
+    assert len(out["first"]) == 1 and len(out["later"]) == 4 and len(out["prefill"]) == 1
+    for seq_id, ids in innocents:
+        alone = list(generate_tokens(model, ids, SamplingParams(temperature=0, max_tokens=12)))
+        assert [e.token for e in out[seq_id]] == alone and out[seq_id][-1].finish_reason == "length", seq_id
+    assert engine.batch is None and not engine.scheduler.running and not engine.scheduler.waiting

@@ -136,33 +136,44 @@ def test_bad_quantization_config_is_a_clear_error(reference_checkpoint, tmp_path
     assert QuantConfig.from_dict(legacy).head == 8 and QuantConfig.from_dict({**legacy, "head": False}).head == 0
 
 
-def test_quantized_nano_greedy_starts_as_bf16():
-    """Greedy replies (48 tokens, EOS ignored) of the int8 / int4-g64 nano against bf16, token for token.
+def test_quantized_nano_decodes_bf16s_greedy_reply():
+    """The int8 / int4-g64 nano, fed bf16's greedy reply (48 tokens, EOS ignored) one decode step at a time,
+    picks bf16's next token at nearly every step.
 
-    Measured here (benchmarks/quant_quality.py has the full figures): int8 agrees for 48, 48, 48, 36, 48 tokens
-    on these prompts, int4-g64 for 21, 3, 13, 48, 9; the bounds below leave room for kernel rounding only.
+    Teacher-forced, so one near-tie does not end the comparison (greedy prefixes measured 13 to 48 tokens for
+    int8 depending on the machine's kernels, a figure of rounding, not of quality). Measured on PyTorch's int8/int4
+    kernels (AVX2): int8 agrees at 47, 48, 47, 46, 48 of 48 steps, int4-g64 at 46, 44, 45, 48, 46.
     """
     import copy
 
     from qwen35.api import load
-    from qwen35.generate import generate_tokens
+    from qwen35.cache import make_cache
+    from qwen35.generate import generate_tokens, prefill
     from qwen35.sampling import SamplingParams
 
     base = load(None, dtype="bfloat16", device="cpu")
     prompts = ["Hello, how are you?", "What is the capital of France?", "Write a short poem about the sea.",
                "Can you help me plan a trip to Japan?", "Explain what a computer is."]
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
-
-    def same_prefix(model, prompt: str) -> int:
+    replies = []
+    for prompt in prompts:
         ids = base.tokenizer.encode(base.chat_prompt([{"role": "user", "content": prompt}], enable_thinking=False))
-        pairs = zip(generate_tokens(base.model, ids, params), generate_tokens(model, ids, params))
-        return next((i for i, (a, b) in enumerate(pairs) if a != b), params.max_tokens)
+        replies.append((ids, list(generate_tokens(base.model, ids, params))))
 
-    int8_model = quantize(copy.deepcopy(base.model), bits=8)
-    int4_model = quantize(copy.deepcopy(base.model), bits=4, group_size=64)
-    int8, int4 = [same_prefix(int8_model, p) for p in prompts], [same_prefix(int4_model, p) for p in prompts]
-    assert min(int8) >= 32 and sum(int8) / len(int8) >= 40, int8
-    assert sum(int4) / len(int4) >= 12, int4
+    @torch.inference_mode()
+    def agreement(model) -> list[int]:
+        counts = []
+        for ids, reply in replies:
+            cache = make_cache(model.config, 1, "cpu")
+            picks = [int(prefill(model, torch.tensor([ids]), cache).argmax())]
+            picks += [int(model(torch.tensor([[t]]), cache)[0, -1].argmax()) for t in reply[:-1]]  # decode steps
+            counts.append(sum(a == b for a, b in zip(picks, reply)))
+        return counts
+
+    int8 = agreement(quantize(copy.deepcopy(base.model), bits=8))
+    int4 = agreement(quantize(copy.deepcopy(base.model), bits=4, group_size=64))
+    assert min(int8) >= 45, int8
+    assert min(int4) >= 40 and sum(int4) / len(int4) >= 43, int4
 
 
 @pytest.mark.skipif(kernels() is None, reason="the block is for qwen35's CPU kernels")

@@ -265,7 +265,7 @@ def test_a_failing_step_ends_its_requests_and_the_server_goes_on(live, default_m
 
     with model_hook(default_model.model, boom):
         r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": HI, "max_tokens": 4})
-    assert r.status_code == 500 and "model step failed" in r.json()["error"]["message"]
+    assert r.status_code == 500 and "failed in the engine" in r.json()["error"]["message"]
     assert "simulated" not in r.text  # details stay in the server log
     assert_still_serving(url)
 

@@ -151,7 +151,7 @@ def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfl
     """Load a checkpoint directory or Hugging Face repo id; None loads the built-in default model.
 
     `compile`: decode steps through torch.compile, compiled here (about a minute); measured to help where
-    qwen35's CPU kernels cannot run (PyTorch's kernels: +15-25% decode at 0.8B), not beside them
+    qwen35's CPU kernels cannot run (PyTorch's kernels: +25-39% decode at 0.8B), not beside them
     (docs/benchmarks.md). A batch of several or padded sequences compiles a second graph when first seen.
     """
     if path_or_repo is None:

@@ -65,8 +65,9 @@ def _model_args(p: argparse.ArgumentParser, sampling: bool = True, compile: bool
                    help="cpu, cuda or cuda:N (default: cuda when available)")
     if compile:
         p.add_argument("--compile", action="store_true",
-                       help="decode through torch.compile, compiled while loading (about a minute): +15-25%% "
-                            "where qwen35's CPU kernels cannot run (no AVX-512 BF16), no gain beside them")
+                       help="decode through torch.compile, compiled while loading (about a minute): +25-39%% "
+                            "decode speed where qwen35's CPU kernels cannot run (no AVX-512 BF16), no gain "
+                            "beside them (docs/benchmarks.md)")
     if sampling:
         group = p.add_argument_group("sampling (defaults come from the checkpoint's generation_config.json)")
         for flag, (dest, kind, text) in SAMPLING_FLAGS.items():

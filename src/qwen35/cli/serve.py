@@ -41,6 +41,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-mb", type=float, default=2.0, help="request body limit (413 beyond)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per engine step")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight work may finish on SIGTERM")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a client has to send its headers, and again its body (408 beyond)")
     media = p.add_argument_group("images (data: URLs always work; files and remote URLs are off by default)")
     media.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                        help="serve image files (paths, file:// URLs) from inside this directory only")
@@ -63,6 +65,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           allowed_hosts=hosts, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                           max_n=args.max_n, max_running=args.max_batch, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, drain_timeout=args.drain_timeout,
+                          read_timeout=args.read_timeout,
                           images=ImagePolicy(max_bytes=int(args.max_image_mb * 1024 * 1024),
                                              max_images=args.max_images, allow_remote=args.allow_remote_media,
                                              allowed_domains=tuple(d.lower() for d in args.allowed_media_domains),
