@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # tests run in parallel processes (pyproject: -n 2): one core each
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # and for the commands they start
 
 ROPE = {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25, "mrope_interleaved": True}
 
@@ -103,3 +108,28 @@ def default_model():
     from qwen35.api import load
 
     return load(None, dtype="float32", device="cpu")
+
+
+@pytest.fixture()
+def in_process(capsys, monkeypatch):
+    """`qwen35 ARGS` run by `main` in this process, as a CompletedProcess: the same parser, commands and exit codes
+    as the subprocess, without importing torch again (an uncaught exception fails the test, as a traceback would)."""
+    import io
+    import subprocess
+
+    from qwen35.cli.main import main
+
+    monkeypatch.setenv("COLUMNS", "120")
+
+    def go(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = 0 if e.code is None else e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["qwen35", *args], code, out.out, out.err)
+
+    return go

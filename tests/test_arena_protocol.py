@@ -169,7 +169,7 @@ def test_second_judge_agreement_and_report(tmp_path):
 def test_resume_after_a_killed_run_only_fills_the_gaps(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     save_jsonl(PROMPTS + [Prompt(f"q{i}", f"Describe plums and pears number {i}") for i in range(10)], prompts)
-    script = Script(delay_s=0.15)
+    script = Script(delay_s=0.05)  # at the kill at most 27 judgments are left: 1.35 s of them, polled every 0.05 s
     env = {**os.environ, "COLUMNS": "150"}
     with ScriptedServer(script, max_seconds=110) as s:
         cmd = [sys.executable, "-m", "qwen35", "arena", "run", "--prompts", str(prompts), "--out", str(tmp_path / "o"),
@@ -186,7 +186,7 @@ def test_resume_after_a_killed_run_only_fills_the_gaps(tmp_path):
                             break
                     except sqlite3.OperationalError:
                         pass
-            time.sleep(0.1)
+            time.sleep(0.05)
         proc.kill()
         proc.wait(timeout=10)
         with sqlite3.connect(db) as con:

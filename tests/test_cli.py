@@ -1,4 +1,5 @@
-"""The `qwen35` command line, run as a user would (subprocesses on the built-in default model)."""
+"""The `qwen35` command line, run as a user would (subprocesses on the built-in default model), and through `main`
+in this process where a process of its own proves nothing more (the same parser, commands and exit codes)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def test_info_shows_pattern_parameters_memory_and_kv(run):
         assert text in out.stdout
 
 
-def test_quantize_writes_a_checkpoint_that_info_and_generate_read(run, tmp_path):
+def test_quantize_writes_a_checkpoint_that_info_and_generate_read(run, tmp_path, in_process):
     from qwen35.default_model import default_model_path
 
     nano = str(default_model_path())
@@ -39,10 +40,12 @@ def test_quantize_writes_a_checkpoint_that_info_and_generate_read(run, tmp_path)
     assert out.returncode == 0, out.stderr
     config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert (config["bits"], config["group_size"], config["head"]) == (4, 32, 4)
-    assert "int4" in run("info", "--model", str(tmp_path / "q")).stdout
-    gen = run("generate", "Once upon a time", "--model", str(tmp_path / "q"), "--temperature", "0", "--max-tokens", "4")
+    # the written checkpoint read back by the same commands, in this process (no torch import per command)
+    assert "int4" in in_process("info", "--model", str(tmp_path / "q")).stdout
+    gen = in_process("generate", "Once upon a time", "--model", str(tmp_path / "q"), "--temperature", "0",
+                     "--max-tokens", "4")
     assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr
-    bad = run("quantize", nano, str(tmp_path / "r"), "--head", "6")
+    bad = in_process("quantize", nano, str(tmp_path / "r"), "--head", "6")
     assert bad.returncode != 0 and "invalid choice" in bad.stderr
 
 
@@ -53,29 +56,30 @@ def test_one_shot_chat_prints_a_reply_and_exits(run):
 
 
 @pytest.mark.slow
-def test_generate_compiled_reads_as_eager(run):
+def test_generate_compiled_reads_as_eager(run, in_process):
     args = ("generate", "Once upon a time", "--temperature", "0", "--max-tokens", "8", "--dtype", "float32")
-    eager, compiled = run(*args), run(*args, "--compile", timeout=300)
+    eager, compiled = in_process(*args), run(*args, "--compile", timeout=300)
     assert compiled.returncode == 0, compiled.stderr
     assert compiled.stdout == eager.stdout and eager.stdout.strip()
 
 
-def test_generate_is_greedy_reproducible(run):
+def test_generate_is_greedy_reproducible(run, in_process):
+    """The same text from a fresh process and from another run in this one."""
     a = run("generate", "Once upon a time", "--temperature", "0", "--max-tokens", "8")
-    b = run("generate", "Once upon a time", "--temperature", "0", "--max-tokens", "8")
+    b = in_process("generate", "Once upon a time", "--temperature", "0", "--max-tokens", "8")
     assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
 
 
-def test_interactive_commands(run):
+def test_interactive_commands(in_process):
     script = "/think off\nhi\n\"\"\"\nline one\nline two\n\"\"\"\n/thinking\n/system be brief\n/reset\n/help\n/exit\n"
-    out = run("chat", "--max-tokens", "4", stdin=script)
+    out = in_process("chat", "--max-tokens", "4", stdin=script)
     assert out.returncode == 0, out.stderr
     for text in ("thinking off", "system prompt set", "conversation cleared", "/think on|off"):
         assert text in out.stdout
 
 
-def test_end_of_input_leaves_cleanly(run):
-    assert run("chat", stdin="").returncode == 0
+def test_end_of_input_leaves_cleanly(in_process):
+    assert in_process("chat", stdin="").returncode == 0
 
 
 def test_ctrl_c_stops_the_reply_not_the_program(run):
@@ -98,8 +102,8 @@ def test_ctrl_c_stops_the_reply_not_the_program(run):
     (["chat", "-m", "/no/such/dir", "-p", "x"], "neither a local directory"),
     (["chat", "-p", "x", "--top-p", "2"], "sampling option top_p=2.0"),
 ])
-def test_bad_input_is_a_clear_error(run, args, message):
-    out = run(*args)
+def test_bad_input_is_a_clear_error(in_process, args, message):
+    out = in_process(*args)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 

@@ -11,7 +11,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -76,13 +75,16 @@ WORKER = textwrap.dedent("""
     from test_train import tiny_model, batch_fn, VAL
     from qwen35.train.trainer import TrainConfig, train
     from safetensors.torch import save_file
-    model = tiny_model()
-    train(model, batch_fn, VAL, TrainConfig(steps=6, lr=1e-2, warmup_steps=2, log_every=3, eval_every=3,
-                                            fsdp={fsdp}), {out!r}, log=lambda _: None)
-    rank = dist.get_rank()
-    full = {{k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}}
-    save_file({{k: v.detach().contiguous() for k, v in full.items() if k != "lm_head.weight"}},
-              f"{out}/rank{{rank}}.safetensors")
+    for fsdp in (False, True):  # DDP, then FSDP2, in the same two processes (one launch, one gloo group)
+        out = os.path.join({out!r}, "fsdp2" if fsdp else "ddp")
+        model = tiny_model()
+        train(model, batch_fn, VAL, TrainConfig(steps=6, lr=1e-2, warmup_steps=2, log_every=3, eval_every=3,
+                                                fsdp=fsdp), out, log=lambda _: None)
+        rank = dist.get_rank()
+        full = {{k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}}
+        save_file({{k: v.detach().contiguous() for k, v in full.items() if k != "lm_head.weight"}},
+                  f"{{out}}/rank{{rank}}.safetensors")
+        dist.barrier()
     dist.barrier()  # both ranks done with gloo before either tears it down
     dist.destroy_process_group()
     # skip interpreter finalization: gloo's threads can still be unwinding there and abort the process
@@ -97,19 +99,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_gloo_processes_end_with_equal_weights(tmp_path, fsdp):
+def test_two_gloo_processes_end_with_equal_weights(tmp_path):
+    """DDP and FSDP2 (one launch runs both: the launcher and the workers' imports cost more than the training)."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(Path(__file__).parent), out=str(tmp_path), fsdp=fsdp))
+    script.write_text(WORKER.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    a, b = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
-    assert a.keys() == b.keys() and len(a) > 10
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
     start = tiny_model().state_dict()
-    assert any(not torch.equal(a[n], start[n]) for n in a)  # they trained
-    assert (tmp_path / "checkpoint" / "model.safetensors").exists()
+    for kind in ("ddp", "fsdp2"):
+        out = tmp_path / kind
+        a, b = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+        assert a.keys() == b.keys() and len(a) > 10, kind
+        for name in a:
+            assert torch.equal(a[name], b[name]), (kind, name)
+        assert any(not torch.equal(a[n], start[n]) for n in a), kind  # they trained
+        assert (out / "checkpoint" / "model.safetensors").exists(), kind

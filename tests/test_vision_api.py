@@ -126,13 +126,13 @@ def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
                           env={**os.environ, "COLUMNS": "120"}, timeout=120)
 
 
-def test_cli_image_flag_and_command(checkpoint):
+def test_cli_image_flag_and_command(checkpoint, in_process):
     path, _ = checkpoint
     common = ("chat", "-m", str(path), "--dtype", "float32", "--temperature", "0", "--max-tokens", "4", "--ignore-eos")
-    out = cli(*common, "-p", "What is it?", "--image", str(path / "cat.png"))
+    out = cli(*common, "-p", "What is it?", "--image", str(path / "cat.png"))  # the real command, in its own process
     assert out.returncode == 0 and out.stdout.strip(), out.stderr
-    out = cli(*common, "-p", "What is it?", "--image", str(path / "nope.png"))
+    out = in_process(*common, "-p", "What is it?", "--image", str(path / "nope.png"))  # the same `main`, here
     assert out.returncode == 2 and "image 1" in out.stderr and "does not exist" in out.stderr
-    out = cli(*common, stdin=f"/image {path / 'nope.png'}\nhi\n/image {path / 'cat.png'}\nWhat is it?\n/exit\n")
+    out = in_process(*common, stdin=f"/image {path / 'nope.png'}\nhi\n/image {path / 'cat.png'}\nWhat is it?\n/exit\n")
     assert out.returncode == 0, out.stderr
     assert "image attached" in out.stdout and "does not exist" in out.stdout
