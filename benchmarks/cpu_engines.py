@@ -44,7 +44,7 @@ def qwen35_hooks(ckpt: Path, variant: str, args: argparse.Namespace) -> Hooks:
 
     import qwen35
     from qwen35.cache import make_cache
-    from qwen35.generate import prefill
+    from qwen35.runtime.prefill import prefill
     from qwen35.sampling import greedy
 
     if variant != "bf16":  # the quantized checkpoint is its own artifact, made once by `qwen35 quantize`

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from qwen35.api import load
 from qwen35.cache import make_cache
-from qwen35.generate import generate_tokens
+from qwen35.runtime import generate_tokens
 from qwen35.quant import quantize
 from qwen35.sampling import SamplingParams
 from qwen35.train import data

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import qwen35
 import qwen35.api as api
 from qwen35.api import Piece, fold
+from qwen35.runtime import Event
 
 USER = [{"role": "user", "content": "Hello, how are you?"}]
 
@@ -20,7 +23,8 @@ def test_chat_is_the_folded_stream(default_model):
     kwargs = dict(temperature=0.8, seed=3, max_tokens=24, enable_thinking=False)
     pieces = list(default_model.stream_chat(USER, **kwargs))
     reply = default_model.chat(USER, **kwargs)
-    assert reply == fold(pieces)
+    assert dataclasses.replace(reply, cached_tokens=0) == dataclasses.replace(fold(pieces), cached_tokens=0)
+    assert reply.cached_tokens > 0  # the second call resumed from the first one's snapshot
     assert pieces[-1].finish_reason in ("stop", "length") and pieces[-1].completion_tokens == reply.completion_tokens
     assert reply.prompt_tokens == len(default_model.tokenizer.encode(default_model.chat_prompt(USER, enable_thinking=False)))
     assert 1 <= reply.completion_tokens <= 24
@@ -46,13 +50,13 @@ def _scripted(monkeypatch, text: str, model):
     """Make generation emit the tokens of `text` (a stand-in model whose output we know)."""
     ids = model.tokenizer.encode(text)
 
-    def fake(_model, prompt_ids, params, eos_ids, limit, images=None):
-        for i, token in enumerate(ids[: params.max_tokens]):
-            yield token
+    def fake(_model, request, eos_ids, limit, prefix_cache=None):
+        for token in ids[: request.params.max_tokens]:
+            yield Event("0", token)
             if token in eos_ids:
                 return
 
-    monkeypatch.setattr(api, "generate_tokens", fake)
+    monkeypatch.setattr(api, "run", fake)
     return ids
 
 

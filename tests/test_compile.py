@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qwen35.cache import make_cache
-from qwen35.generate import prefill
+from qwen35.runtime.prefill import prefill
 from qwen35.loading import load_model
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import qwen35
 import qwen35.ops.cpu as cpu
 import qwen35.quant.linear as qlinear
 from qwen35.cache import make_cache
-from qwen35.generate import prefill
+from qwen35.runtime.prefill import prefill
 from qwen35.ops.build import build_dir
 from qwen35.quant.linear import dequantize, int4_quantize, int8_activations, int8_quantize, make_linear
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from conftest import VOCAB
-from qwen35.engine import Engine, Scheduler
-from qwen35.generate import generate_tokens
+from qwen35.runtime import Engine, Request, Scheduler, generate_tokens
 from qwen35.loading import load_model
 from qwen35.sampling import SamplingParams
 
@@ -29,7 +28,7 @@ def _run(engine: Engine, arrivals: dict[int, list]) -> dict[str, list[int]]:
     step = 0
     while engine.has_work() or any(k >= step for k in arrivals):
         for seq_id, prompt, budget in arrivals.pop(step, []):
-            engine.add(seq_id, prompt, SamplingParams(temperature=0, max_tokens=budget))
+            engine.add(Request(seq_id, prompt, SamplingParams(temperature=0, max_tokens=budget)))
         for event in engine.step():
             out.setdefault(event.seq_id, []).append(event.token)
         step += 1
@@ -51,7 +50,7 @@ def test_abort_frees_the_row_and_spares_the_others(model):
     prompts = _prompts()[:3]
     engine = Engine(model, scheduler=Scheduler(prefill_chunk=512))
     for seq_id, prompt, _ in prompts:
-        engine.add(seq_id, prompt, SamplingParams(temperature=0, max_tokens=20))
+        engine.add(Request(seq_id, prompt, SamplingParams(temperature=0, max_tokens=20)))
     out: dict[str, list[int]] = {}
     for _ in range(6):
         for e in engine.step():
@@ -67,22 +66,22 @@ def test_abort_frees_the_row_and_spares_the_others(model):
 
 def test_eos_and_limits(model):
     engine = Engine(model, eos_ids=range(VOCAB))  # every token is an EOS: one token each
-    engine.add("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=50))
+    engine.add(Request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=50)))
     events = engine.step()
     assert [(e.seq_id, e.finish_reason) for e in events] == [("a", "stop")] and not engine.has_work()
-    with pytest.raises(ValueError, match="prompt of 0 tokens"):
-        engine.add("b", [], SamplingParams())
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        engine.add(Request("b", [], SamplingParams()))
     full = Engine(model, scheduler=Scheduler(max_waiting=1))
-    full.add("c", [1], SamplingParams())
+    full.add(Request("c", [1], SamplingParams()))
     with pytest.raises(OverflowError, match="queue is full"):
-        full.add("d", [1], SamplingParams())
+        full.add(Request("d", [1], SamplingParams()))
 
 
 def test_a_failure_in_one_sequence_ends_that_sequence_alone(model, monkeypatch):
     """A prefill or sampling failure of one sequence ends it alone, with an error event: on its prompt, on its
     first token (prefilled, out of the waiting list, not yet in the batch) or mid-decode. The others go on and
     produce exactly what they produce alone."""
-    import qwen35.engine.engine as engine_module
+    import qwen35.runtime.engine as engine_module
 
     real_sample, real_prefill = engine_module.sample, engine_module.prefill_chunk
     culprits = {"first": 101, "later": 102, "prefill": 103}  # told apart by their seeds (greedy all the same)
@@ -103,12 +102,12 @@ def test_a_failure_in_one_sequence_ends_that_sequence_alone(model, monkeypatch):
     prompt = lambda n: torch.randint(0, VOCAB, (n,), generator=g).tolist()  # noqa: E731
     innocents = [(f"ok{i}", prompt(n)) for i, n in enumerate([5, 30, 9])]
     engine = Engine(model, scheduler=Scheduler(max_running=8, prefill_chunk=16))
-    engine.add(*innocents[0], SamplingParams(temperature=0, max_tokens=12))
-    engine.add("first", prompt(6), SamplingParams(temperature=0, max_tokens=12, seed=culprits["first"]))
-    engine.add(*innocents[1], SamplingParams(temperature=0, max_tokens=12))
-    engine.add("later", prompt(8), SamplingParams(temperature=0, max_tokens=12, seed=culprits["later"]))
-    engine.add("prefill", prompt(17), SamplingParams(temperature=0, max_tokens=12))
-    engine.add(*innocents[2], SamplingParams(temperature=0, max_tokens=12))
+    engine.add(Request(*innocents[0], SamplingParams(temperature=0, max_tokens=12)))
+    engine.add(Request("first", prompt(6), SamplingParams(temperature=0, max_tokens=12, seed=culprits["first"])))
+    engine.add(Request(*innocents[1], SamplingParams(temperature=0, max_tokens=12)))
+    engine.add(Request("later", prompt(8), SamplingParams(temperature=0, max_tokens=12, seed=culprits["later"])))
+    engine.add(Request("prefill", prompt(17), SamplingParams(temperature=0, max_tokens=12)))
+    engine.add(Request(*innocents[2], SamplingParams(temperature=0, max_tokens=12)))
     out: dict[str, list] = {}
     while engine.has_work():
         for e in engine.step():

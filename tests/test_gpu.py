@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import VOCAB
-from qwen35.generate import generate_tokens
+from qwen35.runtime import generate_tokens
 from qwen35.loading import load_model
 from qwen35.sampling import SamplingParams
 

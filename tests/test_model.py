@@ -9,7 +9,7 @@ import torch
 
 from conftest import TINY_CONFIGS, VOCAB
 from qwen35.cache import DeltaCache, KVCache, make_cache
-from qwen35.generate import prefill_chunk_size
+from qwen35.runtime.prefill import prefill_chunk_size
 from qwen35.loading import load_model
 
 TOL = 1e-4

@@ -148,7 +148,8 @@ def test_quantized_nano_decodes_bf16s_greedy_reply():
 
     from qwen35.api import load
     from qwen35.cache import make_cache
-    from qwen35.generate import generate_tokens, prefill
+    from qwen35.runtime import generate_tokens
+    from qwen35.runtime.prefill import prefill
     from qwen35.sampling import SamplingParams
 
     base = load(None, dtype="bfloat16", device="cpu")

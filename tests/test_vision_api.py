@@ -43,14 +43,14 @@ def checkpoint(tmp_path_factory):
 
 def record_tokens(monkeypatch) -> list[int]:
     seen: list[int] = []
-    real = api.generate_tokens
+    real = api.run
 
     def recording(*args, **kwargs):
-        for token in real(*args, **kwargs):
-            seen.append(token)
-            yield token
+        for event in real(*args, **kwargs):
+            seen.append(event.token)
+            yield event
 
-    monkeypatch.setattr(api, "generate_tokens", recording)
+    monkeypatch.setattr(api, "run", recording)
     return seen
 
 
@@ -104,7 +104,8 @@ def test_image_sources_agree(checkpoint, monkeypatch):
                  {"type": "image_url", "image_url": {"url": data}}):
         messages = [{"role": "user", "content": [part, {"type": "text", "text": "Describe."}]}]
         replies.append(m.chat(messages, temperature=0, max_tokens=6, ignore_eos=True))
-    assert replies[0] == replies[1] == replies[2]
+    assert replies[0].text == replies[1].text == replies[2].text
+    assert replies[0].cached_tokens == 0 and replies[1].cached_tokens == replies[2].cached_tokens > 0  # same pixels
 
 
 def test_bad_images_and_text_models_fail_clearly(checkpoint, default_model):

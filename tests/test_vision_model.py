@@ -10,7 +10,8 @@ import torch
 from conftest import TINY_CONFIGS, randomize_
 from qwen35.cache import make_cache, merge_caches, select_rows
 from qwen35.config import ConfigError
-from qwen35.generate import generate_tokens, prefill
+from qwen35.runtime import generate_tokens
+from qwen35.runtime.prefill import prefill
 from qwen35.loading import CheckpointError, load_model, load_vision
 from qwen35.models.vision import ImageInputs, VisionConfig, mrope_positions
 from qwen35.sampling import SamplingParams
@@ -178,7 +179,7 @@ def test_batched_rows_keep_their_own_rope_delta(vl):
 def test_engine_batches_image_and_text_prompts(vl):
     """Continuous batching: an image prompt (prefilled in chunks that cut through the image) beside text prompts
     gives the same greedy tokens as each prompt alone."""
-    from qwen35.engine import Engine, Scheduler
+    from qwen35.runtime import Engine, Request, Scheduler
 
     _, model, vision, _ = vl
     grids = [(1, 6, 4)]
@@ -189,7 +190,7 @@ def test_engine_batches_image_and_text_prompts(vl):
     alone = {k: list(generate_tokens(model, ids, params, images=img)) for k, (ids, img) in prompts.items()}
     engine = Engine(model, scheduler=Scheduler(prefill_chunk=5))
     for k in ("a", "img", "b"):
-        engine.add(k, prompts[k][0], params, images=prompts[k][1])
+        engine.add(Request(k, prompts[k][0], params, images=prompts[k][1]))
     got: dict[str, list[int]] = {k: [] for k in prompts}
     while engine.has_work():
         for event in engine.step():

@@ -6,14 +6,15 @@ Streaming is the primitive: every non-streaming call folds the stream it would h
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 import threading
 from typing import Any, Callable, Literal
 
 import torch
 
-from qwen35.generate import generate_tokens
+from qwen35.runtime import Request, run
+from qwen35.runtime.prefix_cache import DEFAULT_CACHE_RAM, GIB, PrefixCache
 from qwen35.loading import (available_vision, load_model, load_vision, preprocessor_config, release_freed_memory,
                             resolve_checkpoint)
 from qwen35.models import Qwen35Model
@@ -26,13 +27,28 @@ from qwen35.vision import ImagePolicy, ImageProcessor, image_sources, load_image
 
 @dataclass(frozen=True)
 class Piece:
-    """A streamed fragment of a reply. The last piece of a stream carries `finish_reason` and token counts."""
+    """A streamed fragment of a reply. The last piece of a stream carries `finish_reason` and token counts
+    (`cached_tokens`: prompt tokens restored from a snapshot, not computed). With `logprobs` asked for, `logprobs`
+    holds (token, logprob, ((token, logprob), ...) most likely) of the tokens read since the previous piece."""
 
     kind: Literal["thinking", "answer"]
     text: str
     finish_reason: Literal["stop", "length"] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prepared chat: ids (images expanded), encoded images, whether the reply starts inside `<think>`, and
+    the positions worth a prefix snapshot."""
+
+    ids: list[int]
+    images: ImageInputs | None = None
+    thinking: bool = False
+    marks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,17 +61,21 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    cached_tokens: int = 0
+    logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] = field(default_factory=list)
 
 
 def fold(pieces: Iterable[Piece]) -> Reply:
     """The non-streaming reply of a stream."""
-    text, thinking, last = [], [], None
+    text, thinking, logprobs, last = [], [], [], None
     for piece in pieces:
         (thinking if piece.kind == "thinking" else text).append(piece.text)
+        logprobs += piece.logprobs
         last = piece
     assert last is not None and last.finish_reason is not None, "a stream always ends with a finishing piece"
     content, calls = tool_calls_in("".join(text))
-    return Reply(content, "".join(thinking), last.finish_reason, last.prompt_tokens, last.completion_tokens, calls)
+    return Reply(content, "".join(thinking), last.finish_reason, last.prompt_tokens, last.completion_tokens, calls,
+                 last.cached_tokens, logprobs)
 
 
 class Qwen35:
@@ -64,13 +84,16 @@ class Qwen35:
     `vision` is the checkpoint's vision tower (None without `model.visual.*` weights), or a function that loads
     it: then it is loaded when first used (an image arrives), so text-only use never holds it (0.67 GB at 4B).
     `image_policy` says where images may come from: the Python API trusts its caller (local files anywhere, no
-    remote URLs by default).
+    remote URLs by default). `prefix_cache` holds the snapshots every call (and a server on this model) resumes
+    from; None turns prefix reuse off.
     """
 
     def __init__(self, model: Qwen35Model, tokenizer: Tokenizer, defaults: SamplingParams, path: Path,
                  vision: VisionModel | Callable[[], VisionModel | None] | None = None,
-                 processor: ImageProcessor | None = None, image_policy: ImagePolicy | None = None):
+                 processor: ImageProcessor | None = None, image_policy: ImagePolicy | None = None,
+                 prefix_cache: PrefixCache | None = None):
         self.model, self.tokenizer, self.defaults, self.path = model, tokenizer, defaults, path
+        self.prefix_cache = prefix_cache
         self.config = model.config
         self._vision, self.processor = vision, processor
         self._vision_lock = threading.Lock()
@@ -93,12 +116,16 @@ class Qwen35:
         return out if ids.ndim == 2 else out[0]
 
     # -- completion -------------------------------------------------------------------------------------------
-    def stream_generate(self, prompt: str, **sampling: Any) -> Iterator[Piece]:
-        """Raw completion of `prompt` (no chat template), streamed."""
-        return self._stream(self.tokenizer.encode(prompt), self.defaults.updated(**sampling), thinking=False)
+    def stream_generate(self, prompt: str, logprobs: int | None = None, logit_bias: dict[int, float] | None = None,
+                        **sampling: Any) -> Iterator[Piece]:
+        """Raw completion of `prompt` (no chat template; control-token text in it is parsed as control tokens),
+        streamed. `logprobs`: None, or k for each token's log-probability and the k most likely; `logit_bias`:
+        token id -> value added to its logit."""
+        return self.stream(Request("0", self.tokenizer.encode(prompt), self.defaults.updated(**sampling), logprobs,
+                                   logit_bias or {}))
 
-    def generate(self, prompt: str, **sampling: Any) -> Reply:
-        return fold(self.stream_generate(prompt, **sampling))
+    def generate(self, prompt: str, **options: Any) -> Reply:
+        return fold(self.stream_generate(prompt, **options))
 
     # -- chat -------------------------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
@@ -107,48 +134,70 @@ class Qwen35:
         return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                   enable_thinking=enable_thinking)
 
+    def prepare_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                     enable_thinking: bool | None = None, images: list[Any] | None = None,
+                     allow_control_tokens: bool = False) -> Prompt:
+        """A conversation as the engine takes it: the one preparation of the API, the CLI and the server.
+
+        Renders the checkpoint's template (control-token text from callers stays text unless
+        `allow_control_tokens`), loads the image parts (or takes `images` already loaded, as the server does under
+        its own policy), expands and encodes them, and marks the chat's stable points for prefix reuse.
+        Raises ValueError (`ImageError` for images) naming what is wrong.
+        """
+        prompt, ids = self.tokenizer.encode_chat(messages, tools, enable_thinking, allow_control_tokens)
+        if images is None:
+            sources = image_sources(messages)
+            images = load_images(sources, self.image_policy or ImagePolicy()) if sources else []
+        encoded = None
+        if images:
+            ids, encoded = prepare(ids, images, self.processor, self.vision, self.config.image_token_id,
+                                   self.config.max_position_embeddings)
+        return Prompt(ids, encoded, prompt.rstrip().endswith("<think>"), self.tokenizer.chat_marks(ids))
+
     def stream_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                    enable_thinking: bool | None = None, **sampling: Any) -> Iterator[Piece]:
+                    enable_thinking: bool | None = None, logprobs: int | None = None,
+                    logit_bias: dict[int, float] | None = None, allow_control_tokens: bool = False,
+                    **sampling: Any) -> Iterator[Piece]:
         """Reply to a conversation, streamed as thinking and answer pieces.
 
         User messages may hold image parts: `{"type": "image_url", "image_url": {"url": URL}}` (data:, http(s)
         when the policy allows, file path) or `{"type": "image", "image": path | PIL image | bytes}`. Images are
         loaded and encoded here, before the first piece, so a bad image raises `ImageError` (a ValueError) at once.
         """
-        prompt = self.chat_prompt(messages, tools, enable_thinking)
-        starts_thinking = prompt.rstrip().endswith("<think>")
-        ids, images = self.encode_images(messages, self.tokenizer.encode(prompt))
-        return self._stream(ids, self.defaults.updated(**sampling), starts_thinking, images)
-
-    def encode_images(self, messages: list[dict[str, Any]],
-                      prompt_ids: list[int]) -> tuple[list[int], ImageInputs | None]:
-        """The prompt ids with each image placeholder expanded, and the encoded images (None without images)."""
-        sources = image_sources(messages)
-        if not sources:
-            return prompt_ids, None
-        images = load_images(sources, self.image_policy or ImagePolicy())
-        return prepare(prompt_ids, images, self.processor, self.vision, self.config.image_token_id,
-                       self.config.max_position_embeddings)
+        prompt = self.prepare_chat(messages, tools, enable_thinking, allow_control_tokens=allow_control_tokens)
+        return self.stream(Request("0", prompt.ids, self.defaults.updated(**sampling), logprobs, logit_bias or {},
+                                   prompt.images, prompt.marks), prompt.thinking)
 
     def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-             enable_thinking: bool | None = None, **sampling: Any) -> Reply:
-        return fold(self.stream_chat(messages, tools, enable_thinking, **sampling))
+             enable_thinking: bool | None = None, **options: Any) -> Reply:
+        return fold(self.stream_chat(messages, tools, enable_thinking, **options))
 
-    def _stream(self, prompt_ids: list[int], params: SamplingParams, thinking: bool,
-                images: ImageInputs | None = None) -> Iterator[Piece]:
-        tok = self.tokenizer
+    def stream(self, request: Request, thinking: bool = False) -> Iterator[Piece]:
+        """The engine's events for one request as text pieces (`thinking`: the reply starts inside `<think>`)."""
+        tok, params = self.tokenizer, request.params
         text = ChoiceText(tok, () if params.ignore_eos else tok.eos_token_ids, params.stop, thinking, tools=False)
-        for token in generate_tokens(self.model, prompt_ids, params, tok.eos_token_ids, tok.vocab_size, images):
-            yield from (Piece(kind, t) for kind, t in text.feed(token))
+        cached = 0
+        for event in run(self.model, request, tok.eos_token_ids, tok.vocab_size, self.prefix_cache):
+            cached = event.cached
+            pieces = [Piece(kind, t) for kind, t in text.feed(event.token)]
+            if request.logprobs is not None:
+                entry = ((event.token, event.logprob, event.top_logprobs),)
+                pieces = [replace(pieces[0], logprobs=entry), *pieces[1:]] if pieces else [Piece("answer", "",
+                                                                                                 logprobs=entry)]
+            yield from pieces
             if text.finish_reason is not None:
                 break
         yield from (Piece(kind, t) for kind, t in text.close("length"))
-        yield Piece("answer", "", text.finish_reason, len(prompt_ids), text.tokens)
+        yield Piece("answer", "", text.finish_reason, len(request.prompt), text.tokens, cached)
 
 
 def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfloat16", device: str | None = None,
-         progress: Callable[[int, int], None] | None = None, compile: bool = False) -> Qwen35:
+         progress: Callable[[int, int], None] | None = None, compile: bool = False,
+         cache_ram: float | None = None) -> Qwen35:
     """Load a checkpoint directory or Hugging Face repo id; None loads the built-in default model.
+
+    `cache_ram`: GiB of host memory for prefix snapshots (None: DEFAULT_CACHE_RAM; 0 turns reuse off), so a
+    conversation's next turn computes only its new tokens (docs/design.md, "Prefix reuse").
 
     `compile`: decode steps through torch.compile, compiled here (about a minute); measured to help where
     qwen35's CPU kernels cannot run (PyTorch's kernels: +25-39% decode at 0.8B), not beside them
@@ -173,5 +222,8 @@ def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfl
     vision = available_vision(path)
     processor = ImageProcessor.from_config(preprocessor_config(path), vision) if vision else None
     tower = (lambda: load_vision(path, dtype=dtype, device=device)) if vision else None
+    ram = DEFAULT_CACHE_RAM if cache_ram is None else cache_ram
+    if not ram >= 0:
+        raise ValueError(f"cache_ram={cache_ram!r} GiB is invalid: give 0 (off) or more")
     return Qwen35(model, tokenizer, SamplingParams.from_generation_config(path), path, tower, processor,
-                  ImagePolicy(local_dir=Path(Path.cwd().anchor)))
+                  ImagePolicy(local_dir=Path(Path.cwd().anchor)), PrefixCache(int(ram * GIB)) if ram else None)

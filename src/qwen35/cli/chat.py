@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 from rich.console import Console, Group
@@ -16,7 +17,7 @@ from rich.live import Live
 from rich.text import Text
 
 from qwen35.api import Piece, Qwen35
-from qwen35.cli.main import load_for, sampling_options
+from qwen35.cli.args import load_for, sampling_options
 from qwen35.cli.reader import LineReader, TerminalLines, piped_lines, read_message
 
 HELP = """commands:
@@ -47,7 +48,7 @@ def reply_reserve(max_tokens: int, context: int) -> int:
 
 def prompt_length(model: Qwen35, messages: list[dict], think: bool | None) -> int:
     """Tokens of the chat prompt for `messages` (an image counts as its placeholder only)."""
-    return len(model.tokenizer.encode(model.chat_prompt(messages, enable_thinking=think)))
+    return len(model.tokenizer.encode_chat(messages, enable_thinking=think)[1])
 
 
 def fit_history(history: list[dict], count: Callable[[list[dict]], int], context: int,
@@ -68,9 +69,11 @@ def fit_history(history: list[dict], count: Callable[[list[dict]], int], context
                      f"{context - reserve} fit ({context}-token context, {reserve} kept for the reply). Shorten it")
 
 
-def show_reply(stream: Iterator[Piece], console: Console) -> tuple[str, str, Piece | None]:
-    """Render a streamed reply live; returns (answer, thinking, last piece). Ctrl-C ends the reply early."""
+def show_reply(stream: Iterator[Piece], console: Console) -> tuple[str, str, Piece | None, float]:
+    """Render a streamed reply live; returns (answer, thinking, last piece, seconds to the first piece). Ctrl-C
+    ends the reply early."""
     thinking, answer, last = [], [], None
+    start, first = time.perf_counter(), 0.0
 
     def view() -> Group:
         parts = []
@@ -85,6 +88,7 @@ def show_reply(stream: Iterator[Piece], console: Console) -> tuple[str, str, Pie
     with Live(view(), console=console, refresh_per_second=15, transient=False) as live:
         try:
             for piece in stream:
+                first = first or time.perf_counter() - start
                 (thinking if piece.kind == "thinking" else answer).append(piece.text)
                 last = piece
                 live.update(view())
@@ -92,7 +96,14 @@ def show_reply(stream: Iterator[Piece], console: Console) -> tuple[str, str, Pie
             stream.close()
             answer.append(" [stopped]")
             live.update(view())
-    return "".join(answer).removesuffix(" [stopped]"), "".join(thinking), last
+    return "".join(answer).removesuffix(" [stopped]"), "".join(thinking), last, first
+
+
+def turn_figures(last: Piece, first: float) -> str:
+    """`chat --verbose`: what this turn's prompt cost (reused from a snapshot vs computed) and its first token."""
+    computed = last.prompt_tokens - last.cached_tokens
+    return (f"prompt {last.prompt_tokens} tokens: {last.cached_tokens} reused, {computed} computed · first token "
+            f"{first:.2f} s · {last.completion_tokens} generated")
 
 
 def run_chat(args: argparse.Namespace, err: Console) -> None:
@@ -107,11 +118,11 @@ def run_chat(args: argparse.Namespace, err: Console) -> None:
     console = Console()
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
     chat_loop(model, TerminalLines() if terminal else piped_lines(console), console, sampling, think, args.system,
-              list(args.image))
+              list(args.image), args.verbose)
 
 
 def chat_loop(model: Qwen35, read_line: LineReader, console: Console, sampling: dict, think: bool | None,
-              system: str | None, images: list[str]) -> None:
+              system: str | None, images: list[str], verbose: bool = False) -> None:
     """The interactive chat, until end of input or /exit; `images` are attached to the next message."""
     context = model.config.max_position_embeddings
     reserve = reply_reserve(model.defaults.updated(**sampling).max_tokens, context)
@@ -166,7 +177,9 @@ def chat_loop(model: Qwen35, read_line: LineReader, console: Console, sampling: 
             console.print(f"[bold red]error:[/] {e}", highlight=False)
             continue
         images = []
-        answer, last_thinking, _ = show_reply(stream, console)
+        answer, last_thinking, last, first = show_reply(stream, console)
+        if verbose and last is not None and last.finish_reason is not None:
+            console.print(f"[dim]{turn_figures(last, first)}[/]", highlight=False)
         history.append({"role": "assistant", "content": answer, "reasoning_content": last_thinking})
 
 

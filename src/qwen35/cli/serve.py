@@ -88,5 +88,5 @@ def run_serve(args: argparse.Namespace, console: Console) -> None:
     from qwen35.server.serve import serve
 
     check_address(args.host, args.port)
-    serve(settings_from_args(args), lambda: load(args.model, dtype=args.dtype, device=args.device), console,
-          verbose=args.verbose)
+    serve(settings_from_args(args), lambda: load(args.model, dtype=args.dtype, device=args.device,
+                                                  cache_ram=args.cache_ram), console, verbose=args.verbose)

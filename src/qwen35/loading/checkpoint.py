@@ -7,7 +7,6 @@ wrong-shape or truncated tensor is an error that names the tensor and the file.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import re
@@ -20,55 +19,20 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from qwen35.config import ModelConfig, load_config
-from qwen35.files import regular_file_exists
+from qwen35.files import (SKIPPED_PREFIXES, CheckpointError, checkpoint_name, regular_file_exists, release_freed_memory,
+                          weight_files)
 from qwen35.models import Qwen35Model
+from qwen35.quant.checkpoint import build_quantized, complete
+from qwen35.quant.linear import gather_on_huge_pages
+from qwen35.quant.quantize import QuantConfig
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SKIPPED_PREFIXES = {"mtp.": "multi-token-prediction head (not used for plain generation)",
-                    "model.visual.": "vision tower (loaded beside the text model by `load_vision`)"}
 QUANT_PARTS = (".qweight", ".scales", ".zeros")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 _EXPERT_INDEX = re.compile(r"^layers\.\d+\.mlp\.experts\.(\d+)\.")
 _EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as it is; the message says which file and tensor, and what to do."""
-
-
-def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the shards named by `model.safetensors.index.json`, else all."""
-    index = directory / "model.safetensors.index.json"
-    if regular_file_exists(index):
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{index}: not a valid shard index ({e!r}); re-download it") from None
-        missing = [n for n in names if not regular_file_exists(directory / n)]
-        if missing:
-            raise CheckpointError(f"{index} names shard(s) {missing} that are not in {directory}; "
-                                  "the download is incomplete")
-        return [directory / n for n in names]
-    files = sorted(f for f in directory.glob("*.safetensors") if regular_file_exists(f))
-    if not files:
-        found = sorted(p.name for p in directory.iterdir())[:10]
-        hint = " (pickle .bin files are never loaded: convert them to safetensors)" if any(
-            n.endswith((".bin", ".pt", ".pth")) for n in found) else ""
-        raise CheckpointError(f"{directory}: no *.safetensors weights found (files: {found}){hint}")
-    return files
-
-
-def _checkpoint_name(name: str) -> str | None:
-    """Official name -> our parameter name; None for tensors we knowingly skip."""
-    if any(name.startswith(p) for p in SKIPPED_PREFIXES):
-        return None
-    for prefix in ("model.language_model.", "model."):  # multimodal layout, then text-only (CausalLM) layout
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name  # lm_head.weight
 
 
 def _diagnose(file: Path, error: Exception) -> CheckpointError:
@@ -104,7 +68,7 @@ def _check_geometry(config: ModelConfig, files: list[Path], config_file: Path) -
     for file in files:
         with open_weights(file) as f:
             for name in f.keys():
-                ours = _checkpoint_name(name)
+                ours = checkpoint_name(name)
                 if ours is None:
                     continue
                 if m := _LAYER.match(ours):
@@ -145,8 +109,6 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
         raise ValueError(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}")
     config = load_config(directory)
     quant = _quant_config(directory)
-    if quant is not None:
-        from qwen35.quant.checkpoint import build_quantized, complete
     files = weight_files(directory)
     _check_geometry(config, files, directory / "config.json")
     with torch.device("meta"):
@@ -159,7 +121,7 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
     for i, file in enumerate(files):
         with open_weights(file) as f:
             for name in f.keys():
-                ours = _checkpoint_name(name)
+                ours = checkpoint_name(name)
                 if ours is None:
                     skipped[next(p for p in SKIPPED_PREFIXES if name.startswith(p))] += 1
                     continue
@@ -206,18 +168,8 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
         model.lm_head.weight = model.embed_tokens.weight
     model = model.to(device).eval()
     if quant is not None:
-        from qwen35.quant.linear import gather_on_huge_pages
         gather_on_huge_pages(model)
     return model
-
-
-def release_freed_memory() -> None:
-    """Hand heap pages freed by loading back to the OS (glibc keeps them otherwise: measured ~0.2 GB after the
-    248k-token tokenizer.json parse alone). A no-op where there is no glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _quant_config(directory: Path):
@@ -225,7 +177,6 @@ def _quant_config(directory: Path):
     raw = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("quantization_config")
     if raw is None:
         return None
-    from qwen35.quant.quantize import QuantConfig
     try:
         return QuantConfig.from_dict(raw)
     except (ValueError, TypeError, AttributeError) as e:

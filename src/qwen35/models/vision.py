@@ -117,6 +117,7 @@ class ImageInputs:
     features: torch.Tensor
     positions: torch.Tensor
     rope_delta: int
+    digests: tuple[str, ...] = ()  # one per image, of its pixels: what a prefix snapshot is keyed on
 
 
 class PatchEmbed(nn.Module):

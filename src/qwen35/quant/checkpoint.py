@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qwen35.config import ModelConfig, load_config
+from qwen35.files import checkpoint_name, weight_files
 from qwen35.models import Qwen35Model
 from qwen35.models.qwen3_5 import Experts
 from qwen35.quant.linear import StoredTable, make_linear
@@ -48,7 +49,6 @@ def _quantized_modules(config: ModelConfig, cfg: QuantConfig) -> set[str]:
 def quantize_checkpoint(src: str | Path, dst: str | Path, cfg: QuantConfig, dtype: torch.dtype = torch.bfloat16,
                         shard_bytes: int = 256 << 20, progress: Callable[[int, int], None] | None = None) -> Path:
     """`qwen35 quantize SRC DST`: stream every tensor of SRC once; never hold more than one shard."""
-    from qwen35.loading.checkpoint import _checkpoint_name, weight_files
 
     src, dst = Path(src), Path(dst)
     config = load_config(src)
@@ -74,7 +74,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, cfg: QuantConfig, dtyp
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                ours = _checkpoint_name(key)
+                ours = checkpoint_name(key)
                 module = ours.removesuffix(".weight") if ours else None
                 tensor = f.get_tensor(key)
                 if module in targets and ours.endswith(".weight"):

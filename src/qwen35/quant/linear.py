@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen35.files import release_freed_memory
 from qwen35.ops.cpu import fast_path, gemv_rows, in_row_blocks, kernels
 
 TILE_ROWS = 256  # weight rows dequantized at once for a many-row (prefill) product
@@ -227,8 +228,6 @@ def gather_on_huge_pages(model: nn.Module) -> None:
     if k is None or not layers:
         return
     buffers = [(m, name) for m in layers for name, _ in m.named_buffers(recurse=False)]
-    from qwen35.loading.checkpoint import release_freed_memory
-
     release_freed_memory()  # what loading left in the heap, before the block's pages add to it
     block = k.huge_page_empty(sum(_padded(getattr(m, name).nbytes) for m, name in buffers))
     start = trimmed = 0

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from qwen35.api import Qwen35
-from qwen35.engine import Engine, Scheduler
+from qwen35.runtime import Engine, Scheduler
 from qwen35.server.errors import APIError, error_response, install_handlers
 from qwen35.server.guard import Guard
 from qwen35.server.metrics import Metrics
@@ -49,7 +49,8 @@ class ServerState:
             return
         s = self.settings
         engine = Engine(qwen.model, qwen.tokenizer.eos_token_ids, qwen.tokenizer.vocab_size,
-                        Scheduler(max_running=s.max_running, max_waiting=s.max_queue, prefill_chunk=s.prefill_chunk))
+                        Scheduler(max_running=s.max_running, max_waiting=s.max_queue, prefill_chunk=s.prefill_chunk),
+                        prefix_cache=qwen.prefix_cache)
         self.runner = Runner(engine, asyncio.get_running_loop(), s.max_queue, s.max_backlog, self.metrics.on_step)
         self.qwen = qwen
 
@@ -98,6 +99,7 @@ def create_app(settings: ServerSettings, load: Callable[[], Qwen35]) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        state.metrics.on_cache(state.qwen.prefix_cache if state.qwen else None)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

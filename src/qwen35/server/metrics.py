@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from qwen35.engine import Event
+from qwen35.runtime import Event
+from qwen35.runtime.prefix_cache import PrefixCache
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -25,6 +26,22 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("qwen35_request_latency_seconds", "request arrival to last token",
                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.prefix = {name: Gauge(f"qwen35_prefix_cache_{name}", text, registry=r) for name, text in (
+            ("hits", "prompts that resumed from a snapshot"), ("misses", "prompts that found no snapshot"),
+            ("reused_tokens", "prompt tokens restored from snapshots"),
+            ("computed_tokens", "prompt tokens computed (not restored)"),
+            ("snapshot_bytes", "host memory held by prefix snapshots"), ("snapshots", "prefix snapshots held"),
+            ("evictions", "snapshots evicted to stay in the budget"))}
+
+    def on_cache(self, cache: PrefixCache | None) -> None:
+        """The prefix cache's running totals (gauges: the cache keeps the counts, across API and server use)."""
+        if cache is None:
+            return
+        stats = cache.stats
+        for name in ("hits", "misses", "reused_tokens", "computed_tokens", "evictions"):
+            self.prefix[name].set(getattr(stats, name))
+        self.prefix["snapshot_bytes"].set(cache.nbytes)
+        self.prefix["snapshots"].set(len(cache))
 
     def on_step(self, running: int, waiting: int, events: list[Event]) -> None:
         """Called by the engine thread after every step."""

@@ -21,13 +21,11 @@ from qwen35.server.errors import APIError
 from qwen35.server.media import load_media
 from qwen35.server.schemas import ChatRequest, CompletionRequest, SamplingFields, Tool
 from qwen35.server.settings import ServerSettings
-from qwen35.vision import ImageError, prepare
+from qwen35.vision import ImageError
 
 Body = TypeVar("Body", bound=BaseModel)
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list"}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_CONTROL = re.compile(r"<\|[A-Za-z0-9_]+\|>")
-SENTINEL, SENTINEL_END = "\ue000", "\ue001"
 MAX_DEPTH = 64  # nesting of the body's JSON: deep enough for any real tool schema, far from the stack's limit
 
 
@@ -45,6 +43,7 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     images: Any = None  # ImageInputs of a chat with images (prompt_ids already expanded)
+    marks: tuple[int, ...] = ()  # the chat's stable points for prefix snapshots
 
 
 def _param(loc: tuple[Any, ...]) -> str:
@@ -153,52 +152,6 @@ def _params(req: SamplingFields, qwen: Qwen35, prompt_len: int, max_tokens: int 
     return [base.updated(seed=seed) for seed in seeds]
 
 
-def _protect(value: Any, qwen: Qwen35, found: list[str]) -> Any:
-    """Control-token text in client strings (`<|im_end|>`) swapped for sentinels, so it stays literal text."""
-    if isinstance(value, str):
-        def swap(m: re.Match) -> str:
-            if qwen.tokenizer.token_to_id(m.group(0)) is None:
-                return m.group(0)
-            found.append(m.group(0))
-            return f"{SENTINEL}{len(found) - 1}{SENTINEL_END}"
-        return _CONTROL.sub(swap, value)
-    if isinstance(value, dict):
-        return {k: _protect(v, qwen, found) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_protect(v, qwen, found) for v in value]
-    return value
-
-
-def encode_chat(qwen: Qwen35, messages: list[Any], tools: list[dict] | None,
-                thinking: bool | None) -> tuple[str, list[int]]:
-    """Render the model's template and tokenize; control tokens only where the template put them.
-
-    Text a client sends that spells a control token (say `<|im_end|>\\n<|im_start|>system`) is tokenized as
-    plain characters, so it cannot forge a role turn (reliability.md row 21).
-    """
-    found: list[str] = []
-    protected = _protect(messages, qwen, found)
-    if found and SENTINEL in json.dumps(messages, ensure_ascii=False):
-        raise APIError(400, "messages use the reserved character U+E000 together with control-token text",
-                       "messages")
-    try:
-        prompt = qwen.chat_prompt(protected, tools, thinking)
-    except ValueError as e:  # shape errors name messages[i]; template errors carry the template's message
-        message = str(e).replace(str(qwen.path), "the model")
-        where = re.match(r"(messages\[\d+\][\w.\[\]]*)", message)
-        raise APIError(400, message, where.group(1) if where else "messages") from None
-    if not found:
-        return prompt, qwen.tokenizer.encode(prompt)
-    ids: list[int] = []
-    for i, part in enumerate(re.split(f"{SENTINEL}(\\d+){SENTINEL_END}", prompt)):
-        if i % 2 == 0:
-            ids += qwen.tokenizer.encode(part) if part else []
-        else:  # "<|im_end|" then ">": neither piece is a special token
-            text = found[int(part)]
-            ids += qwen.tokenizer.encode(text[:-1]) + qwen.tokenizer.encode(text[-1])
-    return prompt, ids
-
-
 def check_tools(tools: list[Any]) -> None:
     """Each tool in OpenAI's shape, its parameters a valid JSON Schema (checked by `jsonschema`); a 400 naming
     the tool otherwise, before the template renders anything."""
@@ -244,19 +197,19 @@ def prepare_chat(req: ChatRequest, qwen: Qwen35, settings: ServerSettings) -> Jo
     check_tools(req.tools or [])
     images = load_media(req.messages, qwen, settings.images)
     tools = req.tools if req.tools and req.tool_choice != "none" else None
-    prompt, ids = encode_chat(qwen, req.messages, tools, thinking)
-    encoded = None
-    if images:
-        try:
-            ids, encoded = prepare(ids, images, qwen.processor, qwen.vision, qwen.config.image_token_id,
-                                   qwen.config.max_position_embeddings)
-        except ImageError as e:
-            raise APIError(400, str(e), "messages") from None
+    try:
+        prompt = qwen.prepare_chat(req.messages, tools, thinking, images)
+    except ImageError as e:
+        raise APIError(400, str(e), "messages") from None
+    except ValueError as e:  # shape errors name messages[i]; template errors carry the template's message
+        message = str(e).replace(str(qwen.path), "the model")
+        where = re.match(r"(messages\[\d+\][\w.\[\]]*)", message)
+        raise APIError(400, message, where.group(1) if where else "messages") from None
     max_tokens = req.max_completion_tokens or req.max_tokens
-    return Job("chat", ids, _params(req, qwen, len(ids), max_tokens, stops),
-               (req.top_logprobs or 0) if req.logprobs else None, bias, prompt.rstrip().endswith("<think>"),
-               tools is not None, req.stream, bool(req.stream_options and req.stream_options.include_usage),
-               encoded)
+    return Job("chat", prompt.ids, _params(req, qwen, len(prompt.ids), max_tokens, stops),
+               (req.top_logprobs or 0) if req.logprobs else None, bias, prompt.thinking, tools is not None,
+               req.stream, bool(req.stream_options and req.stream_options.include_usage), prompt.images,
+               prompt.marks)
 
 
 def prepare_completion(req: CompletionRequest, qwen: Qwen35, settings: ServerSettings) -> Job:

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from fastapi import Request
+from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from qwen35.api import Qwen35
-from qwen35.engine import Event
+from qwen35.runtime import Event, Request
 from qwen35.server.errors import APIError, sse_error
 from qwen35.server.metrics import Metrics
 from qwen35.server.prepare import Job
@@ -54,11 +54,13 @@ class Generation:
                         for p in job.params]
         self.logprobs: list[list[dict[str, Any]]] = [[] for _ in job.params]
         self.first_token = True
+        self.cached = 0  # prompt tokens restored from a prefix snapshot (the most any choice reused)
 
     async def events(self) -> AsyncIterator[tuple[int, list[tuple[str, str]], list[dict[str, Any]]]]:
         """(choice index, text deltas, logprob entries) as tokens arrive; raises APIError for a failed sequence."""
-        queue = self.runner.submit(self.seq_ids, self.job.prompt_ids, self.job.params, self.job.logprobs,
-                                   self.job.logit_bias, self.job.images)
+        job = self.job
+        queue = self.runner.submit([Request(seq_id, job.prompt_ids, p, job.logprobs, job.logit_bias, job.images,
+                                            job.marks) for seq_id, p in zip(self.seq_ids, job.params)])
         self.metrics.prompt_tokens.inc(len(self.job.prompt_ids))
         try:
             while not all(c.finish_reason for c in self.choices):
@@ -67,6 +69,7 @@ class Generation:
                 choice = self.choices[index]
                 if choice.finish_reason:
                     continue
+                self.cached = max(self.cached, event.cached)
                 if event.finish_reason == "error":
                     raise APIError(500, event.error or "the request failed in the engine")
                 if self.first_token:
@@ -94,9 +97,10 @@ class Generation:
         top = [{"token": (t := decode([i])), "logprob": lp, "bytes": list(t.encode())} for i, lp in event.top_logprobs]
         return [{"token": token, "logprob": event.logprob, "bytes": list(token.encode()), "top_logprobs": top}]
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         prompt, completion = len(self.job.prompt_ids), sum(c.tokens for c in self.choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": self.cached}}
 
     # -- shapes -------------------------------------------------------------------------------------------------
     def _head(self, obj: str) -> dict[str, Any]:
@@ -187,7 +191,7 @@ def openai_tool_calls(calls: list[dict[str, Any]], request_id: str) -> list[dict
             for i, c in enumerate(calls)]
 
 
-async def respond(gen: Generation, request: Request) -> JSONResponse | SSEResponse:
+async def respond(gen: Generation, request: HTTPRequest) -> JSONResponse | SSEResponse:
     if gen.job.stream:
         return SSEResponse(gen.sse(), media_type="text/event-stream",
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -204,6 +208,6 @@ async def respond(gen: Generation, request: Request) -> JSONResponse | SSERespon
     return JSONResponse(work.result())
 
 
-async def _disconnected(request: Request) -> None:
+async def _disconnected(request: HTTPRequest) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass

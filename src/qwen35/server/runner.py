@@ -13,25 +13,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
-from qwen35.engine import Engine, Event
-from qwen35.sampling import SamplingParams
+from qwen35.runtime import Engine, Event, Request
 from qwen35.server.errors import APIError
 
 log = logging.getLogger("qwen35.server")
 STEP_FAILED = "the model step failed (see the server log); the request was ended"
-
-
-@dataclass(frozen=True)
-class _Add:
-    seq_id: str
-    prompt: list[int]
-    params: SamplingParams
-    logprobs: int | None
-    logit_bias: dict[int, float]
-    images: Any = None  # ImageInputs of a prompt with images
 
 
 class Runner:
@@ -41,7 +28,7 @@ class Runner:
                  on_step: Callable[[int, int, list[Event]], None] = lambda running, waiting, events: None):
         self.engine, self.loop, self.max_queue, self.max_backlog = engine, loop, max_queue, max_backlog
         self.on_step = on_step  # metrics hook: (running, waiting, events), called on the engine thread
-        self._inbox: queue.SimpleQueue[_Add | str] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Request | str] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._queued: set[str] = set()  # submitted, no token yet (guarded by _lock)
@@ -60,21 +47,20 @@ class Runner:
         with self._lock:
             return len(self._queued)
 
-    def submit(self, seq_ids: list[str], prompt: list[int], params: list[SamplingParams], logprobs: int | None,
-               logit_bias: dict[int, float], images: Any = None) -> asyncio.Queue[Event]:
+    def submit(self, requests: list[Request]) -> asyncio.Queue[Event]:
         """Queue the sequences of one request; 503 when the server drains or the queue is full."""
         if self.draining:
             raise APIError(503, "the server is shutting down and takes no new requests; retry on another "
                            "instance or later", headers={"Retry-After": "5"})
         with self._lock:
-            if len(self._queued) + len(seq_ids) > self.max_queue:
+            if len(self._queued) + len(requests) > self.max_queue:
                 raise APIError(503, f"the server is busy: the queue is full ({self.max_queue} waiting sequences); "
                                "retry later", headers={"Retry-After": "1"})
-            self._queued.update(seq_ids)
+            self._queued.update(r.id for r in requests)
         events: asyncio.Queue[Event] = asyncio.Queue()
-        for seq_id, p in zip(seq_ids, params):
-            self._queues[seq_id] = events
-            self._inbox.put(_Add(seq_id, prompt, p, logprobs, logit_bias, images))
+        for request in requests:
+            self._queues[request.id] = events
+            self._inbox.put(request)
         self._wake.set()
         return events
 
@@ -145,7 +131,6 @@ class Runner:
                     self._queued.discard(command)
                 continue
             try:
-                self.engine.add(command.seq_id, command.prompt, command.params, command.logprobs,
-                                command.logit_bias, command.images)
+                self.engine.add(command)
             except (ValueError, OverflowError) as e:
-                events.append(Event(command.seq_id, -1, "error", error=str(e)))
+                events.append(Event(command.id, -1, "error", error=str(e)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from qwen35.tokenizer.template import compile_chat_template, render
 ROLES = ("system", "user", "assistant", "tool")
 MEDIA_TYPES = ("image", "image_url", "video")
 IM_END = "<|im_end|>"
+SENTINEL, SENTINEL_END = "\ue000", "\ue001"  # private-use marks for control-token text while the template renders
 BUILD_HINT = ("build one offline with `qwen35.tokenizer.build_qwen35_tokenizer(dir)` or use the checkpoint "
               "directory downloaded from the Hugging Face Hub")
 
@@ -110,6 +112,8 @@ class Tokenizer:
         self.chat_template = chat_template
         self.source = source
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos_token_ids))
+        added = sorted((t.content for t in tokenizer.get_added_tokens_decoder().values()), key=len, reverse=True)
+        self._control = re.compile("|".join(map(re.escape, added))) if added else None
         try:
             self._template = None if chat_template is None else compile_chat_template(chat_template)
         except jinja2.TemplateSyntaxError as e:
@@ -192,3 +196,58 @@ class Tokenizer:
             return render(self._template, context)
         except (jinja2.TemplateError, ArithmeticError) as e:  # 1/0 or an over-long range() are ArithmeticErrors
             raise ValueError(f"chat template of {self.source} failed: {type(e).__name__}: {e}") from e
+
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None, enable_thinking: bool | None = None,
+                    allow_control_tokens: bool = False) -> tuple[str, list[int]]:
+        """The rendered chat prompt and its ids, control tokens only where the template put them.
+
+        Text in a message or a tool definition that spells a token of the vocabulary's added tokens (`<|im_end|>`,
+        `<think>`, `<tool_call>`, ...) is tokenized as plain characters, so no caller's text can forge a turn, a
+        thinking block or a tool call. `allow_control_tokens=True` parses it as control tokens (raw prompts).
+        """
+        if allow_control_tokens or self._control is None:
+            prompt = self.apply_chat_template(messages, tools, enable_thinking=enable_thinking)
+            return prompt, self.encode(prompt)
+        found: list[str] = []
+        protected = self._protect([messages, tools], found)
+        if found and SENTINEL in json.dumps([messages, tools], ensure_ascii=False, default=str):
+            raise ValueError("messages use the reserved character U+E000 together with control-token text")
+        prompt = self.apply_chat_template(protected[0], protected[1], enable_thinking=enable_thinking)
+        ids: list[int] = []
+        for i, part in enumerate(re.split(f"{SENTINEL}(\\d+){SENTINEL_END}", prompt)):
+            if i % 2 == 0:
+                ids += self.encode(part) if part else []
+            else:  # "<|im_end|" then ">": neither piece is an added token
+                text = found[int(part)]
+                ids += self.encode(text[:-1]) + self.encode(text[-1])
+        return re.sub(f"{SENTINEL}(\\d+){SENTINEL_END}", lambda m: found[int(m.group(1))], prompt), ids
+
+    def _protect(self, value: Any, found: list[str]) -> Any:
+        """Control-token text in every string (keys included) swapped for numbered sentinels."""
+        if isinstance(value, str):
+            def swap(m: re.Match) -> str:
+                found.append(m.group(0))
+                return f"{SENTINEL}{len(found) - 1}{SENTINEL_END}"
+            return self._control.sub(swap, value)
+        if isinstance(value, Mapping):
+            return {self._protect(k, found): self._protect(v, found) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._protect(v, found) for v in value]
+        return value
+
+    def chat_marks(self, ids: Sequence[int]) -> tuple[int, ...]:
+        """A chat prompt's stable points for prefix reuse: where its last user turn starts (a later request that
+        changes only that turn resumes here) and where the assistant header of its generation prompt ends (the
+        next turn renders this reply after the same header, but without the thinking block)."""
+        start, user = self.token_to_id("<|im_start|>"), self.encode("user")
+        if start is None:
+            return ()
+        opens = [i for i, t in enumerate(ids) if t == start]
+        header = self.encode("<|im_start|>assistant\n")
+        marks = []
+        users = [i for i in opens[:-1] if list(ids[i + 1: i + 1 + len(user)]) == user]
+        if users:
+            marks.append(users[-1])
+        if opens and list(ids[opens[-1]: opens[-1] + len(header)]) == header:
+            marks.append(opens[-1] + len(header))
+        return tuple(marks)

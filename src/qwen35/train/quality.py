@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from qwen35.api import Qwen35
-from qwen35.generate import generate_tokens
+from qwen35.runtime import generate_tokens
 from qwen35.sampling import SamplingParams
 from qwen35.train.data import is_english
 

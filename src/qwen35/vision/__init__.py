@@ -2,7 +2,7 @@
 
 For a server: `image_sources(messages)` -> `load_images(sources, policy)` (ImageError = a 400) -> render and
 encode the prompt -> `prepare(ids, images, processor, vision, image_token_id, context)` -> (ids, ImageInputs) for
-`generate_tokens(..., images=...)` or `Engine.add(..., images=...)`.
+`generate_tokens(..., images=...)` or `Engine.add(Request(..., images=...))`.
 """
 
 from qwen35.vision.fetch import ImageError, ImagePolicy, load_image

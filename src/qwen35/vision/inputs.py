@@ -7,6 +7,7 @@ server, the Python API and the CLI all go through `image_sources` + `load_images
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,4 +91,10 @@ def prepare(prompt_ids: Sequence[int], images: Sequence[Image.Image], processor:
     pixels = torch.cat([item.pixel_values for item in processed]).to(vision.pos_embed.weight.device)
     features = vision(pixels, grids)
     positions, delta = mrope_positions(ids, grids, image_token_id, vision.config.spatial_merge_size)
-    return ids, ImageInputs(features, positions, delta)
+    return ids, ImageInputs(features, positions, delta, tuple(_digest(item.pixel_values) for item in processed))
+
+
+def _digest(pixels: torch.Tensor) -> str:
+    """The image's identity for prefix reuse: a hash of its processed pixels (size included)."""
+    data = pixels.detach().float().contiguous().cpu()
+    return hashlib.blake2b(str(tuple(data.shape)).encode() + data.numpy().tobytes(), digest_size=16).hexdigest()

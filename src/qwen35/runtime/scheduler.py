@@ -10,24 +10,29 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwen35.sampling import SamplingParams
+from qwen35.runtime.request import Request
 
 
 @dataclass
 class Sequence:
-    """One request's token state. `cache` is opaque here: only the engine reads it."""
+    """A request's progress. `cache` and `generator` are opaque here: only the engine reads them."""
 
-    id: str
-    prompt: list[int]
-    params: SamplingParams
+    request: Request
     generated: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens already in the cache
+    cached: int = 0  # of which restored from a snapshot
+    stops: list[int] = field(default_factory=list)  # prompt positions where a prefill chunk ends for a snapshot
     finish_reason: str | None = None
     cache: Any = None
     generator: Any = None
-    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the k most likely
-    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits before sampling
-    images: Any = None  # opaque here: the prompt's encoded images (ImageInputs), read by the engine's prefill
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt
 
 
 class Scheduler:
@@ -53,13 +58,16 @@ class Scheduler:
                 return seq
         return None
 
-    def next_prefill(self) -> tuple[Sequence, int, int] | None:
-        """(sequence, start, end) of the prompt chunk to prefill this step, if there is room to admit it."""
+    def next_prefill(self) -> Sequence | None:
+        """The waiting sequence to prefill a chunk of this step, if there is room to admit it."""
         if not self.waiting or len(self.running) >= self.max_running:
             return None
-        seq = self.waiting[0]
+        return self.waiting[0]
+
+    def chunk_end(self, seq: Sequence) -> int:
+        """Where this step's chunk of the prompt ends: a chunk's length on, or at the next snapshot point."""
         end = min(seq.prefilled + self.prefill_chunk, len(seq.prompt))
-        return seq, seq.prefilled, end
+        return min([end, *(p for p in seq.stops if p > seq.prefilled)])
 
     def prefilled(self, seq: Sequence, end: int) -> bool:
         """Record a prefilled chunk; True when the whole prompt is in and the sequence starts decoding."""

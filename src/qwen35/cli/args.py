@@ -1,0 +1,104 @@
+"""What several commands share: the parser class, the model and sampling flags, and loading with a status line."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import NoReturn
+
+from rich.console import Console
+
+from qwen35.runtime.prefix_cache import DEFAULT_CACHE_RAM
+
+SAMPLING_FLAGS = {  # flag -> (SamplingParams field, type, help)
+    "--temperature": ("temperature", float, "0 = greedy"),
+    "--top-k": ("top_k", int, "keep the k most likely tokens (0 = off)"),
+    "--top-p": ("top_p", float, "nucleus sampling mass"),
+    "--min-p": ("min_p", float, "drop tokens below min_p x the top probability"),
+    "--presence-penalty": ("presence_penalty", float, "OpenAI presence penalty"),
+    "--frequency-penalty": ("frequency_penalty", float, "OpenAI frequency penalty"),
+    "--repetition-penalty": ("repetition_penalty", float, "HF repetition penalty (1 = off)"),
+    "--max-tokens": ("max_tokens", int, "most tokens to generate"),
+    "--seed": ("seed", int, "same seed, same text"),
+}
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default in --help only when it says something: not for None, off switches, empty lists, or a
+    value outside the flag's choices (it stands for "not given", e.g. --head's 0)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        unsayable = action.choices is not None and action.default not in action.choices
+        if action.default is None or action.default is False or action.default in ((), []) or unsayable:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every `qwen35` parser: defaults in --help, and a usage mistake in one line instead of the whole usage."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def device_arg(text: str) -> str:
+    """--device, checked before loading so that a wrong name is one line, not a traceback from deep in torch."""
+    name = text.strip().lower()
+    if name == "cpu" or re.fullmatch(r"cuda(:\d+)?", name):
+        return name
+    if name == "mps":
+        raise argparse.ArgumentTypeError("Apple's GPU (mps) is not supported; run on the CPU with --device cpu")
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}: supported are cpu, cuda and cuda:N (an NVIDIA GPU "
+                                     "and its index)")
+
+
+def model_args(p: argparse.ArgumentParser, sampling: bool = True, compile: bool = True,
+               cache: bool = True) -> None:
+    p.add_argument("-m", "--model", help="checkpoint directory or Hugging Face repo id (default: the built-in model)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="weights and compute precision")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
+    if compile:
+        p.add_argument("--compile", action="store_true",
+                       help="decode through torch.compile, compiled while loading (about a minute): +25-39%% "
+                            "decode speed where qwen35's CPU kernels cannot run (no AVX-512 BF16), no gain "
+                            "beside them (docs/benchmarks.md)")
+    if cache:
+        p.add_argument("--cache-ram", dest="cache_ram", type=float, default=DEFAULT_CACHE_RAM, metavar="GB",
+                       help="host memory (GiB) for prefix snapshots: a conversation's next turn computes only its "
+                            "new tokens; 0 turns reuse off")
+    if sampling:
+        group = p.add_argument_group("sampling (defaults come from the checkpoint's generation_config.json)")
+        for flag, (dest, kind, text) in SAMPLING_FLAGS.items():
+            group.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+        group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+        group.add_argument("--ignore-eos", dest="ignore_eos", action="store_true", default=None,
+                           help="go on past the end-of-turn token until --max-tokens")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    names = [dest for dest, _, _ in SAMPLING_FLAGS.values()] + ["stop", "ignore_eos"]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def load_for(args: argparse.Namespace, console: Console):
+    """Load the model named by --model with a status line; the built-in default is created on first use."""
+    import torch
+
+    from qwen35.api import load
+    from qwen35.ops.cpu import kernels
+
+    if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
+        kernels()  # before the spinner: a first build (minutes, see qwen35.ops.build) prints its own progress lines
+    what = f"Loading {args.model or 'the built-in default model'}"
+    what += " and compiling its decode step (about a minute)" * args.compile
+    with console.status(f"{what}…", spinner="dots"):
+        return load(args.model, dtype=args.dtype, device=args.device, compile=args.compile,
+                    cache_ram=getattr(args, "cache_ram", None))
+
+

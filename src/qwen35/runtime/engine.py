@@ -1,0 +1,241 @@
+"""The engine: runs the scheduler's plan on the model, one batched forward per decode step; and
+`generate_tokens`, the engine driven for one request (the Python API and the CLI).
+
+Running sequences share one left-padded `ModelCache` (rows in the scheduler's running order): a sequence joins
+it when its prompt is prefilled (`merge_caches`) and leaves it when it finishes or is aborted (`select_rows`).
+Every row then computes exactly what it would alone, so greedy output does not depend on the company it keeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from qwen35.cache import ModelCache, make_cache, merge_caches, select_rows
+from qwen35.runtime.prefix_cache import PrefixCache, snapshot_points
+from qwen35.models import Qwen35Model
+from qwen35.models.vision import ImageInputs
+from qwen35.runtime.prefill import prefill_chunk, prefill_chunk_size
+from qwen35.runtime.request import Request
+from qwen35.runtime.scheduler import Scheduler, Sequence
+from qwen35.sampling import SamplingParams, sample
+
+log = logging.getLogger("qwen35.runtime")
+NUMERICAL_ERROR = "numerical error in model output (NaN/Inf logits)"
+SEQUENCE_FAILED = "this request failed in the engine (see the server log); the other requests go on"
+
+
+@dataclass(frozen=True)
+class Event:
+    """A token produced for a sequence; `finish_reason` is set on its last token; `cached`: how many of its prompt
+    tokens were restored from a snapshot rather than computed.
+
+    finish_reason "error" (token -1) ends a sequence that cannot go on; `error` says why. With logprobs asked
+    for, `logprob` is the sampled token's log-probability (logit_bias included; penalties and temperature not)
+    and `top_logprobs` the most likely (token, logprob) pairs.
+    """
+
+    seq_id: str
+    token: int
+    finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    error: str = ""
+    cached: int = 0
+
+
+class Engine:
+    """`isolate_failures`: a request's own failure (prefill, sampling) ends it with an error event and the batch
+    goes on (the server); False raises it to the caller (one request, the Python API).
+
+    `prefix_cache`: where prompts resume from and where their states are saved (at each request's snapshot
+    points while prefilling, and at the end of each reply, so the next turn of a conversation extends it).
+    """
+
+    def __init__(self, model: Qwen35Model, eos_ids: Seq[int] = (), sample_limit: int | None = None,
+                 scheduler: Scheduler | None = None, isolate_failures: bool = True,
+                 prefix_cache: PrefixCache | None = None):
+        self.model, self.eos, self.sample_limit = model, set(eos_ids), sample_limit
+        self.isolate_failures, self.prefix_cache = isolate_failures, prefix_cache
+        self.scheduler = scheduler or Scheduler()
+        self.device = model.embed_tokens.weight.device
+        self.batch: ModelCache | None = None
+
+    def add(self, request: Request) -> None:
+        """Queue a request (its prompt ids already expanded for its images)."""
+        limit = self.model.config.max_position_embeddings
+        if not request.prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(request.prompt) >= limit:
+            raise ValueError(f"the prompt has {len(request.prompt)} tokens; this model's context is {limit} tokens")
+        seq = Sequence(request)
+        if request.params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
+        self.scheduler.add(seq)
+
+    def abort(self, seq_id: str) -> None:
+        """Drop a sequence and free its state (its row leaves the running batch)."""
+        index = next((i for i, s in enumerate(self.scheduler.running) if s.id == seq_id), None)
+        seq = self.scheduler.abort(seq_id)
+        if seq is not None and index is not None:
+            self._keep([i for i in range(len(self.scheduler.running) + 1) if i != index])
+
+    def reset(self) -> list[str]:
+        """Drop every sequence and the batch state (after a failed step); returns the dropped ids."""
+        self.batch = None
+        return [seq.id for seq in self.scheduler.clear()]
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """One prefill chunk (if a sequence is waiting and there is room), then one decode step for all running.
+
+        A failure that belongs to one sequence (its prefill, its sampling) ends that sequence alone, with an
+        error event; only a failure of the shared batched forward raises (the caller then ends the batch).
+        """
+        events: list[Event] = []
+        waiting = self.scheduler.next_prefill()
+        if waiting is not None:
+            events += self._prefill(waiting)
+        running = list(self.scheduler.running)
+        if running:
+            ids = torch.tensor([[s.generated[-1]] for s in running], device=self.device)
+            logits = self.model(ids, self.batch)[:, -1]
+            keep = []
+            for row, seq in enumerate(running):
+                event = self._sample_or_fail(seq, logits[row])
+                events.append(event)
+                if event.finish_reason is None:
+                    keep.append(row)
+                    continue
+                self.scheduler.finish(seq, event.finish_reason)
+                if self.prefix_cache is not None and event.finish_reason != "error":
+                    self._store_reply(seq, row)
+            if len(keep) < len(running):
+                self._keep(keep)
+        return events
+
+    def _prefill(self, seq: Sequence) -> list[Event]:
+        """One chunk of a waiting sequence's prompt (the first resumes from the deepest snapshot on its prefix);
+        on its last chunk, its first token (and it joins the batch)."""
+        try:
+            if seq.cache is None:
+                self._restore(seq)
+            start, end = seq.prefilled, self.scheduler.chunk_end(seq)
+            logits = prefill_chunk(self.model, torch.tensor([seq.prompt], device=self.device), seq.cache, start, end,
+                                   seq.request.images)[0, -1]
+        except Exception:  # noqa: BLE001 - only this sequence's state was touched
+            if not self.isolate_failures:
+                raise
+            log.exception("prefill of %s failed; ending that request", seq.id)
+            self.scheduler.abort(seq.id)
+            return [Event(seq.id, -1, "error", error=SEQUENCE_FAILED)]
+        if self.prefix_cache is not None and end in seq.stops:
+            self.prefix_cache.store(seq.prompt[:end], self._image_key(seq, end), seq.cache)
+        if not self.scheduler.prefilled(seq, end):
+            return []
+        event = self._sample_or_fail(seq, logits)
+        if event.finish_reason is None:
+            self.scheduler.admit(seq)
+            self.batch = seq.cache if self.batch is None else merge_caches([self.batch, seq.cache])
+        seq.cache = None
+        return [event]
+
+    def _restore(self, seq: Sequence) -> None:
+        if self.prefix_cache is None:
+            seq.cache = make_cache(self.model.config, 1, self.device)
+            return
+        key = self._image_key(seq, len(seq.prompt))
+        if key is not None:
+            seq.cached, seq.cache = self.prefix_cache.restore(seq.prompt, key)
+            seq.prefilled = seq.cached
+            seq.stops = snapshot_points(len(seq.prompt), seq.request.marks, seq.prefilled)
+        seq.cache = seq.cache or make_cache(self.model.config, 1, self.device)
+
+    def _store_reply(self, seq: Sequence, row: int) -> None:
+        """The state after a reply, for the conversation's next turn (the reply's last token was never fed)."""
+        tokens = seq.prompt + seq.generated[:-1]
+        key = self._image_key(seq, len(tokens))
+        if key is not None:
+            self.prefix_cache.store(tokens, key, self.batch, row)
+
+    def _image_key(self, seq: Sequence, end: int) -> tuple[str, ...] | None:
+        """Digests of the images whose tokens start before `end` (a snapshot's state depends on their pixels);
+        None where images came without digests: such a sequence is never stored nor restored."""
+        images = seq.request.images
+        if images is None:
+            return ()
+        if not images.digests:
+            return None
+        pad, ids = self.model.config.image_token_id, seq.prompt
+        starts = sum(1 for i in range(min(end, len(ids))) if ids[i] == pad and (i == 0 or ids[i - 1] != pad))
+        return tuple(images.digests[:starts])
+
+    def _sample_or_fail(self, seq: Sequence, logits: torch.Tensor) -> Event:
+        try:
+            return self._sample(seq, logits)
+        except Exception:  # noqa: BLE001 - a bad value in one request must not end the others
+            if not self.isolate_failures:
+                raise
+            log.exception("sampling for %s failed; ending that request", seq.id)
+            return Event(seq.id, -1, "error", error=SEQUENCE_FAILED)
+
+    def _keep(self, rows: list[int]) -> None:
+        self.batch = select_rows(self.batch, rows) if rows else None
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> Event:
+        if self.sample_limit is not None and self.sample_limit < logits.shape[-1]:
+            logits[self.sample_limit:] = float("-inf")  # in place: each step's logits are its own
+        top = float(logits.max())  # NaN anywhere is NaN here; +inf, or all -inf, is no distribution either
+        if not math.isfinite(top):
+            return Event(seq.id, -1, "error", error=NUMERICAL_ERROR)
+        request, params = seq.request, seq.request.params
+        if request.logit_bias:
+            logits = logits.float().clone()
+            ids = torch.tensor(list(request.logit_bias), device=self.device)
+            logits[ids] += torch.tensor(list(request.logit_bias.values()), device=self.device)
+        generated = torch.tensor(seq.generated, dtype=torch.long, device=self.device)
+        token = sample(logits, generated, params, seq.generator)
+        seq.generated.append(token)
+        total = len(seq.prompt) + len(seq.generated)
+        reason = ("stop" if token in self.eos and not params.ignore_eos else
+                  "length" if len(seq.generated) >= params.max_tokens
+                  or total >= self.model.config.max_position_embeddings else None)
+        if request.logprobs is None:
+            return Event(seq.id, token, reason, cached=seq.cached)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = logprobs.topk(request.logprobs) if request.logprobs else None
+        pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+        return Event(seq.id, token, reason, float(logprobs[token]), pairs, cached=seq.cached)
+
+
+def run(model: Qwen35Model, request: Request, eos_ids: Seq[int] = (), sample_limit: int | None = None,
+        prefix_cache: PrefixCache | None = None) -> Iterator[Event]:
+    """The engine with one request: its events one by one, the last with `finish_reason`. Raises ValueError for a
+    prompt that does not fit, FloatingPointError for NaN/Inf logits, and whatever the model or the sampler raised.
+
+    `sample_limit` excludes ids >= it from sampling (the embedding rows past the tokenizer are untrained).
+    """
+    scheduler = Scheduler(max_running=1, max_waiting=1, prefill_chunk=prefill_chunk_size(model.config))
+    engine = Engine(model, eos_ids, sample_limit, scheduler, isolate_failures=False, prefix_cache=prefix_cache)
+    engine.add(request)
+    while engine.has_work():
+        for event in engine.step():
+            if event.finish_reason == "error":  # NaN/Inf logits: the one error that is an event, not an exception
+                raise FloatingPointError(f"{event.error}; the weights may be corrupt")
+            yield event
+
+
+def generate_tokens(model: Qwen35Model, prompt_ids: Seq[int], params: SamplingParams, eos_ids: Seq[int] = (),
+                    sample_limit: int | None = None, images: ImageInputs | None = None) -> Iterator[int]:
+    """`run`'s tokens for a prompt (no prefix cache): stops after an EOS token (which is yielded) or
+    `params.max_tokens`."""
+    return (event.token for event in run(model, Request("0", list(prompt_ids), params, images=images), eos_ids,
+                                          sample_limit))

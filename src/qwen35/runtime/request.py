@@ -1,0 +1,29 @@
+"""The request record: what a caller (the Python API, the CLI, the server) asks of the engine, carried to it
+unchanged, so every front end has every option."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwen35.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Request:
+    """One sequence to generate.
+
+    `logprobs`: None for none, k for the sampled token's log-probability and the k most likely; `logit_bias`: added
+    to the logits before sampling; `images`: the prompt's encoded images (`qwen35.vision.prepare`), its ids
+    already expanded; `marks`: prompt positions worth a snapshot for later prompts (a chat's stable points: before
+    its last user turn, after the assistant header).
+    """
+
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    logprobs: int | None = None
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    images: Any = None
+    marks: tuple[int, ...] = ()
