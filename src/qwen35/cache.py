@@ -146,22 +146,6 @@ def select_rows(cache: ModelCache, rows: list[int]) -> ModelCache:
     return ModelCache(layers, cache.seen[index], valid[:, start:], delta)
 
 
-def take_row(cache: ModelCache, row: int) -> ModelCache:
-    """Row `row` of a batch as a compact one-sequence cache (its left padding dropped), copied: the result shares
-    no memory with `cache`, so neither can change the other."""
-    valid = cache.valid[row]
-    start = int(valid.float().argmax()) if bool(valid.any()) else cache.length  # a row's real slots are its tail
-    layers: list[LayerCache] = []
-    for layer in cache.layers:
-        if isinstance(layer, KVCache):
-            k, v = (t[row: row + 1, :, start: layer.length].clone() for t in (layer.k, layer.v))
-            layers.append(KVCache(k, v, layer.length - start))
-        else:
-            layers.append(DeltaCache(layer.conv[row: row + 1].clone(), layer.state[row: row + 1].clone()))
-    delta = None if cache.rope_delta is None else cache.rope_delta[row: row + 1].clone()
-    return ModelCache(layers, cache.seen[row: row + 1].clone(), valid[None, start:].clone(), delta)
-
-
 def is_finite(cache: ModelCache) -> bool:
     """No NaN/Inf in any layer's state (a state that is not finite must never be reused)."""
     for layer in cache.layers:

@@ -1,5 +1,5 @@
-"""The engine: runs the scheduler's plan on the model, one batched forward per decode step; and
-`generate_tokens`, the engine driven for one request (the Python API and the CLI).
+"""The engine: runs the scheduler's plan on the model, one batched forward per decode step; and `run`, the
+engine driven for one request (the Python API and the CLI).
 
 Running sequences share one left-padded `ModelCache` (rows in the scheduler's running order): a sequence joins
 it when its prompt is prefilled (`merge_caches`) and leaves it when it finishes or is aborted (`select_rows`).

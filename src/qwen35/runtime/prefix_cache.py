@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from qwen35.cache import ModelCache, is_finite, take_row
+from qwen35.cache import ModelCache, is_finite, select_rows
 
 GIB = 1 << 30
 DEFAULT_CACHE_RAM = 2.0  # GiB: ~40 snapshots of a 0.8B at 2,000 tokens, ~15 of a 4B; fits beside the model on 16 GB
@@ -71,7 +71,7 @@ class PrefixCache:
             if key in self._snapshots:
                 self._snapshots.move_to_end(key)
                 return True
-        snap = take_row(cache, row)
+        snap = select_rows(cache, [row])  # a copy of that row's real slots: shares no memory with `cache`
         size = snap.nbytes()
         if size > self.budget or not is_finite(snap):
             return False
@@ -102,7 +102,7 @@ class PrefixCache:
             self.stats.misses += best is None
             self.stats.reused_tokens += position
             self.stats.computed_tokens += len(tokens) - position
-        return position, None if best is None else take_row(best.cache, 0)
+        return position, None if best is None else select_rows(best.cache, [0])
 
     def clear(self) -> None:
         with self._lock:
