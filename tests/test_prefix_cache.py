@@ -5,6 +5,7 @@ after a failure; conversations through the official template hit with thinking o
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -59,6 +60,31 @@ def test_resumed_prompt_matches_cold_logits_and_greedy_text(model):
     assert [e.token for e in events] == list(generate_tokens(model, follow, GREEDY))
     other = first[:40] + _random(25, 3)  # shares only the marked prefix
     assert _resumed_logits(model, cache, other)[0] == 40
+
+
+def test_a_warmed_reply_matches_cold_and_a_failed_warm_up_ends_nothing(model, caplog):
+    """The followup (the reply as history renders it) is prefilled after the reply, in the background of `run`;
+    the next turn resumes at its end with cold logits. A followup that raises is logged and changes nothing."""
+    cache, first = PrefixCache(GIB), _random(70, 4)
+    rendered = first + _random(9, 5)  # stands for the reply re-rendered: not the ids generated
+    jobs = []
+    events = list(run(model, Request("a", first, GREEDY, followup=lambda reply, stops: rendered),
+                      prefix_cache=cache, background=jobs.append))
+    assert events[-1].finish_reason == "length" and len(jobs) == 1 and len(rendered) not in cache.lengths()
+    jobs[0](threading.Event())
+    assert len(rendered) in cache.lengths() and cache.stats.warmed_tokens == 9
+    follow = rendered + _random(20, 6)
+    position, got = _resumed_logits(model, cache, follow)
+    assert position == len(rendered)
+    torch.testing.assert_close(got, _cold_logits(model, follow), atol=1e-5, rtol=0)
+
+    def broken(reply, stops):
+        raise RuntimeError("template failed")
+
+    jobs.clear()
+    events = list(run(model, Request("b", first, GREEDY, followup=broken), prefix_cache=cache,
+                      background=jobs.append))
+    assert len(events) == GREEDY.max_tokens and not jobs and "template failed" in caplog.text
 
 
 @pytest.mark.parametrize("room", [3.5, 0.5])

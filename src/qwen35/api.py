@@ -14,6 +14,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from qwen35.runtime import Request, run
+from qwen35.runtime.background import Background
 from qwen35.runtime.prefix_cache import DEFAULT_CACHE_RAM, GIB, PrefixCache
 from qwen35.loading import (available_vision, load_model, load_vision, preprocessor_config, release_freed_memory,
                             resolve_checkpoint)
@@ -22,6 +23,7 @@ from qwen35.ops.cpu import kernels
 from qwen35.models.vision import ImageInputs, VisionModel
 from qwen35.sampling import SamplingParams
 from qwen35.tokenizer import ChoiceText, Tokenizer, tool_calls_in
+from qwen35.tokenizer.history import history_ids, reply_message
 from qwen35.vision import ImagePolicy, ImageProcessor, image_sources, load_images, prepare
 
 
@@ -49,6 +51,7 @@ class Prompt:
     images: ImageInputs | None = None
     thinking: bool = False
     marks: tuple[int, ...] = ()
+    followup: Callable[[list[int], tuple[str, ...]], list[int] | None] | None = None  # see `Request.followup`
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class Qwen35:
         self._vision, self.processor = vision, processor
         self._vision_lock = threading.Lock()
         self.image_policy = image_policy
+        self._background = Background()  # a finished reply's warm-up, run while the caller is idle
 
     @property
     def vision(self) -> VisionModel | None:
@@ -111,6 +115,7 @@ class Qwen35:
     @torch.inference_mode()
     def logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """Full forward, no cache: (T, V) fp32 logits for one sequence, or (B, T, V) for a 2-D batch."""
+        self._background.settle()
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.model.embed_tokens.weight.device)
         out = self.model(ids if ids.ndim == 2 else ids[None]).float()
         return out if ids.ndim == 2 else out[0]
@@ -144,15 +149,27 @@ class Qwen35:
         its own policy), expands and encodes them, and marks the chat's stable points for prefix reuse.
         Raises ValueError (`ImageError` for images) naming what is wrong.
         """
-        prompt, ids = self.tokenizer.encode_chat(messages, tools, enable_thinking, allow_control_tokens)
+        tok = self.tokenizer
+        prompt, text_ids = tok.encode_chat(messages, tools, enable_thinking, allow_control_tokens)
         if images is None:
             sources = image_sources(messages)
             images = load_images(sources, self.image_policy or ImagePolicy()) if sources else []
-        encoded = None
+        ids, encoded = text_ids, None
         if images:
-            ids, encoded = prepare(ids, images, self.processor, self.vision, self.config.image_token_id,
+            ids, encoded = prepare(text_ids, images, self.processor, self.vision, self.config.image_token_id,
                                    self.config.max_position_embeddings)
-        return Prompt(ids, encoded, prompt.rstrip().endswith("<think>"), self.tokenizer.chat_marks(ids))
+        thinking, header = prompt.rstrip().endswith("<think>"), tok.generation_header_end(text_ids)
+
+        def followup(reply: list[int], stops: tuple[str, ...]) -> list[int] | None:
+            """This conversation with the reply, as its next turn renders it; None unless that extends this
+            prompt up to its assistant header (images in it sit before the header, so their expansion carries)."""
+            message = reply_message(tok, reply, thinking, stops, bool(tools))
+            later = history_ids(tok, messages, tools, enable_thinking, allow_control_tokens, message)
+            if header is None or later[:header] != text_ids[:header]:
+                return None
+            return ids[: header + len(ids) - len(text_ids)] + later[header:]
+
+        return Prompt(ids, encoded, thinking, tok.chat_marks(ids), followup)
 
     def stream_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                     enable_thinking: bool | None = None, logprobs: int | None = None,
@@ -165,8 +182,9 @@ class Qwen35:
         loaded and encoded here, before the first piece, so a bad image raises `ImageError` (a ValueError) at once.
         """
         prompt = self.prepare_chat(messages, tools, enable_thinking, allow_control_tokens=allow_control_tokens)
-        return self.stream(Request("0", prompt.ids, self.defaults.updated(**sampling), logprobs, logit_bias or {},
-                                   prompt.images, prompt.marks), prompt.thinking)
+        params = self.defaults.updated(**sampling)
+        return self.stream(Request("0", prompt.ids, params, logprobs, logit_bias or {}, prompt.images, prompt.marks,
+                                   prompt.followup), prompt.thinking)
 
     def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
              enable_thinking: bool | None = None, **options: Any) -> Reply:
@@ -174,10 +192,12 @@ class Qwen35:
 
     def stream(self, request: Request, thinking: bool = False) -> Iterator[Piece]:
         """The engine's events for one request as text pieces (`thinking`: the reply starts inside `<think>`)."""
+        self._background.settle()  # the model serves one call at a time, and this turn may need the warm-up
         tok, params = self.tokenizer, request.params
         text = ChoiceText(tok, () if params.ignore_eos else tok.eos_token_ids, params.stop, thinking, tools=False)
         cached = 0
-        for event in run(self.model, request, tok.eos_token_ids, tok.vocab_size, self.prefix_cache):
+        for event in run(self.model, request, tok.eos_token_ids, tok.vocab_size, self.prefix_cache,
+                         self._background.start):
             cached = event.cached
             pieces = [Piece(kind, t) for kind, t in text.feed(event.token)]
             if request.logprobs is not None:

@@ -19,8 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from qwen35.config import ModelConfig, load_config
-from qwen35.files import (SKIPPED_PREFIXES, CheckpointError, checkpoint_name, regular_file_exists, release_freed_memory,
-                          weight_files)
+from qwen35.files import SKIPPED_PREFIXES, CheckpointError, checkpoint_name, release_freed_memory, weight_files
 from qwen35.models import Qwen35Model
 from qwen35.quant.checkpoint import build_quantized, complete
 from qwen35.quant.linear import gather_on_huge_pages

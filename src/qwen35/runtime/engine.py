@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -54,7 +55,9 @@ class Engine:
     goes on (the server); False raises it to the caller (one request, the Python API).
 
     `prefix_cache`: where prompts resume from and where their states are saved (at each request's snapshot
-    points while prefilling, and at the end of each reply, so the next turn of a conversation extends it).
+    points while prefilling, and at the end of each reply, so the next turn of a conversation extends it). A
+    finished chat reply is also queued as a *warm* sequence: the conversation as its next turn will render it
+    (`Request.followup`), prefilled for a snapshot and nothing sampled, behind the requests already waiting.
     """
 
     def __init__(self, model: Qwen35Model, eos_ids: Seq[int] = (), sample_limit: int | None = None,
@@ -118,6 +121,7 @@ class Engine:
                 self.scheduler.finish(seq, event.finish_reason)
                 if self.prefix_cache is not None and event.finish_reason != "error":
                     self._store_reply(seq, row)
+                    self._queue_warm(seq)
             if len(keep) < len(running):
                 self._keep(keep)
         return events
@@ -132,14 +136,20 @@ class Engine:
             logits = prefill_chunk(self.model, torch.tensor([seq.prompt], device=self.device), seq.cache, start, end,
                                    seq.request.images)[0, -1]
         except Exception:  # noqa: BLE001 - only this sequence's state was touched
+            self.scheduler.abort(seq.id)
+            if seq.warm:  # nobody waits for it: its snapshot is simply not made
+                log.exception("warm-up prefill of %s failed; dropped", seq.id)
+                return []
             if not self.isolate_failures:
                 raise
             log.exception("prefill of %s failed; ending that request", seq.id)
-            self.scheduler.abort(seq.id)
             return [Event(seq.id, -1, "error", error=SEQUENCE_FAILED)]
         if self.prefix_cache is not None and end in seq.stops:
             self.prefix_cache.store(seq.prompt[:end], self._image_key(seq, end), seq.cache)
         if not self.scheduler.prefilled(seq, end):
+            return []
+        if seq.warm:
+            seq.cache = None
             return []
         event = self._sample_or_fail(seq, logits)
         if event.finish_reason is None:
@@ -154,7 +164,7 @@ class Engine:
             return
         key = self._image_key(seq, len(seq.prompt))
         if key is not None:
-            seq.cached, seq.cache = self.prefix_cache.restore(seq.prompt, key)
+            seq.cached, seq.cache = self.prefix_cache.restore(seq.prompt, key, warm=seq.warm)
             seq.prefilled = seq.cached
             seq.stops = snapshot_points(len(seq.prompt), seq.request.marks, seq.prefilled)
         seq.cache = seq.cache or make_cache(self.model.config, 1, self.device)
@@ -165,6 +175,28 @@ class Engine:
         key = self._image_key(seq, len(tokens))
         if key is not None:
             self.prefix_cache.store(tokens, key, self.batch, row)
+
+    def _queue_warm(self, seq: Sequence) -> None:
+        """Queue the finished reply's history rendering (`Request.followup`) for an idle-time prefill."""
+        request = seq.request
+        if request.followup is None or self._image_key(seq, len(seq.prompt)) is None:
+            return
+        try:
+            tokens = request.followup(seq.generated, request.params.stop)
+        except Exception:  # noqa: BLE001 - a warm-up is an optimisation; it must never end anything
+            log.exception("rendering the reply of %s for the next turn failed; no warm-up", seq.id)
+            return
+        key = self._image_key(seq, len(tokens or ()))
+        if (not tokens or len(tokens) >= self.model.config.max_position_embeddings
+                or len(self.scheduler.waiting) >= self.scheduler.max_waiting or self.prefix_cache.holds(tokens, key)):
+            return
+        self.scheduler.add(Sequence(Request(f"{seq.id}/warm", tokens, request.params, images=request.images),
+                                    warm=True))
+
+    def drain(self, stop: threading.Event) -> None:
+        """Step until nothing is left (the warm-ups queued after `run`'s request finished) or `stop` is set."""
+        while self.has_work() and not stop.is_set():
+            self.step()
 
     def _image_key(self, seq: Sequence, end: int) -> tuple[str, ...] | None:
         """Digests of the images whose tokens start before `end` (a snapshot's state depends on their pixels);
@@ -217,11 +249,14 @@ class Engine:
 
 
 def run(model: Qwen35Model, request: Request, eos_ids: Seq[int] = (), sample_limit: int | None = None,
-        prefix_cache: PrefixCache | None = None) -> Iterator[Event]:
+        prefix_cache: PrefixCache | None = None,
+        background: Callable[[Callable[[threading.Event], None]], None] | None = None) -> Iterator[Event]:
     """The engine with one request: its events one by one, the last with `finish_reason`. Raises ValueError for a
     prompt that does not fit, FloatingPointError for NaN/Inf logits, and whatever the model or the sampler raised.
 
     `sample_limit` excludes ids >= it from sampling (the embedding rows past the tokenizer are untrained).
+    `background` is handed the warm-up left when the request ends (`Engine.drain`), before its last event, to
+    run while the caller is idle (it must finish before the model's next use); None drops it.
     """
     scheduler = Scheduler(max_running=1, max_waiting=1, prefill_chunk=prefill_chunk_size(model.config))
     engine = Engine(model, eos_ids, sample_limit, scheduler, isolate_failures=False, prefix_cache=prefix_cache)
@@ -230,6 +265,11 @@ def run(model: Qwen35Model, request: Request, eos_ids: Seq[int] = (), sample_lim
         for event in engine.step():
             if event.finish_reason == "error":  # NaN/Inf logits: the one error that is an event, not an exception
                 raise FloatingPointError(f"{event.error}; the weights may be corrupt")
+            if event.finish_reason is not None:
+                if background is not None and engine.has_work():
+                    background(engine.drain)
+                yield event
+                return
             yield event
 
 

@@ -36,6 +36,7 @@ class CacheStats:
     computed_tokens: int = 0
     evictions: int = 0
     stored: int = 0
+    warmed_tokens: int = 0  # computed while idle: replies re-rendered as the next turn will show them
 
 
 class PrefixCache:
@@ -85,9 +86,15 @@ class PrefixCache:
                 self.stats.evictions += 1
         return True
 
-    def restore(self, tokens: Sequence[int], images: tuple[str, ...]) -> tuple[int, ModelCache | None]:
+    def holds(self, tokens: Sequence[int], images: tuple[str, ...]) -> bool:
+        with self._lock:
+            return (tuple(tokens), images) in self._snapshots
+
+    def restore(self, tokens: Sequence[int], images: tuple[str, ...],
+                warm: bool = False) -> tuple[int, ModelCache | None]:
         """(position, a copy of the state there) of the deepest snapshot on this prompt's prefix, leaving at
-        least one token to compute; (0, None) on a miss. Counts the prompt's reused and computed tokens."""
+        least one token to compute; (0, None) on a miss. Counts the prompt's reused and computed tokens (`warm`:
+        an idle-time prefill, counted apart)."""
         best: Snapshot | None = None
         with self._lock:
             for snap in self._snapshots.values():
@@ -98,10 +105,13 @@ class PrefixCache:
             if best is not None:
                 self._snapshots.move_to_end((best.tokens, best.images))
             position = len(best.tokens) if best else 0
-            self.stats.hits += best is not None
-            self.stats.misses += best is None
-            self.stats.reused_tokens += position
-            self.stats.computed_tokens += len(tokens) - position
+            if warm:
+                self.stats.warmed_tokens += len(tokens) - position
+            else:
+                self.stats.hits += best is not None
+                self.stats.misses += best is None
+                self.stats.reused_tokens += position
+                self.stats.computed_tokens += len(tokens) - position
         return position, None if best is None else select_rows(best.cache, [0])
 
     def clear(self) -> None:

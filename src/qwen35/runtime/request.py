@@ -3,7 +3,7 @@ unchanged, so every front end has every option."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,10 @@ class Request:
     `logprobs`: None for none, k for the sampled token's log-probability and the k most likely; `logit_bias`: added
     to the logits before sampling; `images`: the prompt's encoded images (`qwen35.vision.prepare`), its ids
     already expanded; `marks`: prompt positions worth a snapshot for later prompts (a chat's stable points: before
-    its last user turn, after the assistant header).
+    its last user turn, after the assistant header); `followup`: given the reply's ids and the stop strings, the
+    ids the conversation's next turn will start with, up to the end of this reply as the chat template renders it
+    into history (not the ids generated: past thinking is dropped). The engine prefills them while idle, so the
+    next turn computes only its new message.
     """
 
     id: str
@@ -27,3 +30,4 @@ class Request:
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     images: Any = None
     marks: tuple[int, ...] = ()
+    followup: Callable[[list[int], tuple[str, ...]], list[int] | None] | None = None

@@ -23,6 +23,7 @@ class Sequence:
     cached: int = 0  # of which restored from a snapshot
     stops: list[int] = field(default_factory=list)  # prompt positions where a prefill chunk ends for a snapshot
     finish_reason: str | None = None
+    warm: bool = False  # a reply rendered into history: prefilled for its snapshot, nothing sampled
     cache: Any = None
     generator: Any = None
 

@@ -30,6 +30,7 @@ class Metrics:
             ("hits", "prompts that resumed from a snapshot"), ("misses", "prompts that found no snapshot"),
             ("reused_tokens", "prompt tokens restored from snapshots"),
             ("computed_tokens", "prompt tokens computed (not restored)"),
+            ("warmed_tokens", "tokens prefilled while idle: replies as the next turn renders them"),
             ("snapshot_bytes", "host memory held by prefix snapshots"), ("snapshots", "prefix snapshots held"),
             ("evictions", "snapshots evicted to stay in the budget"))}
 
@@ -38,7 +39,7 @@ class Metrics:
         if cache is None:
             return
         stats = cache.stats
-        for name in ("hits", "misses", "reused_tokens", "computed_tokens", "evictions"):
+        for name in ("hits", "misses", "reused_tokens", "computed_tokens", "warmed_tokens", "evictions"):
             self.prefix[name].set(getattr(stats, name))
         self.prefix["snapshot_bytes"].set(cache.nbytes)
         self.prefix["snapshots"].set(len(cache))

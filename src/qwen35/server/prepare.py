@@ -44,6 +44,7 @@ class Job:
     include_usage: bool = False
     images: Any = None  # ImageInputs of a chat with images (prompt_ids already expanded)
     marks: tuple[int, ...] = ()  # the chat's stable points for prefix snapshots
+    followup: Any = None  # chat: `Request.followup`, for the one choice of a request (n=1)
 
 
 def _param(loc: tuple[Any, ...]) -> str:
@@ -206,10 +207,10 @@ def prepare_chat(req: ChatRequest, qwen: Qwen35, settings: ServerSettings) -> Jo
         where = re.match(r"(messages\[\d+\][\w.\[\]]*)", message)
         raise APIError(400, message, where.group(1) if where else "messages") from None
     max_tokens = req.max_completion_tokens or req.max_tokens
-    return Job("chat", prompt.ids, _params(req, qwen, len(prompt.ids), max_tokens, stops),
-               (req.top_logprobs or 0) if req.logprobs else None, bias, prompt.thinking, tools is not None,
-               req.stream, bool(req.stream_options and req.stream_options.include_usage), prompt.images,
-               prompt.marks)
+    params = _params(req, qwen, len(prompt.ids), max_tokens, stops)
+    return Job("chat", prompt.ids, params, (req.top_logprobs or 0) if req.logprobs else None, bias, prompt.thinking,
+               tools is not None, req.stream, bool(req.stream_options and req.stream_options.include_usage),
+               prompt.images, prompt.marks, prompt.followup if len(params) == 1 else None)
 
 
 def prepare_completion(req: CompletionRequest, qwen: Qwen35, settings: ServerSettings) -> Job:

@@ -60,7 +60,7 @@ class Generation:
         """(choice index, text deltas, logprob entries) as tokens arrive; raises APIError for a failed sequence."""
         job = self.job
         queue = self.runner.submit([Request(seq_id, job.prompt_ids, p, job.logprobs, job.logit_bias, job.images,
-                                            job.marks) for seq_id, p in zip(self.seq_ids, job.params)])
+                                            job.marks, job.followup) for seq_id, p in zip(self.seq_ids, job.params)])
         self.metrics.prompt_tokens.inc(len(self.job.prompt_ids))
         try:
             while not all(c.finish_reason for c in self.choices):

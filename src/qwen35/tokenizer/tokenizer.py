@@ -198,7 +198,7 @@ class Tokenizer:
             raise ValueError(f"chat template of {self.source} failed: {type(e).__name__}: {e}") from e
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None, enable_thinking: bool | None = None,
-                    allow_control_tokens: bool = False) -> tuple[str, list[int]]:
+                    allow_control_tokens: bool = False, add_generation_prompt: bool = True) -> tuple[str, list[int]]:
         """The rendered chat prompt and its ids, control tokens only where the template put them.
 
         Text in a message or a tool definition that spells a token of the vocabulary's added tokens (`<|im_end|>`,
@@ -206,13 +206,13 @@ class Tokenizer:
         thinking block or a tool call. `allow_control_tokens=True` parses it as control tokens (raw prompts).
         """
         if allow_control_tokens or self._control is None:
-            prompt = self.apply_chat_template(messages, tools, enable_thinking=enable_thinking)
+            prompt = self.apply_chat_template(messages, tools, add_generation_prompt, enable_thinking)
             return prompt, self.encode(prompt)
         found: list[str] = []
         protected = self._protect([messages, tools], found)
         if found and SENTINEL in json.dumps([messages, tools], ensure_ascii=False, default=str):
             raise ValueError("messages use the reserved character U+E000 together with control-token text")
-        prompt = self.apply_chat_template(protected[0], protected[1], enable_thinking=enable_thinking)
+        prompt = self.apply_chat_template(protected[0], protected[1], add_generation_prompt, enable_thinking)
         ids: list[int] = []
         for i, part in enumerate(re.split(f"{SENTINEL}(\\d+){SENTINEL_END}", prompt)):
             if i % 2 == 0:
@@ -243,11 +243,14 @@ class Tokenizer:
         if start is None:
             return ()
         opens = [i for i, t in enumerate(ids) if t == start]
-        header = self.encode("<|im_start|>assistant\n")
-        marks = []
         users = [i for i in opens[:-1] if list(ids[i + 1: i + 1 + len(user)]) == user]
-        if users:
-            marks.append(users[-1])
-        if opens and list(ids[opens[-1]: opens[-1] + len(header)]) == header:
-            marks.append(opens[-1] + len(header))
-        return tuple(marks)
+        header = self.generation_header_end(ids)
+        return tuple([*users[-1:], *([header] if header is not None else [])])
+
+    def generation_header_end(self, ids: Sequence[int]) -> int | None:
+        """Where a chat prompt's final assistant header (`<|im_start|>assistant` and a newline) ends, or None."""
+        start, header = self.token_to_id("<|im_start|>"), self.encode("<|im_start|>assistant\n")
+        last = max((i for i, t in enumerate(ids) if t == start), default=None)
+        if last is None or list(ids[last: last + len(header)]) != header:
+            return None
+        return last + len(header)
