@@ -16,6 +16,7 @@ import qwen35.ops.cpu as cpu
 import qwen35.quant.linear as qlinear
 from qwen35.cache import make_cache
 from qwen35.runtime.prefill import prefill
+from qwen35.ops.attention import attention_decode
 from qwen35.ops.build import build_dir
 from qwen35.quant.linear import dequantize, int4_quantize, int8_activations, int8_quantize, make_linear
 
@@ -123,7 +124,7 @@ def test_attention_decode_matches_sdpa(b, hq, hkv, s, d, masked):
         mask = torch.rand(b, 1, 1, s, generator=g) > 0.3
         mask[..., -1] = True
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
-    got = cpu.attention_decode(cpu.kernels(), q, k, v, mask).float()
+    got = attention_decode(cpu.kernels(), q, k, v, mask).float()
     assert (got - ref).abs().max().item() <= ulps(ref)
 
 

@@ -195,5 +195,5 @@ def test_quantized_weights_sit_in_one_block(bits):
         for m in layers:
             for name, t in list(m.named_buffers(recurse=False)):
                 setattr(m, name, t.clone())
-        model.reset_decode_plan()
+        model.decode_step.reset()
         assert torch.equal(model(ids), gathered)

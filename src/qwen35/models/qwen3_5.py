@@ -3,7 +3,9 @@
 A stack of pre-norm residual blocks; `config.layer_types[i]` picks the token mixer of block i: Gated DeltaNet
 (linear attention with a fixed-size recurrent state) or gated full attention with partial, interleaved
 multimodal RoPE. Parameter names are the reference's (`model.language_model.` stripped), so official
-checkpoints load without renaming. The model only does math: state lives in a `ModelCache` passed in.
+checkpoints load without renaming. The model only does math: state lives in a `ModelCache` passed in, and
+each op (linear, norm, attention, the DeltaNet mixer, a whole decode step) comes from `qwen35.ops`, which picks
+its kernel (qwen35's CPU kernels for decode steps where they run, else PyTorch's, the reference).
 Shapes: B batch, T new tokens, S cached slots, H hidden, hd head dim.
 """
 
@@ -16,8 +18,10 @@ from torch import nn
 from qwen35.cache import DeltaCache, KVCache, ModelCache, make_cache
 from qwen35.config import ModelConfig
 from qwen35.ops import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
-from qwen35.ops.cpu import Linear, attention_decode, deltanet_decode, fast_path, kernels, prepare_compile, rms_norm
-from qwen35.ops.decode import build_plan, run_plan
+from qwen35.ops.attention import attention
+from qwen35.ops.cpu import Linear, prepare_compile, rms_norm
+from qwen35.ops.decode import NativeDecode
+from qwen35.ops.deltanet import gated_deltanet_mix
 
 
 class RMSNorm(nn.Module):
@@ -151,12 +155,7 @@ class GatedAttention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v)
-        if t == 1 and (kernels := fast_path(q)) is not None:
-            o = attention_decode(kernels, q, k, v, mask)
-        else:
-            causal = mask is None and t > 1 and k.shape[2] == t
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        o = o.transpose(1, 2).reshape(b, t, -1) * torch.sigmoid(gate.reshape(b, t, -1))
+        o = attention(q, k, v, mask).transpose(1, 2).reshape(b, t, -1) * torch.sigmoid(gate.reshape(b, t, -1))
         return self.o_proj(o)
 
 
@@ -181,32 +180,33 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = Linear(self.value_dim, h, bias=False)
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache: DeltaCache | None) -> torch.Tensor:
-        b, t, _ = x.shape
-        if t == 1 and cache is not None and cache.state is not None and (k := fast_path(x)) is not None:
-            # decode on the CPU kernels: everything between the projections in one call; (B, 1, .) operands keep
-            # the products on the GEMV kernels at any batch size (batch invariance, `ops.cpu.one_token_each`)
-            qkv, z, beta, a = (proj(x).view(b, -1) for proj in (self.in_proj_qkv, self.in_proj_z, self.in_proj_b,
-                                                                 self.in_proj_a))
-            o = deltanet_decode(k, qkv, z, beta, a, self.conv1d.weight.squeeze(1), self.A_log, self.dt_bias,
-                                self.norm.weight, self.norm.eps, cache)
-            return self.out_proj(o.view(b, 1, -1))
         if pad_mask is not None:  # zero inputs at left pads: the state then stays exactly as at a sequence start
             x = x * pad_mask[..., None].to(x.dtype)
-        mixed, conv_state = causal_conv1d(self.in_proj_qkv(x), self.conv1d.weight.squeeze(1),
-                                          cache.conv if cache is not None else None)
+        o = gated_deltanet_mix(self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x), cache,
+                               self.conv1d.weight.squeeze(1), self.A_log, self.dt_bias, self.norm.weight,
+                               self.norm.eps, plain=self.mix)
+        return self.out_proj(o)
+
+    def mix(self, qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+            cache: DeltaCache | None) -> torch.Tensor:
+        """The token mixer between the projections (B, T, .) and out_proj: short conv, L2-normalised q and k, the
+        gated delta rule (decay g = -exp(A_log) * softplus(a + dt_bias), write strength beta = sigmoid(b)), then
+        the gated norm. Returns (B, T, Hv*dv) and advances the cache."""
+        batch, t, _ = qkv.shape
+        conv_state = cache.conv if cache is not None else None
+        mixed, conv_state = causal_conv1d(qkv, self.conv1d.weight.squeeze(1), conv_state)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = _l2norm(q.reshape(b, t, self.hk, self.dk).float()) * self.dk ** -0.5
-        k = _l2norm(k.reshape(b, t, self.hk, self.dk).float())
-        v = v.reshape(b, t, self.hv, self.dv)
-        beta = self.in_proj_b(x).sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)  # log decay <= 0
+        q = _l2norm(q.reshape(batch, t, self.hk, self.dk).float()) * self.dk ** -0.5
+        k = _l2norm(k.reshape(batch, t, self.hk, self.dk).float())
+        v = v.reshape(batch, t, self.hv, self.dv)
+        beta = b.sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # log decay <= 0
         state = cache.state if cache is not None else None
         rule = recurrent_gated_delta_rule if (state is not None and t == 1) else chunk_gated_delta_rule
         o, state = rule(q, k, v, g, beta, state)
         if cache is not None:
             cache.conv, cache.state = conv_state, state
-        z = self.in_proj_z(x).view(b, t, self.hv, self.dv)
-        return self.out_proj(self.norm(o, z).reshape(b, t, self.value_dim))
+        return self.norm(o, z.view(batch, t, self.hv, self.dv)).reshape(batch, t, self.value_dim)
 
 
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -246,8 +246,8 @@ class Qwen35Model(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.decode_layers = self.decode_step  # one token per sequence: `compile_decode` swaps in a compiled one
-        self._plan: object = None  # the native decode plan: None until first built, False where none applies
+        self.decode_step = NativeDecode(self)  # one token per sequence: `run_layers`, natively where it can
+        self.decode_layers = self.decode_step  # what decode steps run: `compile_decode` swaps in a compiled one
 
     def compile_decode(self) -> None:
         """Decode steps through torch.compile, compiled now (about a minute): fewer Python and dispatch costs
@@ -272,23 +272,8 @@ class Qwen35Model(nn.Module):
             x = layer(x, rope, attn_mask, pad_mask, cache.layers[i] if cache is not None else None)
         return x
 
-    def decode_step(self, x: torch.Tensor, rope, attn_mask, pad_mask, cache: ModelCache) -> torch.Tensor:
-        """One token per sequence: every layer in one native call where the CPU kernels take it (`ops.decode`,
-        bit-identical), else `run_layers`."""
-        if pad_mask is None and fast_path(x) is not None and not torch.is_grad_enabled() \
-                and not torch.compiler.is_compiling():
-            if self._plan is None:
-                self._plan = build_plan(kernels(), self) or False
-            if self._plan and (out := run_plan(self._plan, x, rope, attn_mask, cache)) is not None:
-                return out
-        return self.run_layers(x, rope, attn_mask, pad_mask, cache)
-
-    def reset_decode_plan(self) -> None:
-        """Forget the decode plan (it holds the weight tensors): after replacing modules or weights."""
-        self._plan = None
-
-    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), ...: new tensors, so a new plan
-        self.reset_decode_plan()
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), ...: new tensors, which decode_step must see
+        self.decode_step.reset()
         return super()._apply(fn, recurse)
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:

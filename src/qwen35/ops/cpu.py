@@ -1,4 +1,4 @@
-"""Decode-speed CPU kernels (`kernels/*.cpp`), compiled on first use, each beside its plain PyTorch reference.
+"""Decode-speed CPU kernels (`kernels/*.cpp`), compiled on first use, and the linear and norm ops that use them.
 
 The extension is built once per machine with `-march=native` into ~/.cache/qwen35 by `make install`, or else on
 first use (a few minutes on 2 cores; needs a C++ compiler): see `qwen35.ops.build`. Where it cannot be used — no
@@ -187,26 +187,3 @@ class Linear(nn.Linear):
         ok = self.bias is None and self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu"
         return (0, 0, [self.weight]) if ok else None
 
-
-def deltanet_decode(k: ModuleType, qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
-                    conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
-                    eps: float, cache) -> torch.Tensor:
-    """One token of a Gated DeltaNet layer between its projections and out_proj, fused (see the .cpp).
-
-    Inputs are (B, width) projections; the cache's conv history and recurrent state are updated in place.
-    The reference is the unfused path in `GatedDeltaNet.forward`, which the tests compare against.
-    """
-    if not cache.conv.is_contiguous():
-        cache.conv = cache.conv.contiguous()
-    if not cache.state.is_contiguous():
-        cache.state = cache.state.contiguous()
-    return k.deltanet_decode(qkv, z, b, a, cache.conv, conv_weight, A_log, dt_bias, cache.state, norm_weight, eps)
-
-
-def attention_decode(k: ModuleType, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per sequence, q (B, Hq, 1, D), against the cache's key/value (B, Hkv, S, D), fused (see the
-    .cpp); mask (B, 1, 1, S) bool or None. Reference: `F.scaled_dot_product_attention(..., enable_gqa=True)`."""
-    b, hq, _, d = q.shape
-    valid = None if mask is None else mask.reshape(b, -1).contiguous()
-    return k.attention_decode(q.reshape(b, hq, d).contiguous(), key, value, valid, d ** -0.5).view(b, hq, 1, d)

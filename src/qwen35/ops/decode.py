@@ -14,7 +14,35 @@ import torch
 from torch import nn
 
 from qwen35.cache import KVCache, ModelCache
-from qwen35.ops.cpu import GEMV_ROWS
+from qwen35.ops.cpu import GEMV_ROWS, fast_path
+
+
+class NativeDecode:
+    """A `Qwen35Model`'s decode step (its `decode_layers`): one token per sequence through every layer in one
+    native call where the CPU kernels take it, else `model.run_layers`; bit-identical either way.
+
+    The plan is built on first use and holds the weight tensors: `reset` after the weights or modules change.
+    It holds the model, which holds it: a cycle, which the garbage collector frees and `copy.deepcopy` of the
+    model carries over to the copy (a weak reference would leave a copy running the original's layers).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.plan: object = None  # None until first built, False where none applies
+
+    def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn_mask: torch.Tensor | None,
+                 pad_mask: torch.Tensor | None, cache: ModelCache) -> torch.Tensor:
+        if pad_mask is None and (k := fast_path(x)) is not None and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling():
+            if self.plan is None:
+                self.plan = build_plan(k, self.model) or False
+            if self.plan and (out := run_plan(self.plan, x, rope, attn_mask, cache)) is not None:
+                return out
+        return self.model.run_layers(x, rope, attn_mask, pad_mask, cache)
+
+    def reset(self) -> None:
+        """Forget the plan: the next step builds one from the model as it is then."""
+        self.plan = None
 
 
 def build_plan(k: ModuleType, model: nn.Module) -> object | None:

@@ -123,5 +123,5 @@ def quantize(model, bits: int = 4, group_size: int = 64, head: int | bool = 0):
             quantize_parts(model.embed_tokens.weight, cfg, dtype, cfg.head), group_size))
     model.quantization = cfg
     gather_on_huge_pages(model)
-    model.reset_decode_plan()
+    model.decode_step.reset()
     return model

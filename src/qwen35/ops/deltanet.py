@@ -1,0 +1,40 @@
+"""Gated DeltaNet's token mixer, everything between its input projections and out_proj: one fused native call
+for a decode step where the CPU kernels run, else the model's own PyTorch math (the reference)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+
+from qwen35.cache import DeltaCache
+from qwen35.ops.cpu import fast_path
+
+Mix = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, DeltaCache | None], torch.Tensor]
+
+
+def gated_deltanet_mix(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+                       cache: DeltaCache | None, conv_weight: torch.Tensor, A_log: torch.Tensor,
+                       dt_bias: torch.Tensor, norm_weight: torch.Tensor, eps: float, plain: Mix) -> torch.Tensor:
+    """Projections (B, T, width) -> (B, T, Hv*dv), the cache advanced. A step of one token that continues a
+    sequence (a recurrent state exists) runs fused on the CPU kernels with these weights; anything else is
+    `plain(qkv, z, b, a, cache)`, the same math in PyTorch."""
+    batch, t, _ = qkv.shape
+    if t == 1 and cache is not None and cache.state is not None and (k := fast_path(qkv)) is not None:
+        o = deltanet_decode(k, qkv.view(batch, -1), z.view(batch, -1), b.view(batch, -1), a.view(batch, -1),
+                            conv_weight, A_log, dt_bias, norm_weight, eps, cache)
+        return o.view(batch, 1, -1)
+    return plain(qkv, z, b, a, cache)
+
+
+def deltanet_decode(k: ModuleType, qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+                    conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
+                    eps: float, cache: DeltaCache) -> torch.Tensor:
+    """One token of the mixer, fused (see the .cpp): inputs are (B, width) projections; the cache's conv history
+    and recurrent state are updated in place, so they must be contiguous."""
+    if not cache.conv.is_contiguous():
+        cache.conv = cache.conv.contiguous()
+    if not cache.state.is_contiguous():
+        cache.state = cache.state.contiguous()
+    return k.deltanet_decode(qkv, z, b, a, cache.conv, conv_weight, A_log, dt_bias, cache.state, norm_weight, eps)
