@@ -100,10 +100,16 @@ def cpu_supported() -> bool:
     return {"avx512_bf16", "avx512_vnni"} <= _cpu_flags()
 
 
-@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX). Without it oneDNN emulates some bf16
-    ops very slowly: the depthwise conv took 62 ms a step on 2 AVX2 cores against 0.4 ms in fp32."""
+    ops very slowly: the depthwise conv took 62 ms a step on 2 AVX2 cores against 0.4 ms in fp32. A plain
+    function over a cached one, as `has_kernels`: torch.compile traces into a cached function (reading
+    /proc/cpuinfo, a graph break) however it is marked, but takes a marked plain one as a constant."""
+    return _native_bf16()
+
+
+@functools.cache
+def _native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
