@@ -252,9 +252,11 @@ class Qwen35Model(nn.Module):
     def compile_decode(self) -> None:
         """Decode steps through torch.compile, compiled now (about a minute): fewer Python and dispatch costs
         per token. `dynamic`: one graph however long the cache grows (MoE routing splits it per layer); a batch
-        of several sequences, or padded ones, compiles a second graph when first seen. Prefill stays eager."""
+        of several sequences, or padded ones, compiles a second graph when first seen. Prefill stays eager.
+        `emulate_precision_casts`: fused kernels still round where eager does (the fp32 short conv's bf16 result
+        before its SiLU); skipping it moved one bf16 ulp there, enough to flip MoE routing against eager."""
         prepare_compile()
-        self.decode_layers = torch.compile(self.run_layers, dynamic=True)
+        self.decode_layers = torch.compile(self.run_layers, dynamic=True, options={"emulate_precision_casts": True})
         device = self.norm.weight.device
         with torch.inference_mode():
             cache, ids = make_cache(self.config, device=device), torch.arange(1, 6, device=device)[None]
