@@ -108,6 +108,25 @@ def test_image_sources_agree(checkpoint, monkeypatch):
     assert replies[0].cached_tokens == 0 and replies[1].cached_tokens == replies[2].cached_tokens > 0  # same pixels
 
 
+def test_later_turns_encode_only_their_new_images(checkpoint):
+    """The tower runs once per image: a later turn resends the first image, found by its pixels; the reply
+    equals that of a model that encodes both afresh."""
+    path, _ = checkpoint
+    m = qwen35.load(path, dtype="float32")
+    encoded: list[int] = []
+    real = m.vision.forward
+    m.vision.forward = lambda pixels, grids: encoded.append(len(grids)) or real(pixels, grids)
+    cat, coffee = Image.open(path / "cat.png"), Image.fromarray(skdata.coffee())
+    first = [{"role": "user", "content": [{"type": "image", "image": cat}, {"type": "text", "text": "What is it?"}]}]
+    reply = m.chat(first, temperature=0, max_tokens=4, ignore_eos=True)
+    later = first + [{"role": "assistant", "content": reply.text},
+                     {"role": "user", "content": [{"type": "image", "image": coffee}, {"type": "text", "text": "This?"}]}]
+    warm = m.chat(later, temperature=0, max_tokens=6, ignore_eos=True)
+    cold = qwen35.load(path, dtype="float32", cache_ram=0).chat(later, temperature=0, max_tokens=6, ignore_eos=True)
+    assert encoded == [1, 1]  # the cat, then the coffee alone
+    assert warm.cached_tokens > 0 and warm.text == cold.text
+
+
 def test_bad_images_and_text_models_fail_clearly(checkpoint, default_model):
     path, _ = checkpoint
     m = qwen35.load(path, dtype="float32")

@@ -24,7 +24,7 @@ from qwen35.models.vision import ImageInputs, VisionModel
 from qwen35.sampling import SamplingParams
 from qwen35.tokenizer import ChoiceText, Tokenizer, tool_calls_in
 from qwen35.tokenizer.history import history_ids, reply_message
-from qwen35.vision import ImagePolicy, ImageProcessor, image_sources, load_images, prepare
+from qwen35.vision import EncodedImages, ImagePolicy, ImageProcessor, image_sources, load_images, prepare
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ class Qwen35:
         self.prefix_cache = prefix_cache
         self.config = model.config
         self._vision, self.processor = vision, processor
+        self._encoded = EncodedImages()  # tower outputs by pixels: later turns resend the same images
         self._vision_lock = threading.Lock()
         self.image_policy = image_policy
         self._background = Background()  # a finished reply's warm-up, run while the caller is idle
@@ -157,7 +158,7 @@ class Qwen35:
         ids, encoded = text_ids, None
         if images:
             ids, encoded = prepare(text_ids, images, self.processor, self.vision, self.config.image_token_id,
-                                   self.config.max_position_embeddings)
+                                   self.config.max_position_embeddings, self._encoded)
         thinking, header = prompt.rstrip().endswith("<think>"), tok.generation_header_end(text_ids)
 
         def followup(reply: list[int], stops: tuple[str, ...]) -> list[int] | None:

@@ -6,8 +6,8 @@ encode the prompt -> `prepare(ids, images, processor, vision, image_token_id, co
 """
 
 from qwen35.vision.fetch import ImageError, ImagePolicy, load_image
-from qwen35.vision.inputs import image_sources, load_images, prepare
+from qwen35.vision.inputs import EncodedImages, image_sources, load_images, prepare
 from qwen35.vision.processor import ImageProcessor, ProcessedImage
 
-__all__ = ["ImageError", "ImagePolicy", "ImageProcessor", "ProcessedImage", "image_sources", "load_image",
-           "load_images", "prepare"]
+__all__ = ["EncodedImages", "ImageError", "ImagePolicy", "ImageProcessor", "ProcessedImage", "image_sources",
+           "load_image", "load_images", "prepare"]

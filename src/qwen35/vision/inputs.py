@@ -8,6 +8,8 @@ server, the Python API and the CLI all go through `image_sources` + `load_images
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,12 +65,39 @@ def load_images(sources: Sequence[Any], policy: ImagePolicy, resolve: Resolver |
     return images
 
 
+class EncodedImages:
+    """Vision-tower outputs by pixel digest, least recently used out past `max_bytes`. A conversation sends its
+    images again every turn; the prefix cache spares the text model, this spares the tower. Thread-safe."""
+
+    def __init__(self, max_bytes: int = 128 << 20):
+        self.max_bytes, self.nbytes = max_bytes, 0
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> torch.Tensor | None:
+        with self._lock:
+            if digest in self._items:
+                self._items.move_to_end(digest)
+            return self._items.get(digest)
+
+    def put(self, digest: str, features: torch.Tensor) -> None:
+        size = features.nbytes
+        with self._lock:
+            if size > self.max_bytes or digest in self._items:
+                return
+            self._items[digest], self.nbytes = features, self.nbytes + size
+            while self.nbytes > self.max_bytes:
+                self.nbytes -= self._items.popitem(last=False)[1].nbytes
+
+
 @torch.inference_mode()
 def prepare(prompt_ids: Sequence[int], images: Sequence[Image.Image], processor: ImageProcessor,
-            vision: VisionModel, image_token_id: int, context: int | None = None) -> tuple[list[int], ImageInputs]:
+            vision: VisionModel, image_token_id: int, context: int | None = None,
+            encoded: EncodedImages | None = None) -> tuple[list[int], ImageInputs]:
     """Expand each `<|image_pad|>` of prompt_ids to its image's token count and encode the images.
 
-    `context` (the model's length limit) is checked on the expanded length before the tower runs.
+    `context` (the model's length limit) is checked on the expanded length before the tower runs; images found
+    in `encoded` (by pixel digest) are not encoded again.
     """
     if vision is None:
         raise ImageError("this checkpoint has no vision tower (no model.visual.* weights), so it cannot take "
@@ -88,10 +117,18 @@ def prepare(prompt_ids: Sequence[int], images: Sequence[Image.Image], processor:
                          f"({sum(p.num_tokens for p in processed)} image tokens); this model's context is {context} "
                          "tokens. Send fewer or smaller images")
     grids = [item.grid for item in processed]
-    pixels = torch.cat([item.pixel_values for item in processed]).to(vision.pos_embed.weight.device)
-    features = vision(pixels, grids)
+    digests = [_digest(item.pixel_values) for item in processed]
+    known = [None if encoded is None else encoded.get(d) for d in digests]
+    todo = [k for k, f in enumerate(known) if f is None]
+    if todo:
+        pixels = torch.cat([processed[k].pixel_values for k in todo]).to(vision.pos_embed.weight.device)
+        fresh = vision(pixels, [grids[k] for k in todo]).split([processed[k].num_tokens for k in todo])
+        for k, f in zip(todo, fresh):
+            known[k] = f
+            if encoded is not None:
+                encoded.put(digests[k], f.clone())  # alone: a view would hold the whole batch's features
     positions, delta = mrope_positions(ids, grids, image_token_id, vision.config.spatial_merge_size)
-    return ids, ImageInputs(features, positions, delta, tuple(_digest(item.pixel_values) for item in processed))
+    return ids, ImageInputs(torch.cat(known), positions, delta, tuple(digests))
 
 
 def _digest(pixels: torch.Tensor) -> str:
