@@ -12,8 +12,8 @@ from conftest import VOCAB
 from qwen35.loading import load_model
 from qwen35.ops.cpu import kernels
 from qwen35.quant import Int4Linear, Int8Linear, QuantConfig, quantize, quantize_checkpoint
-from qwen35.quant.linear import (StoredTable, dequantize, int4_kernel_layout, int4_quantize, int8_quantize,
-                                 make_linear, pack_nibbles, unpack_nibbles)
+from qwen35.quant.linear import (StoredTable, dequantize, int4_kernel_layout, int4_quantize, int4pack_rows,
+                                 int8_quantize, make_linear, pack_nibbles, unpack_nibbles)
 from qwen35.quant.quantize import QuantEmbedding, QuantExperts
 
 # Tolerance of a packed kernel against x @ dequantize(W)^T in bf16: a few bf16 ulps of the output scale.
@@ -22,9 +22,11 @@ KERNEL_RTOL = 1e-2
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bits, group", [(8, 0), (4, 32), (4, 128)], ids=["int8", "int4-g32", "int4-g128"])
-def test_kernel_matches_dequantized_reference(bits, group, dtype):
+@pytest.mark.parametrize("n, rows", [(96, (3, 7)), (48, (2, 1)), (48, (1, 40))], ids=["prefill", "decode", "tail"])
+def test_kernel_matches_dequantized_reference(bits, group, dtype, n, rows):
+    """Decode rows (GEMV) and prefill rows (tiles of dequantized rows), also where the rows end in half a block."""
     g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(96, 256, generator=g) / 16, torch.randn(3, 7, 256, generator=g).to(dtype)
+    w, x = torch.randn(n, 256, generator=g) / 16, torch.randn(*rows, 256, generator=g).to(dtype)
     parts = int8_quantize(w, dtype) if bits == 8 else int4_quantize(w, group, dtype)
     layer = make_linear(parts, group)
     assert isinstance(layer, Int8Linear if bits == 8 else Int4Linear)
@@ -47,6 +49,15 @@ def test_nibble_packing_round_trips():
     assert packed.shape == (32, 32) and packed.dtype == torch.uint8
     assert torch.equal(unpack_nibbles(packed), q)
     assert int(packed[0, 0]) == int(q[0, 0]) | int(q[0, 1]) << 4  # low nibble = even column
+
+
+@pytest.mark.parametrize("n, k", [(96, 256), (48, 128), (16, 64)])
+def test_pytorch_int4_layout_reads_back(n, k):
+    """`int4pack_rows` inverts PyTorch's CPU packing, whole and from a later block (prefill tiles start there)."""
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(int4pack_rows(packed, 0, n).to(torch.int32), q)
+    assert n < 64 or torch.equal(int4pack_rows(packed, 32, n).to(torch.int32), q[32:])
 
 
 def test_int4_kernel_layout_round_trips():
