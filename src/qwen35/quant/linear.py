@@ -211,9 +211,10 @@ class Int4Linear(nn.Module):
 
     def packed_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows start:stop of PyTorch's packed weight, dequantized in fp32 (start a multiple of 32)."""
-        q = int4pack_rows(self.packed, start, stop).view(stop - start, -1, self.group_size).float()
-        scales, zeros = self.scales_zeros[:, start:stop].transpose(0, 1).float().unbind(-1)
-        return ((q - 8) * scales[..., None] + zeros[..., None]).view(stop - start, -1)
+        q = int4pack_rows(self.packed, start, stop).view(stop - start, -1, self.group_size)
+        scales, zeros = self.scales_zeros[:, start:stop].transpose(0, 1).float().contiguous().unbind(-1)
+        # (q - 8) * scale + zero as one pass over the tile: q stays uint8 until addcmul promotes it
+        return torch.addcmul((zeros - 8 * scales)[..., None], q, scales[..., None]).reshape(stop - start, -1)
 
     def decode_operands(self) -> tuple[int, int, list[torch.Tensor]] | None:
         """How the decode plan (`qwen35.ops.decode`) calls this layer: on qwen35's kernel only."""
