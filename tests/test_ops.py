@@ -124,3 +124,25 @@ def test_decode_products_stay_on_the_gemv_kernels_at_any_batch(monkeypatch):
         cpu.rms_norm(torch.randn(40, 1, 8, 32).bfloat16(), torch.zeros(32).bfloat16(), 1e-6)  # q_norm of 40 rows
         cpu.rms_norm(torch.randn(1, 400, 32).bfloat16(), torch.zeros(32).bfloat16(), 1e-6)  # a long prefill
         assert calls == [("norm", 320)]
+
+
+def test_bf16_prefill_products_without_bf16_hardware_run_in_fp32(monkeypatch):
+    """Where oneDNN would emulate bf16 GEMM, prefill rows go through fp32 (weights a tile of rows at a time) and are
+    rounded once: within one bf16 rounding of the fp32 product, tiled or not; decode rows keep bf16's own path."""
+    import qwen35.ops.cpu as cpu
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 40, 128, generator=g).bfloat16(), (torch.randn(200, 128, generator=g) / 8).bfloat16()
+    exact = x.float() @ w.float().T
+    untiled = cpu.linear(x, w)
+    monkeypatch.setattr(cpu, "FP32_TILE_ROWS", 64)
+    tiled = cpu.linear(x, w)
+    for out in (untiled, tiled):
+        assert out.dtype == torch.bfloat16 and out.shape == (2, 40, 200)
+        assert ((out.float() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+    calls, real = [], cpu.linear_in_fp32
+    monkeypatch.setattr(cpu, "linear_in_fp32", lambda *a: calls.append(a[0].shape) or real(*a))
+    cpu.linear(x[:, :1], w)
+    cpu.linear(x, w)
+    assert calls == [x.shape]  # the prefill rows, not the decode ones
