@@ -78,8 +78,9 @@ def test_bf16_conv_rounds_once_whether_or_not_the_cpu_has_bf16(monkeypatch, nati
     """Without bf16 hardware the conv runs in fp32 (oneDNN's emulated bf16 one was 150x slower): the result is the
     fp32 conv rounded once to bf16, closer to exact than the bf16 conv, and a split sequence gives the same bits."""
     import qwen35.ops.conv as conv
+    import qwen35.ops.cpu as cpu
 
-    monkeypatch.setattr(conv, "native_bf16", lambda: native)
+    monkeypatch.setattr(cpu, "native_bf16", lambda: native)
     g = torch.Generator().manual_seed(3)
     x, w = torch.randn(2, 30, 48, generator=g).bfloat16(), torch.randn(48, 4, generator=g)
     y, state = conv.causal_conv1d(x, w, None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qwen35.ops.cpu import native_bf16
+from qwen35.ops.cpu import compute_dtype
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor,
@@ -27,7 +27,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor,
     if state is None:
         state = x.new_zeros(b, c, width - 1)
     full = torch.cat([state.transpose(1, 2).to(x.dtype), x], dim=1)  # (B, K-1+T, C)
-    dtype = torch.float32 if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not native_bf16() else x.dtype
+    dtype = compute_dtype(x)
     image = full.unsqueeze(1).permute(0, 3, 1, 2).to(dtype)  # (B, C, 1, K-1+T), channels-last strides: no copy
     y = F.conv2d(image, weight.to(dtype)[:, None, None, :], groups=c).permute(0, 2, 3, 1).reshape(b, t, c)
     y = y.to(x.dtype)

@@ -114,6 +114,13 @@ def _native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype to compute a product or conv of `x` in: fp32 for bf16 on a CPU without bf16 hardware (rounded
+    back once), else x's own."""
+    emulated = x.dtype == torch.bfloat16 and x.device.type == "cpu" and not native_bf16()
+    return torch.float32 if emulated else x.dtype
+
+
 def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -165,8 +172,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if flat is not None:
         out = in_row_blocks(flat, lambda rows: k.linear_bf16(rows, weight))
         return out.reshape(*x.shape[:-1], weight.shape[0])
-    if (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not trains
-            and x.numel() // x.shape[-1] > GEMV_ROWS and not native_bf16()):
+    if weight.dtype == torch.bfloat16 and not trains and x.numel() // x.shape[-1] > GEMV_ROWS \
+            and compute_dtype(x) == torch.float32:
         return linear_in_fp32(x, weight)
     return F.linear(x, weight)
 
@@ -176,12 +183,19 @@ def linear_in_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     oneDNN emulates bf16 GEMM (a 0.8B MLP product of 64 rows on 2 AVX2 cores: 69 ms, 26 ms converting to fp32).
     Not for decode rows: converting every weight each token (1 GB for the tied 0.8B head) cost more than it
     saved. Weights convert FP32_TILE_ROWS rows at a time, never a whole large matrix."""
-    xf, n = x.float(), weight.shape[0]
-    if n <= FP32_TILE_ROWS:
-        return F.linear(xf, weight.float()).to(x.dtype)
-    out = x.new_empty(*x.shape[:-1], n)
-    for start in range(0, n, FP32_TILE_ROWS):
-        out[..., start:start + FP32_TILE_ROWS] = F.linear(xf, weight[start:start + FP32_TILE_ROWS].float())
+    out = tiled_linear(x.reshape(-1, x.shape[-1]).float(), weight.shape[0], lambda a, b: weight[a:b].float(),
+                       FP32_TILE_ROWS)
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def tiled_linear(x: torch.Tensor, out_features: int, rows: Callable[[int, int], torch.Tensor],
+                 tile: int) -> torch.Tensor:
+    """x (M, K) @ W^T where `rows(start, end)` gives W[start:end] in x's dtype: `tile` weight rows at a time, so
+    no converted or dequantized copy of a whole matrix exists."""
+    out = x.new_empty(x.shape[0], out_features)
+    for start in range(0, out_features, tile):
+        end = min(start + tile, out_features)
+        out[:, start:end] = F.linear(x, rows(start, end))
     return out
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.files import release_freed_memory
-from qwen35.ops.cpu import fast_path, gemv_rows, in_row_blocks, kernels, native_bf16
+from qwen35.ops.cpu import compute_dtype, fast_path, gemv_rows, in_row_blocks, kernels, tiled_linear
 
 TILE_ROWS = 256  # weight rows dequantized at once for a many-row (prefill) product
 LAYOUT_ROWS = 4096  # rows per block while building a kernel layout (a multiple of 16)
@@ -71,15 +71,6 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """(N, K/2) uint8 -> (N, K) int32 in [0, 15]."""
     low, high = packed & 15, packed >> 4
     return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
-
-
-def tiled_linear(x: torch.Tensor, out_features: int, rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
-    """x (M, K) @ W^T where `rows(start, end)` dequantizes W[start:end] to x's dtype: one tile at a time."""
-    out = x.new_empty(x.shape[0], out_features)
-    for start in range(0, out_features, TILE_ROWS):
-        end = min(start + TILE_ROWS, out_features)
-        out[:, start:end] = F.linear(x, rows(start, end))
-    return out
 
 
 def row_index(index: torch.Tensor | slice, n: int) -> torch.Tensor:
@@ -150,7 +141,7 @@ class Int8Linear(nn.Module):
         elif k is not None and (rows := gemv_rows(x)) is not None:
             out = in_row_blocks(rows, lambda r: k.linear_int8(r, self.packed, self.scales))
         else:
-            out = tiled_linear(flat, self.out_features, lambda a, b: self.rows(slice(a, b)).to(x.dtype))
+            out = tiled_linear(flat, self.out_features, lambda a, b: self.rows(slice(a, b)).to(x.dtype), TILE_ROWS)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def decode_operands(self) -> tuple[int, int, list[torch.Tensor]] | None:
@@ -200,13 +191,13 @@ class Int4Linear(nn.Module):
                 out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
                                                                    self.scales_zeros.to(x.dtype))
             else:  # PyTorch's int4 GEMM ran a 200-token 0.8B MLP product at 2.5x fp32 GEMM's time on AVX2
-                dtype = torch.float32 if x.dtype == torch.bfloat16 and not native_bf16() else x.dtype
-                out = tiled_linear(flat.to(dtype), self.out_features,
-                                   lambda a, b: self.packed_rows(a, b).to(dtype)).to(x.dtype)
+                dtype = compute_dtype(x)
+                out = tiled_linear(flat.to(dtype), self.out_features, lambda a, b: self.packed_rows(a, b).to(dtype),
+                                   TILE_ROWS).to(x.dtype)
         elif (k := fast_path(x)) is not None and (rows := gemv_rows(x)) is not None:
             out = in_row_blocks(rows, lambda r: k.linear_int4(r, self.packed, self.scales, self.zeros, self.group_size))
         else:
-            out = tiled_linear(flat, self.out_features, lambda a, b: self.rows(slice(a, b)).to(x.dtype))
+            out = tiled_linear(flat, self.out_features, lambda a, b: self.rows(slice(a, b)).to(x.dtype), TILE_ROWS)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def packed_rows(self, start: int, stop: int) -> torch.Tensor:
