@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from qwen35.api import Qwen35
 from qwen35.runtime import Engine, Scheduler
+from qwen35.server.anthropic import CountTokensRequest, MessagesGeneration, MessagesRequest, chat_request
 from qwen35.server.errors import APIError, error_response, install_handlers
 from qwen35.server.guard import Guard
 from qwen35.server.metrics import Metrics
@@ -119,6 +120,18 @@ def create_app(settings: ServerSettings, load: Callable[[], Qwen35]) -> FastAPI:
     async def completions(request: Request) -> Response:
         return await _serve(request, "completion", state)
 
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        return await _serve(request, "messages", state)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request) -> JSONResponse:
+        qwen, _ = state.ready()
+        raw = await request.body()
+        job = await asyncio.to_thread(lambda: prepare_chat(chat_request(parse_body(raw, CountTokensRequest)), qwen,
+                                                           settings))
+        return JSONResponse({"input_tokens": len(job.prompt_ids)})
+
     return app
 
 
@@ -135,10 +148,14 @@ async def _serve(request: Request, kind: str, state: ServerState) -> Response:
         raw = await request.body()
         if kind == "chat":
             job = await asyncio.to_thread(prepare_chat, parse_body(raw, ChatRequest), qwen, state.settings)
+        elif kind == "messages":  # Anthropic's Messages API: the equivalent chat request, then the same path
+            job = await asyncio.to_thread(lambda: prepare_chat(chat_request(parse_body(raw, MessagesRequest)), qwen,
+                                                               state.settings))
         else:
             job = await asyncio.to_thread(prepare_completion, parse_body(raw, CompletionRequest), qwen,
                                           state.settings)
-        response = await respond(Generation(qwen, runner, state.metrics, job, state.settings.model_name), request)
+        reply = MessagesGeneration if kind == "messages" else Generation
+        response = await respond(reply(qwen, runner, state.metrics, job, state.settings.model_name), request)
     except APIError as e:
         state.metrics.requests.labels(route, str(e.status)).inc()
         raise

@@ -14,7 +14,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qwen35.server.errors import error_body
+from qwen35.server.errors import error_body_for
 from qwen35.server.settings import ServerSettings
 
 
@@ -37,23 +37,24 @@ class Guard:
             return
         if len(scope["headers"]) > self.settings.max_header_count or \
                 sum(len(k) + len(v) for k, v in scope["headers"]) > self.settings.max_header_bytes:
-            await _reject(send, 431, f"the request has {len(scope['headers'])} headers; at most "
+            await _reject(scope, send, 431, f"the request has {len(scope['headers'])} headers; at most "
                           f"{self.settings.max_header_count} headers of {self.settings.max_header_bytes} bytes in all "
                           "are accepted")
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         host = _host_name(headers.get("host", "").strip()).lower()
         if self.allowed is not None and host not in self.allowed:
-            await _reject(send, 403, f"Host header {host[:64]!r} is not allowed on this server (DNS-rebinding "
+            await _reject(scope, send, 403, f"Host header {host[:64]!r} is not allowed on this server (DNS-rebinding "
                           f"guard); use one of {sorted(self.allowed)} or start it with --allowed-host")
             return
         if self.key is not None and scope["path"] != "/health" and not self._authorized(headers):
-            await _reject(send, 401, "a valid API key is required: send 'Authorization: Bearer <key>'")
+            await _reject(scope, send, 401, "a valid API key is required: send 'Authorization: Bearer <key>' or "
+                          "'x-api-key: <key>'")
             return
         limit = self.settings.max_body_bytes
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            await _reject(send, 413, f"the request body has {int(declared)} bytes; the limit is {limit} bytes")
+            await _reject(scope, send, 413, f"the request body has {int(declared)} bytes; the limit is {limit} bytes")
             return
         body, more = bytearray(), True
         try:
@@ -65,10 +66,10 @@ class Guard:
                     body += message.get("body", b"")
                     more = message.get("more_body", False)
                     if len(body) > limit:
-                        await _reject(send, 413, f"the request body is over the limit of {limit} bytes")
+                        await _reject(scope, send, 413, f"the request body is over the limit of {limit} bytes")
                         return
         except TimeoutError:
-            await _reject(send, 408, f"the request body did not arrive within {self.settings.read_timeout:g} s "
+            await _reject(scope, send, 408, f"the request body did not arrive within {self.settings.read_timeout:g} s "
                           "(slow or stalled client); send it at once")
             return
         await self.app(scope, _replay(bytes(body), receive), send)
@@ -89,8 +90,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _reject(send: Send, status: int, message: str) -> None:
-    payload = json.dumps(error_body(status, message)).encode()
+async def _reject(scope: Scope, send: Send, status: int, message: str) -> None:
+    payload = json.dumps(error_body_for(scope["path"], status, message)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     if status in (408, 431):  # the rest of this request may still be on its way: do not read it as the next one
         headers.append((b"connection", b"close"))

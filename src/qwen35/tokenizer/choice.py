@@ -73,6 +73,11 @@ class ChoiceText:
         self.finish_reason = "tool_calls" if self.tool_calls and reason == "stop" else reason
         return out
 
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that ended the choice; None when EOS, the token limit or nothing (yet) did."""
+        return self.stops.matched
+
     def content(self) -> tuple[str, list[dict[str, Any]]]:
         """The whole answer as a non-streaming reply has it: tool calls parsed out (as `api.fold` does)."""
         text = "".join(self.answer)

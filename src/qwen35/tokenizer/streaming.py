@@ -125,6 +125,7 @@ class StopStrings:
     def __init__(self, stops: Iterable[str]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.stopped = False
+        self.matched: str | None = None  # the stop string that stopped the text (Anthropic's `stop_sequence`)
         self._buf = ""
 
     def feed(self, piece: str) -> tuple[str, bool]:
@@ -132,10 +133,11 @@ class StopStrings:
         if self.stopped:
             return "", True
         self._buf += piece
-        hits = [i for i in (self._buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(at, s) for s in self.stops if (at := self._buf.find(s)) >= 0]
         if hits:
+            at, self.matched = min(hits, key=lambda hit: hit[0])
             self.stopped = True
-            text, self._buf = self._buf[:min(hits)], ""
+            text, self._buf = self._buf[:at], ""
             return text, True
         keep = _partial_tag_len(self._buf, self.stops)
         text, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
