@@ -13,6 +13,7 @@ from PIL import Image
 
 from qwen35.api import Qwen35
 from qwen35.server.errors import APIError
+from qwen35.tokenizer.tokenizer import part_type
 from qwen35.vision import ImageError, ImagePolicy, image_sources, load_images
 
 MEDIA_PART_TYPES = ("image_url", "image", "input_image", "video", "video_url", "input_audio", "audio")
@@ -26,7 +27,7 @@ def load_media(messages: list[Any], qwen: Qwen35, policy: ImagePolicy) -> list[I
         if not isinstance(content, list):
             continue
         for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
+            kind = part_type(part)  # a part without "type" is read by its keys, as the template reads it
             if kind in MEDIA_PART_TYPES and (kind not in IMAGE_PART_TYPES or qwen.vision is None):
                 what = ("images are not supported by this model (it has no vision tower)" if kind in IMAGE_PART_TYPES
                         else "this media type is not supported (images only)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterable
@@ -14,39 +15,26 @@ if TYPE_CHECKING:
 class IncrementalDecoder:
     """Turn a stream of token ids into text pieces without ever emitting half a UTF-8 character.
 
-    A character can span tokens; the byte-level decoder shows such an unfinished tail as U+FFFD. Each step
-    decodes only a short window (the previous piece's tokens as context plus the new ones) and holds text
-    back while it ends in U+FFFD. After `max_pending` held tokens the text is released anyway (and forgotten
-    as context), so a run of genuinely invalid bytes cannot make every step slower; it then shows U+FFFD.
+    A character can span tokens, so each token's bytes (`Tokenizer.token_bytes`) go through an incremental UTF-8
+    decoder: only the bytes of a character still unfinished are held (at most 3), a literal U+FFFD in the text
+    comes out at once, and bytes that can never form a character come out as U+FFFD as soon as that is certain.
+    The pieces join to `Tokenizer.decode` of all the ids. (Decoding text and holding it while it ends in U+FFFD
+    cannot tell a literal U+FFFD from an unfinished character.)
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False, max_pending: int = 8) -> None:
-        self._tokenizer = tokenizer
-        self._skip = skip_special_tokens
-        self._max_pending = max_pending
-        self._ids: list[int] = []  # window: context tokens, then tokens not yet emitted
-        self._context = 0  # how many leading window tokens were already emitted
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        self._bytes = tokenizer.token_bytes
+        self._skip = tokenizer.special_ids if skip_special_tokens else frozenset()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, token_id: int) -> str:
         """Feed one id; returns the newly completed text, possibly ""."""
-        self._ids.append(token_id)
-        pending = len(self._ids) - self._context
-        prefix = self._tokenizer.decode(self._ids[:self._context], self._skip)
-        text = self._tokenizer.decode(self._ids, self._skip)
-        if not text.endswith("\ufffd"):
-            self._ids = self._ids[self._context:]  # the tokens just emitted become the next context
-            self._context = len(self._ids)
-        elif pending >= self._max_pending:
-            self._ids, self._context = [], 0
-        else:
-            return ""
-        return text[len(prefix):]
+        return "" if token_id in self._skip else self._utf8.decode(self._bytes(token_id))
 
     def flush(self) -> str:
-        """Release whatever is held (an unfinished character decodes as U+FFFD)."""
-        prefix = self._tokenizer.decode(self._ids[:self._context], self._skip)
-        piece = self._tokenizer.decode(self._ids, self._skip)[len(prefix):]
-        self._ids, self._context = [], 0
+        """Release whatever is held (an unfinished character decodes as U+FFFD) and start afresh."""
+        piece = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
         return piece
 
 
@@ -125,7 +113,6 @@ class StopStrings:
     def __init__(self, stops: Iterable[str]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.stopped = False
-        self.matched: str | None = None  # the stop string that stopped the text (Anthropic's `stop_sequence`)
         self._buf = ""
 
     def feed(self, piece: str) -> tuple[str, bool]:
@@ -133,11 +120,10 @@ class StopStrings:
         if self.stopped:
             return "", True
         self._buf += piece
-        hits = [(at, s) for s in self.stops if (at := self._buf.find(s)) >= 0]
+        hits = [i for i in (self._buf.find(s) for s in self.stops) if i >= 0]
         if hits:
-            at, self.matched = min(hits, key=lambda hit: hit[0])
             self.stopped = True
-            text, self._buf = self._buf[:at], ""
+            text, self._buf = self._buf[:min(hits)], ""
             return text, True
         keep = _partial_tag_len(self._buf, self.stops)
         text, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]

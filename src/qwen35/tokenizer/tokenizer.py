@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders
 
 from qwen35.files import regular_file_exists
 from qwen35.tokenizer.template import compile_chat_template, render
+from qwen35.tokenizer.tools import tool_schemas
+from qwen35.tokenizer.vocab import bytes_to_unicode
 
 ROLES = ("system", "user", "assistant", "tool")
 MEDIA_TYPES = ("image", "image_url", "video")
+PART_KEYS = ("image_url", "image", "video", "text")  # what a part without "type" is, by the first key it has
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformers' names; the first one set wins
+BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}
 IM_END = "<|im_end|>"
 SENTINEL, SENTINEL_END = "\ue000", "\ue001"  # private-use marks for control-token text while the template renders
 BUILD_HINT = ("build one offline with `qwen35.tokenizer.build_qwen35_tokenizer(dir)` or use the checkpoint "
@@ -44,19 +50,42 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+def part_type(part: Any) -> str | None:
+    """A content part's type: its "type", else the first of PART_KEYS it holds. The official template and
+    transformers take `{"text": ...}` or `{"image": ...}` without a "type", so every layer reads parts this way."""
+    if not isinstance(part, dict):
+        return None
+    kind = part.get("type")
+    return kind if kind is not None else next((key for key in PART_KEYS if key in part), None)
+
+
 def _check_content(content: Any, where: str, role: str) -> None:
-    if isinstance(content, str) or (content is None and role in ("assistant", "tool")):
+    """None (or no content) renders as an empty turn in the template, for every role, as in transformers."""
+    if content is None or isinstance(content, str):
         return
     if not isinstance(content, list):
-        raise ValueError(f"{where}.content must be a string or a list of parts, got {type(content).__name__}")
+        raise ValueError(f"{where}.content must be a string, a list of parts or null, got {type(content).__name__}")
     for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
+        kind = part_type(part)
         if kind == "text" and isinstance(part.get("text"), str):
             continue
         if kind in MEDIA_TYPES and role != "system":
             continue
         raise ValueError(f"{where}.content[{j}] must be {{'type': 'text', 'text': str}} or an image/video part"
                          f"{'' if role != 'system' else ' (system messages take text only)'}, got {part!r}")
+
+
+def _alias_reasoning(message: dict, where: str) -> dict:
+    """Reasoning sent as `thinking` or `reasoning` also under `reasoning_content`, the name the template reads
+    (and under `thinking`, if unset), as transformers does. Only assistant turns render it, so only there must
+    it be a string; elsewhere it is ignored."""
+    name = next((key for key in REASONING_FIELDS if message.get(key) is not None), None)
+    if name is None:
+        return message
+    if message["role"] == "assistant" and not isinstance(message[name], str):
+        raise ValueError(f"{where}.{name} must be a string (the reasoning text of an assistant message), got "
+                         f"{type(message[name]).__name__}")
+    return {"thinking": message[name], **message, "reasoning_content": message[name]}
 
 
 def _normalize_tool_call(call: Any, where: str) -> dict:
@@ -89,11 +118,8 @@ def validate_messages(messages: Any) -> list[dict]:
         role = message.get("role")
         if role not in ROLES:
             raise ValueError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
-        message = _plain(message)
+        message = _alias_reasoning(_plain(message), where)
         _check_content(message.get("content"), where, role)
-        reasoning = message.get("reasoning_content")
-        if reasoning is not None and (role != "assistant" or not isinstance(reasoning, str)):
-            raise ValueError(f"{where}.reasoning_content must be a string on an assistant message")
         calls = message.get("tool_calls")
         if calls is not None:
             if role != "assistant" or not isinstance(calls, list):
@@ -112,8 +138,13 @@ class Tokenizer:
         self.chat_template = chat_template
         self.source = source
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos_token_ids))
-        added = sorted((t.content for t in tokenizer.get_added_tokens_decoder().values()), key=len, reverse=True)
+        added_tokens = tokenizer.get_added_tokens_decoder()
+        added = sorted((t.content for t in added_tokens.values()), key=len, reverse=True)
         self._control = re.compile("|".join(map(re.escape, added))) if added else None
+        self._added_text = {i: t.content for i, t in added_tokens.items()}
+        self.special_ids = frozenset(i for i, t in added_tokens.items() if t.special)
+        self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+        self._token_bytes: dict[int, bytes] = {}  # filled as tokens are streamed: at most the vocabulary (~10 MB)
         try:
             self._template = None if chat_template is None else compile_chat_template(chat_template)
         except jinja2.TemplateSyntaxError as e:
@@ -179,16 +210,40 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for, as the byte-level decoder joins them before reading UTF-8: streaming
+        decodes these, since one character can span tokens. Added tokens are their own text; an unknown id is
+        empty, as `decode` drops it. Cached per token, so each costs its conversion once."""
+        cached = self._token_bytes.get(token_id)
+        if cached is None:
+            cached = self._token_bytes[token_id] = self._bytes_of(token_id)
+        return cached
+
+    def _bytes_of(self, token_id: int) -> bytes:
+        if token_id in self._added_text:
+            return self._added_text[token_id].encode("utf-8")
+        if not self._byte_level:
+            raise ValueError(f"{self.source}: streaming text needs a byte-level BPE tokenizer.json (decoder type "
+                             f"ByteLevel, as every Qwen3.5 checkpoint has), got {type(self._tk.decoder).__name__}")
+        token = self._tk.id_to_token(token_id)
+        if token is None:
+            return b""
+        try:
+            return bytes(BYTE_OF_CHAR[char] for char in token)
+        except KeyError:  # as the ByteLevel decoder does: a token with a character outside the table is its text
+            return token.encode("utf-8")
+
+    def apply_chat_template(self, messages: list[dict], tools: list[dict | Callable] | None = None,
                             add_generation_prompt: bool = True, enable_thinking: bool | None = None,
                             **kwargs: Any) -> str:
-        """Render a chat to prompt text. `enable_thinking=None` leaves the template's own default in force."""
+        """Render a chat to prompt text. `enable_thinking=None` leaves the template's own default in force.
+
+        `tools`: JSON-schema dicts, or Python functions with type hints and a Google-style docstring (converted
+        as transformers converts them, see `qwen35.tokenizer.tools`)."""
         if self._template is None:
             raise ValueError(f"no chat template for {self.source}: add chat_template.jinja (or a chat_template "
                              "entry in tokenizer_config.json) to the directory")
-        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
-            raise ValueError("tools must be a list of JSON-schema dicts like {'type': 'function', 'function': {...}}")
-        context = {"messages": validate_messages(messages), "tools": _plain(tools),
+        context = {"messages": validate_messages(messages), "tools": _plain(tool_schemas(tools)),
                    "add_generation_prompt": add_generation_prompt, **_plain(kwargs)}
         if enable_thinking is not None:
             context["enable_thinking"] = bool(enable_thinking)
@@ -197,8 +252,9 @@ class Tokenizer:
         except (jinja2.TemplateError, ArithmeticError) as e:  # 1/0 or an over-long range() are ArithmeticErrors
             raise ValueError(f"chat template of {self.source} failed: {type(e).__name__}: {e}") from e
 
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None, enable_thinking: bool | None = None,
-                    allow_control_tokens: bool = False, add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+    def encode_chat(self, messages: list[dict], tools: list[dict | Callable] | None = None,
+                    enable_thinking: bool | None = None, allow_control_tokens: bool = False,
+                    add_generation_prompt: bool = True) -> tuple[str, list[int]]:
         """The rendered chat prompt and its ids, control tokens only where the template put them.
 
         Text in a message or a tool definition that spells a token of the vocabulary's added tokens (`<|im_end|>`,
@@ -208,6 +264,7 @@ class Tokenizer:
         if allow_control_tokens or self._control is None:
             prompt = self.apply_chat_template(messages, tools, add_generation_prompt, enable_thinking)
             return prompt, self.encode(prompt)
+        tools = tool_schemas(tools)  # before protecting: a function's docstring may spell a control token
         found: list[str] = []
         protected = self._protect([messages, tools], found)
         if found and SENTINEL in json.dumps([messages, tools], ensure_ascii=False, default=str):

@@ -25,7 +25,8 @@ def image_sources(messages: Sequence[Any]) -> list[Any]:
     """The image of every image part, in the order the chat template renders them.
 
     Accepted parts: OpenAI `{"type": "image_url", "image_url": {"url": URL}}` (or a bare URL string) and
-    `{"type": "image", "image": path | URL | bytes | PIL image}`.
+    `{"type": "image", "image": path | URL | bytes | PIL image}`; as in the template, parts are found by their
+    keys, so the "type" may be left out.
     """
     found = []
     for i, message in enumerate(messages):

@@ -44,13 +44,17 @@ class ImageProcessor:
 
     @classmethod
     def from_config(cls, raw: dict[str, Any], vision: Any = None) -> "ImageProcessor":
-        """From a checkpoint's `preprocessor_config.json` (and its vision config for patch/merge sizes)."""
+        """From a checkpoint's `preprocessor_config.json` (and its vision config for patch/merge sizes).
+
+        Top-level `min_pixels`/`max_pixels` win over `size`'s `shortest_edge`/`longest_edge`, as in transformers'
+        `Qwen2VLImageProcessor`, which overwrites `size` with them (a config may carry both, disagreeing).
+        """
         size = raw.get("size") or {}
         out = cls(patch_size=raw.get("patch_size", getattr(vision, "patch_size", 16)),
                   temporal_patch_size=raw.get("temporal_patch_size", getattr(vision, "temporal_patch_size", 2)),
                   merge_size=raw.get("merge_size", getattr(vision, "spatial_merge_size", 2)),
-                  min_pixels=size.get("shortest_edge", raw.get("min_pixels", QWEN35_DEFAULTS["min_pixels"])),
-                  max_pixels=size.get("longest_edge", raw.get("max_pixels", QWEN35_DEFAULTS["max_pixels"])),
+                  min_pixels=_bound(raw, "min_pixels", size, "shortest_edge"),
+                  max_pixels=_bound(raw, "max_pixels", size, "longest_edge"),
                   image_mean=tuple(raw.get("image_mean", QWEN35_DEFAULTS["image_mean"])),
                   image_std=tuple(raw.get("image_std", QWEN35_DEFAULTS["image_std"])),
                   rescale_factor=raw.get("rescale_factor", 1 / 255), resample=raw.get("resample", 3))
@@ -97,6 +101,12 @@ class ImageProcessor:
         x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))  # the frame, twice in time
         rows = torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * t * p * p))
         return ProcessedImage(rows, (1, gh, gw), (gh // m) * (gw // m))
+
+
+def _bound(raw: dict[str, Any], flat: str, size: dict[str, Any], edge: str) -> int:
+    """A pixel bound: the top-level key when set (not null), else `size[edge]`, else the Qwen3.5 default."""
+    value = raw.get(flat)
+    return value if value is not None else size.get(edge, QWEN35_DEFAULTS[flat])
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
