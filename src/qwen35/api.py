@@ -15,7 +15,9 @@ import torch
 
 from qwen35.runtime import Request, run
 from qwen35.runtime.background import Background
+from qwen35.runtime.grammar import Vocabulary
 from qwen35.runtime.prefix_cache import DEFAULT_CACHE_RAM, GIB, PrefixCache
+from qwen35.runtime.steering import Steering
 from qwen35.loading import (available_vision, load_model, load_vision, preprocessor_config, release_freed_memory,
                             resolve_checkpoint)
 from qwen35.models import Qwen35Model
@@ -23,6 +25,7 @@ from qwen35.ops.cpu import kernels
 from qwen35.models.vision import ImageInputs, VisionModel
 from qwen35.sampling import SamplingParams
 from qwen35.tokenizer import ChoiceText, Tokenizer, tool_calls_in
+from qwen35.tokenizer.controls import chat_steering, resolve_budget
 from qwen35.tokenizer.history import history_ids, reply_message
 from qwen35.vision import EncodedImages, ImagePolicy, ImageProcessor, image_sources, load_images, prepare
 
@@ -30,8 +33,9 @@ from qwen35.vision import EncodedImages, ImagePolicy, ImageProcessor, image_sour
 @dataclass(frozen=True)
 class Piece:
     """A streamed fragment of a reply. The last piece of a stream carries `finish_reason` and token counts
-    (`cached_tokens`: prompt tokens restored from a snapshot, not computed). With `logprobs` asked for, `logprobs`
-    holds (token, logprob, ((token, logprob), ...) most likely) of the tokens read since the previous piece."""
+    (`cached_tokens`: prompt tokens restored from a snapshot, not computed) and `notice` (why an answer is empty or
+    partial, when it is). With `logprobs` asked for, `logprobs` holds (token, logprob, ((token, logprob), ...) most
+    likely) of the tokens read since the previous piece."""
 
     kind: Literal["thinking", "answer"]
     text: str
@@ -40,18 +44,20 @@ class Piece:
     completion_tokens: int = 0
     cached_tokens: int = 0
     logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] = ()
+    notice: str = ""
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """A prepared chat: ids (images expanded), encoded images, whether the reply starts inside `<think>`, and
-    the positions worth a prefix snapshot."""
+    """A prepared chat: ids (images expanded), encoded images, whether the reply starts inside `<think>`, the
+    positions worth a prefix snapshot and the reply's `Steering` (thinking budget, grammar)."""
 
     ids: list[int]
     images: ImageInputs | None = None
     thinking: bool = False
     marks: tuple[int, ...] = ()
     followup: Callable[[list[int], tuple[str, ...]], list[int] | None] | None = None  # see `Request.followup`
+    steering: Steering = field(default_factory=Steering)
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class Reply:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     cached_tokens: int = 0
     logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] = field(default_factory=list)
+    notice: str = ""  # why the answer is empty or partial (max_tokens spent thinking, JSON cut short)
 
 
 def fold(pieces: Iterable[Piece]) -> Reply:
@@ -77,8 +84,9 @@ def fold(pieces: Iterable[Piece]) -> Reply:
         last = piece
     assert last is not None and last.finish_reason is not None, "a stream always ends with a finishing piece"
     content, calls = tool_calls_in("".join(text))
-    return Reply(content, "".join(thinking), last.finish_reason, last.prompt_tokens, last.completion_tokens, calls,
-                 last.cached_tokens, logprobs)
+    reason = "tool_calls" if calls and last.finish_reason == "stop" else last.finish_reason  # as the server says
+    return Reply(content, "".join(thinking), reason, last.prompt_tokens, last.completion_tokens, calls,
+                 last.cached_tokens, logprobs, last.notice)
 
 
 class Qwen35:
@@ -103,6 +111,8 @@ class Qwen35:
         self._vision_lock = threading.Lock()
         self.image_policy = image_policy
         self._background = Background()  # a finished reply's warm-up, run while the caller is idle
+        self.vocabulary = Vocabulary(tokenizer.to_json, model.config.vocab_size,
+                                     tokenizer.token_to_id("<|im_end|>") or -1)  # for grammars, built on first use
 
     @property
     def vision(self) -> VisionModel | None:
@@ -142,15 +152,25 @@ class Qwen35:
 
     def prepare_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                      enable_thinking: bool | None = None, images: list[Any] | None = None,
-                     allow_control_tokens: bool = False) -> Prompt:
+                     allow_control_tokens: bool = False, thinking_budget: int | None = None,
+                     reasoning_effort: str | None = None, response_format: dict[str, Any] | None = None,
+                     tool_choice: Any = None, parallel_tool_calls: bool = True) -> Prompt:
         """A conversation as the engine takes it: the one preparation of the API, the CLI and the server.
 
         Renders the checkpoint's template (control-token text from callers stays text unless
         `allow_control_tokens`), loads the image parts (or takes `images` already loaded, as the server does under
-        its own policy), expands and encodes them, and marks the chat's stable points for prefix reuse.
+        its own policy), expands and encodes them, marks the chat's stable points for prefix reuse, and sets the
+        reply's rules: `thinking_budget` tokens (or OpenAI's `reasoning_effort`: "none" turns thinking off,
+        else `controls.REASONING_EFFORT`), `response_format` (OpenAI's: json_object, json_schema) and
+        `tool_choice` ("none", "auto", "required", {"type": "function", "function": {"name": ...}}).
         Raises ValueError (`ImageError` for images) naming what is wrong.
         """
         tok = self.tokenizer
+        if reasoning_effort == "none":
+            enable_thinking = False
+        budget = resolve_budget(thinking_budget, reasoning_effort)
+        if tool_choice == "none":
+            tools = None
         prompt, text_ids = tok.encode_chat(messages, tools, enable_thinking, allow_control_tokens)
         if images is None:
             sources = image_sources(messages)
@@ -160,6 +180,8 @@ class Qwen35:
             ids, encoded = prepare(text_ids, images, self.processor, self.vision, self.config.image_token_id,
                                    self.config.max_position_embeddings, self._encoded)
         thinking, header = prompt.rstrip().endswith("<think>"), tok.generation_header_end(text_ids)
+        steering = chat_steering(tok, self.vocabulary, thinking, prompt.rstrip().endswith("</think>"), budget,
+                                 response_format, tools, tool_choice, parallel_tool_calls)
 
         def followup(reply: list[int], stops: tuple[str, ...]) -> list[int] | None:
             """This conversation with the reply, as its next turn renders it; None unless that extends this
@@ -170,22 +192,27 @@ class Qwen35:
                 return None
             return ids[: header + len(ids) - len(text_ids)] + later[header:]
 
-        return Prompt(ids, encoded, thinking, tok.chat_marks(ids), followup)
+        return Prompt(ids, encoded, thinking, tok.chat_marks(ids), followup, steering)
 
     def stream_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                     enable_thinking: bool | None = None, logprobs: int | None = None,
                     logit_bias: dict[int, float] | None = None, allow_control_tokens: bool = False,
-                    **sampling: Any) -> Iterator[Piece]:
-        """Reply to a conversation, streamed as thinking and answer pieces.
+                    thinking_budget: int | None = None, reasoning_effort: str | None = None,
+                    response_format: dict[str, Any] | None = None, tool_choice: Any = None,
+                    parallel_tool_calls: bool = True, **sampling: Any) -> Iterator[Piece]:
+        """Reply to a conversation, streamed as thinking and answer pieces (the options: `prepare_chat`).
 
         User messages may hold image parts: `{"type": "image_url", "image_url": {"url": URL}}` (data:, http(s)
         when the policy allows, file path) or `{"type": "image", "image": path | PIL image | bytes}`. Images are
         loaded and encoded here, before the first piece, so a bad image raises `ImageError` (a ValueError) at once.
         """
-        prompt = self.prepare_chat(messages, tools, enable_thinking, allow_control_tokens=allow_control_tokens)
+        prompt = self.prepare_chat(messages, tools, enable_thinking, allow_control_tokens=allow_control_tokens,
+                                   thinking_budget=thinking_budget, reasoning_effort=reasoning_effort,
+                                   response_format=response_format, tool_choice=tool_choice,
+                                   parallel_tool_calls=parallel_tool_calls)
         params = self.defaults.updated(**sampling)
         return self.stream(Request("0", prompt.ids, params, logprobs, logit_bias or {}, prompt.images, prompt.marks,
-                                   prompt.followup), prompt.thinking)
+                                   prompt.followup, prompt.steering), prompt.thinking)
 
     def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
              enable_thinking: bool | None = None, **options: Any) -> Reply:
@@ -195,7 +222,8 @@ class Qwen35:
         """The engine's events for one request as text pieces (`thinking`: the reply starts inside `<think>`)."""
         self._background.settle()  # the model serves one call at a time, and this turn may need the warm-up
         tok, params = self.tokenizer, request.params
-        text = ChoiceText(tok, () if params.ignore_eos else tok.eos_token_ids, params.stop, thinking, tools=False)
+        text = ChoiceText(tok, () if params.ignore_eos else tok.eos_token_ids, params.stop, thinking, tools=False,
+                          structured=request.steering.shape)
         cached = 0
         for event in run(self.model, request, tok.eos_token_ids, tok.vocab_size, self.prefix_cache,
                          self._background.start):
@@ -209,7 +237,7 @@ class Qwen35:
             if text.finish_reason is not None:
                 break
         yield from (Piece(kind, t) for kind, t in text.close("length"))
-        yield Piece("answer", "", text.finish_reason, len(request.prompt), text.tokens, cached)
+        yield Piece("answer", "", text.finish_reason, len(request.prompt), text.tokens, cached, notice=text.notice)
 
 
 def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfloat16", device: str | None = None,

@@ -24,6 +24,7 @@ from qwen35.models.vision import ImageInputs
 from qwen35.runtime.prefill import prefill_chunk, prefill_chunk_size
 from qwen35.runtime.request import Request
 from qwen35.runtime.scheduler import Scheduler, Sequence
+from qwen35.runtime.steering import Steer
 from qwen35.sampling import SamplingParams, sample
 
 log = logging.getLogger("qwen35.runtime")
@@ -76,7 +77,7 @@ class Engine:
             raise ValueError("the prompt is empty: give at least one token")
         if len(request.prompt) >= limit:
             raise ValueError(f"the prompt has {len(request.prompt)} tokens; this model's context is {limit} tokens")
-        seq = Sequence(request)
+        seq = Sequence(request, steer=Steer(request.steering) if request.steering.active else None)
         if request.params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
         self.scheduler.add(seq)
@@ -228,13 +229,19 @@ class Engine:
         top = float(logits.max())  # NaN anywhere is NaN here; +inf, or all -inf, is no distribution either
         if not math.isfinite(top):
             return Event(seq.id, -1, "error", error=NUMERICAL_ERROR)
-        request, params = seq.request, seq.request.params
+        request, params, steer = seq.request, seq.request.params, seq.steer
         if request.logit_bias:
             logits = logits.float().clone()
             ids = torch.tensor(list(request.logit_bias), device=self.device)
             logits[ids] += torch.tensor(list(request.logit_bias.values()), device=self.device)
-        generated = torch.tensor(seq.generated, dtype=torch.long, device=self.device)
-        token = sample(logits, generated, params, seq.generator)
+        token = steer.forced() if steer is not None else None
+        if token is None:
+            if steer is not None:
+                logits = steer.mask(logits)
+            generated = torch.tensor(seq.generated, dtype=torch.long, device=self.device)
+            token = sample(logits, generated, params, seq.generator)
+        if steer is not None:
+            steer.accept(token)
         seq.generated.append(token)
         total = len(seq.prompt) + len(seq.generated)
         reason = ("stop" if token in self.eos and not params.ignore_eos else

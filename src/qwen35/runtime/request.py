@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwen35.runtime.steering import Steering
 from qwen35.sampling import SamplingParams
 
 
@@ -20,7 +21,7 @@ class Request:
     its last user turn, after the assistant header); `followup`: given the reply's ids and the stop strings, the
     ids the conversation's next turn will start with, up to the end of this reply as the chat template renders it
     into history (not the ids generated: past thinking is dropped). The engine prefills them while idle, so the
-    next turn computes only its new message.
+    next turn computes only its new message. `steering`: the thinking budget and the answer's grammar.
     """
 
     id: str
@@ -31,3 +32,4 @@ class Request:
     images: Any = None
     marks: tuple[int, ...] = ()
     followup: Callable[[list[int], tuple[str, ...]], list[int] | None] | None = None
+    steering: Steering = field(default_factory=Steering)

@@ -26,6 +26,7 @@ class Sequence:
     warm: bool = False  # a reply rendered into history: prefilled for its snapshot, nothing sampled
     cache: Any = None
     generator: Any = None
+    steer: Any = None  # the request's `Steering` state (thinking budget, grammar), when it has rules
 
     @property
     def id(self) -> str:

@@ -16,6 +16,7 @@ from jsonschema.validators import validator_for
 from pydantic import BaseModel, ValidationError
 
 from qwen35.api import Qwen35
+from qwen35.runtime.steering import Steering
 from qwen35.sampling import SamplingParams
 from qwen35.server.errors import APIError
 from qwen35.server.media import load_media
@@ -45,6 +46,7 @@ class Job:
     images: Any = None  # ImageInputs of a chat with images (prompt_ids already expanded)
     marks: tuple[int, ...] = ()  # the chat's stable points for prefix snapshots
     followup: Any = None  # chat: `Request.followup`, for the one choice of a request (n=1)
+    steering: Steering = field(default_factory=Steering)  # thinking budget, grammar (response_format, tool_choice)
 
 
 def _param(loc: tuple[Any, ...]) -> str:
@@ -109,7 +111,7 @@ def check_model(name: str, settings: ServerSettings) -> None:
 
 
 def _check_common(req: SamplingFields, qwen: Qwen35, settings: ServerSettings) -> tuple[tuple[str, ...], dict]:
-    """Stop strings and logit_bias against the limits; response_format must be plain text."""
+    """Stop strings and logit_bias against the limits."""
     if req.n > settings.max_n:
         raise APIError(400, f"n={req.n} is more than this server allows ({settings.max_n})", "n")
     stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
@@ -127,9 +129,6 @@ def _check_common(req: SamplingFields, qwen: Qwen35, settings: ServerSettings) -
         if not -100 <= value <= 100:
             raise APIError(400, f"logit_bias value {value} for token {key} must be in [-100, 100]", "logit_bias")
         bias[int(key)] = value
-    if req.response_format is not None and req.response_format != {"type": "text"}:
-        raise APIError(400, "response_format other than {\"type\": \"text\"} (JSON mode, json_schema) is not "
-                       "supported by this server", "response_format")
     return stops, bias
 
 
@@ -186,9 +185,6 @@ def prepare_chat(req: ChatRequest, qwen: Qwen35, settings: ServerSettings) -> Jo
     if thinking is not None and not isinstance(thinking, bool):
         raise APIError(400, "chat_template_kwargs.enable_thinking must be true or false",
                        "chat_template_kwargs.enable_thinking")
-    if isinstance(req.tool_choice, dict):
-        raise APIError(400, "tool_choice naming a function is not supported; use \"auto\" or \"none\"",
-                       "tool_choice")
     if req.top_logprobs is not None and req.top_logprobs > settings.max_logprobs:
         raise APIError(400, f"Requested top_logprobs of {req.top_logprobs}, which is greater than max allowed: "
                        f"{settings.max_logprobs}", "top_logprobs")
@@ -197,20 +193,24 @@ def prepare_chat(req: ChatRequest, qwen: Qwen35, settings: ServerSettings) -> Jo
     stops, bias = _check_common(req, qwen, settings)
     check_tools(req.tools or [])
     images = load_media(req.messages, qwen, settings.images)
-    tools = req.tools if req.tools and req.tool_choice != "none" else None
     try:
-        prompt = qwen.prepare_chat(req.messages, tools, thinking, images)
+        prompt = qwen.prepare_chat(req.messages, req.tools or None, thinking, images,
+                                   thinking_budget=req.thinking_budget, reasoning_effort=req.reasoning_effort,
+                                   response_format=req.response_format, tool_choice=req.tool_choice,
+                                   parallel_tool_calls=req.parallel_tool_calls is not False)
     except ImageError as e:
         raise APIError(400, str(e), "messages") from None
-    except ValueError as e:  # shape errors name messages[i]; template errors carry the template's message
+    except ValueError as e:  # errors name their field (messages[i].content, response_format, tool_choice ...)
         message = str(e).replace(str(qwen.path), "the model")
-        where = re.match(r"(messages\[\d+\][\w.\[\]]*)", message)
+        where = re.match(r"(messages\[\d+\][\w.\[\]]*|response_format[\w.]*|tool_choice|thinking_budget|"
+                         r"reasoning_effort)", message)
         raise APIError(400, message, where.group(1) if where else "messages") from None
     max_tokens = req.max_completion_tokens or req.max_tokens
     params = _params(req, qwen, len(prompt.ids), max_tokens, stops)
     return Job("chat", prompt.ids, params, (req.top_logprobs or 0) if req.logprobs else None, bias, prompt.thinking,
-               tools is not None, req.stream, bool(req.stream_options and req.stream_options.include_usage),
-               prompt.images, prompt.marks, prompt.followup if len(params) == 1 else None)
+               bool(req.tools) and req.tool_choice != "none", req.stream,
+               bool(req.stream_options and req.stream_options.include_usage), prompt.images, prompt.marks,
+               prompt.followup if len(params) == 1 else None, prompt.steering)
 
 
 def prepare_completion(req: CompletionRequest, qwen: Qwen35, settings: ServerSettings) -> Job:
@@ -221,6 +221,8 @@ def prepare_completion(req: CompletionRequest, qwen: Qwen35, settings: ServerSet
     if req.logprobs is not None and req.logprobs > settings.max_logprobs:
         raise APIError(400, f"Requested logprobs of {req.logprobs}, which is greater than max allowed: "
                        f"{settings.max_logprobs}", "logprobs")
+    if req.response_format is not None and req.response_format != {"type": "text"}:
+        raise APIError(400, "response_format applies to chat replies: use /v1/chat/completions", "response_format")
     stops, bias = _check_common(req, qwen, settings)
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):

@@ -50,7 +50,8 @@ class Generation:
         self.id, self.created, self.start = prefix + uuid.uuid4().hex, int(time.time()), time.monotonic()
         self.seq_ids = [f"{self.id}/{i}" for i in range(len(job.params))]
         tok = qwen.tokenizer
-        self.choices = [ChoiceText(tok, () if p.ignore_eos else tok.eos_token_ids, p.stop, job.thinking, job.tools)
+        self.choices = [ChoiceText(tok, () if p.ignore_eos else tok.eos_token_ids, p.stop, job.thinking, job.tools,
+                                   job.steering.shape)
                         for p in job.params]
         self.logprobs: list[list[dict[str, Any]]] = [[] for _ in job.params]
         self.first_token = True
@@ -60,7 +61,8 @@ class Generation:
         """(choice index, text deltas, logprob entries) as tokens arrive; raises APIError for a failed sequence."""
         job = self.job
         queue = self.runner.submit([Request(seq_id, job.prompt_ids, p, job.logprobs, job.logit_bias, job.images,
-                                            job.marks, job.followup) for seq_id, p in zip(self.seq_ids, job.params)])
+                                            job.marks, job.followup, job.steering)
+                                    for seq_id, p in zip(self.seq_ids, job.params)])
         self.metrics.prompt_tokens.inc(len(self.job.prompt_ids))
         try:
             while not all(c.finish_reason for c in self.choices):
@@ -128,9 +130,11 @@ class Generation:
             if text is not None:
                 delta["reasoning_content" if kind == "thinking" else "content"] = text
             if tool_calls:
-                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
+                delta["tool_calls"] = tool_calls
             choice = {"index": index, "delta": delta, "finish_reason": finish,
                       "logprobs": {"content": entries} if job.logprobs is not None and entries else None}
+            if finish and self.choices[index].notice:
+                choice["notice"] = self.choices[index].notice
             body = {**self._head("chat.completion.chunk"), "choices": [choice]}
         if job.include_usage:
             body["usage"] = None
@@ -151,8 +155,9 @@ class Generation:
                         continue
                     yield line(self.chunk(index, kind, text, entries if n == 0 else []))
                 if choice.finish_reason:
-                    calls = openai_tool_calls(choice.tool_calls, self.id)
-                    yield line(self.chunk(index, "answer", None, [], choice.finish_reason, calls))
+                    for delta in tool_call_deltas(openai_tool_calls(choice.tool_calls, self.id)):
+                        yield line(self.chunk(index, "answer", None, [], tool_calls=[delta]))
+                    yield line(self.chunk(index, "answer", None, [], choice.finish_reason))
             if self.job.include_usage:
                 yield line({**self._head("chat.completion.chunk" if self.job.kind == "chat" else "text_completion"),
                             "choices": [], "usage": self.usage()})
@@ -179,7 +184,8 @@ class Generation:
             if calls:
                 message["tool_calls"] = openai_tool_calls(calls, self.id)
             choices.append({"index": i, "message": message, "finish_reason": c.finish_reason,
-                            "logprobs": {"content": lp} if self.job.logprobs is not None else None})
+                            "logprobs": {"content": lp} if self.job.logprobs is not None else None,
+                            **({"notice": c.notice} if c.notice else {})})
         obj = "chat.completion" if self.job.kind == "chat" else "text_completion"
         return {**self._head(obj), "choices": choices, "usage": self.usage()}
 
@@ -189,6 +195,17 @@ def openai_tool_calls(calls: list[dict[str, Any]], request_id: str) -> list[dict
     return [{"id": f"call_{request_id[-12:]}_{i}", "type": "function",
              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
             for i, c in enumerate(calls)]
+
+
+def tool_call_deltas(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Streamed calls as OpenAI sends them: per call, its index, id, type and name with empty arguments, then
+    the arguments (clients such as `openai`'s stream helpers concatenate argument fragments by index)."""
+    out: list[dict[str, Any]] = []
+    for i, call in enumerate(calls):
+        out.append({"index": i, "id": call["id"], "type": "function",
+                    "function": {"name": call["function"]["name"], "arguments": ""}})
+        out.append({"index": i, "function": {"arguments": call["function"]["arguments"]}})
+    return out
 
 
 async def respond(gen: Generation, request: HTTPRequest) -> JSONResponse | SSEResponse:

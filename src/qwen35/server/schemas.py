@@ -62,11 +62,13 @@ class ChatRequest(SamplingFields):
     messages: list[Any] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto"] | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0)
     chat_template_kwargs: dict[str, Any] | None = None
+    thinking_budget: int | None = Field(default=None, ge=0)  # extra: thinking tokens before the engine closes it
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None  # -> a thinking budget
     chat_template: Any = None  # refused when present: no request may change the template
 
 

@@ -34,10 +34,11 @@ class ChoiceText:
     """Feed tokens, get ("thinking" | "answer", text) deltas; `close` ends the choice and sets `finish_reason`."""
 
     def __init__(self, tokenizer: Tokenizer, eos_ids: Iterable[int], stops: Iterable[str],
-                 thinking: bool | None, tools: bool):
+                 thinking: bool | None, tools: bool, structured: str = ""):
         self.decoder, self.stops = IncrementalDecoder(tokenizer), StopStrings(stops)
         self.eos = set(eos_ids)
-        self.splitter = ThinkingSplitter(thinking) if thinking is not None else None
+        self.splitter = ThinkingSplitter(thinking, TOOL_OPEN) if thinking is not None else None
+        self.structured = structured  # what a grammar makes of the answer, in words ("JSON", "tool call")
         self.tool_gate = StopStrings((TOOL_OPEN,)) if tools else None
         self.answer: list[str] = []  # every answer character produced, shown or held
         self.shown = 0  # answer characters already sent as content
@@ -72,6 +73,19 @@ class ChoiceText:
             self.shown = len("".join(self.answer))
         self.finish_reason = "tool_calls" if self.tool_calls and reason == "stop" else reason
         return out
+
+    @property
+    def notice(self) -> str:
+        """Why the answer is empty or incomplete, said plainly ("" when it is whole)."""
+        if self.finish_reason != "length":
+            return ""
+        if self.splitter is not None and self.splitter.kind == "thinking":
+            return ("max_tokens ran out while the model was still thinking, so the answer is empty; raise "
+                    "max_tokens or set a thinking budget (thinking_budget, reasoning_effort)")
+        if self.structured:
+            return (f"max_tokens ran out before the {self.structured} was complete: the content is a partial "
+                    f"{self.structured}; raise max_tokens")
+        return ""
 
     @property
     def stop_sequence(self) -> str | None:

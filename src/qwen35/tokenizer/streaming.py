@@ -55,12 +55,17 @@ class ThinkingSplitter:
     until the next non-newline text shows it is not followed by `</think>`. In the answer a new `<think>` opens
     thinking again; a stray `</think>` there is dropped. The stream start counts as "just after a tag" (the
     prompt ends in `<think>\\n` or `</think>\\n\\n`). Decode with special tokens kept, or the tags are gone.
+
+    `interrupt` (the tool-call tag) also ends thinking, and stays in the answer: a model that calls a tool from
+    inside `<think>`, or after a `<think>` it never closed, has still decided to call it, and the call must reach
+    the caller (the template renders calls after the thinking anyway).
     """
 
     OPEN, CLOSE = "<think>", "</think>"
 
-    def __init__(self, starts_in_thinking: bool = False) -> None:
+    def __init__(self, starts_in_thinking: bool = False, interrupt: str | None = None) -> None:
         self.kind = "thinking" if starts_in_thinking else "answer"
+        self._interrupt = interrupt
         self._buf = ""
         self._held_newlines = ""  # "\n"s at the end of thinking that may precede </think>
         self._at_start = True  # just after a tag (or at the very start of thinking): drop "\n"s
@@ -70,13 +75,14 @@ class ThinkingSplitter:
         self._buf += piece
         out: list[tuple[str, str]] = []
         while True:
-            tags = (self.CLOSE,) if self.kind == "thinking" else (self.OPEN, self.CLOSE)
+            tags = (self.CLOSE, *filter(None, [self._interrupt])) if self.kind == "thinking" else (self.OPEN,
+                                                                                                   self.CLOSE)
             hits = [(self._buf.find(t), t) for t in tags if t in self._buf]
             if not hits:
                 break
             index, tag = min(hits)
             self._text(self._buf[:index], out)
-            self._buf = self._buf[index + len(tag):]
+            self._buf = self._buf[index + (0 if tag == self._interrupt else len(tag)):]
             self._held_newlines, self._at_start = "", True
             self.kind = "thinking" if tag == self.OPEN else "answer"
         keep = _partial_tag_len(self._buf, tags)
@@ -113,6 +119,7 @@ class StopStrings:
     def __init__(self, stops: Iterable[str]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.stopped = False
+        self.matched: str | None = None  # the stop string that stopped the text (Anthropic's `stop_sequence`)
         self._buf = ""
 
     def feed(self, piece: str) -> tuple[str, bool]:
@@ -120,10 +127,11 @@ class StopStrings:
         if self.stopped:
             return "", True
         self._buf += piece
-        hits = [i for i in (self._buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(at, s) for s in self.stops if (at := self._buf.find(s)) >= 0]
         if hits:
+            at, self.matched = min(hits, key=lambda hit: hit[0])
             self.stopped = True
-            text, self._buf = self._buf[:min(hits)], ""
+            text, self._buf = self._buf[:at], ""
             return text, True
         keep = _partial_tag_len(self._buf, self.stops)
         text, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]

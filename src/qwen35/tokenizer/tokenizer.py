@@ -203,6 +203,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
 
+    def to_json(self) -> str:
+        """The tokenizer as `tokenizer.json` text (what grammar libraries build their vocabulary from)."""
+        return self._tk.to_str()
+
     def encode(self, text: str) -> list[int]:
         """Token ids; special-token text such as `<|im_start|>` is parsed as the special token."""
         return self._tk.encode(text).ids
