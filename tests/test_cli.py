@@ -288,3 +288,20 @@ def test_terminal_reader_edits_recalls_and_takes_a_long_paste_whole():
             assert read_message(read_line) == message
         keys.send_text("\x04")  # Ctrl-D: end of input
         assert read_message(read_line) is None
+
+
+def test_chat_think_budget_reaches_the_engine_and_notices_are_shown(capsys, monkeypatch, default_model):
+    from qwen35.api import Piece
+
+    seen = []
+    monkeypatch.setattr("qwen35.cli.chat.load_for", lambda args, console: default_model)
+    monkeypatch.setattr("qwen35.cli.chat.has_thinking_mode", lambda model: True)
+    monkeypatch.setattr(default_model, "stream_chat", lambda messages, **kw: seen.append(kw) or iter(
+        [Piece("thinking", "hmm"), Piece("answer", "", "length", notice="max_tokens ran out while thinking")]))
+    from qwen35.cli.main import main
+
+    main(["chat", "-p", "x", "--think", "on", "--think-budget", "64"])
+    assert seen[0]["thinking_budget"] == 64 and seen[0]["enable_thinking"] is True
+    assert "max_tokens ran out while thinking" in capsys.readouterr().err
+    assert _main("chat", "-p", "x", "--think-budget", "-3") == 2
+    assert "--think-budget -3 is invalid" in capsys.readouterr().err

@@ -15,11 +15,10 @@ import openai
 import pydantic
 import pytest
 
-from qwen35 import api
-from qwen35.runtime import Event
 from qwen35.runtime.steering import CLOSE_THINKING
 from qwen35.server import ServerSettings
 from qwen35.tokenizer.controls import REASONING_EFFORT
+from test_api import _scripted
 from test_server import MODEL, running_server
 
 USER = [{"role": "user", "content": "Tell me about the weather in Paris."}]
@@ -128,18 +127,6 @@ def test_forced_call_with_thinking_keeps_the_call_out_of_the_thinking(default_mo
     assert [c["name"] for c in reply.tool_calls] == ["get_weather"]
 
 
-def _scripted(monkeypatch, model, text: str) -> None:
-    ids = model.tokenizer.encode(text)
-
-    def fake(_model, request, eos_ids, limit, prefix_cache=None, background=None):
-        for token in ids[: request.params.max_tokens]:
-            yield Event("0", token)
-            if token in eos_ids:
-                return
-
-    monkeypatch.setattr(api, "run", fake)
-
-
 CALL = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"
 
 
@@ -148,7 +135,7 @@ CALL = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</paramete
     f"I should check.\n{CALL}\n</think>\n\n<|im_end|>",  # a call inside <think>, closed after it
 ])
 def test_a_tool_call_inside_thinking_is_still_a_call(monkeypatch, default_model, reply_text):
-    _scripted(monkeypatch, default_model, reply_text)
+    _scripted(monkeypatch, reply_text, default_model)
     reply = default_model.chat(USER, tools=[WEATHER], enable_thinking=True)
     assert reply.tool_calls == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
     assert reply.thinking.startswith("I should check") and "tool_call" not in reply.thinking
@@ -157,7 +144,7 @@ def test_a_tool_call_inside_thinking_is_still_a_call(monkeypatch, default_model,
 
 def test_malformed_tool_xml_comes_back_as_text(monkeypatch, default_model):
     broken = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>"
-    _scripted(monkeypatch, default_model, broken + "<|im_end|>")
+    _scripted(monkeypatch, broken + "<|im_end|>", default_model)
     reply = default_model.chat(USER, tools=[WEATHER], enable_thinking=False)
     assert reply.tool_calls == [] and reply.text == broken and reply.finish_reason == "stop"
 
@@ -248,3 +235,22 @@ def test_agent_loop_of_five_tool_round_trips(client):
     r = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, CLOCK], tool_choice="none",
                                        max_tokens=20, temperature=0)
     assert r.choices[0].message.tool_calls is None and r.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_default_thinking_follows_the_checkpoint_template(monkeypatch, default_model):
+    """4B/9B templates think unless enable_thinking is false; the 0.8B/2B ones only when it is true."""
+    from qwen35.tokenizer.tokenizer import Tokenizer
+
+    on_guard = "'<think>\\n\\n</think>\\n\\n' if enable_thinking is defined and enable_thinking is false else '<think>\\n'"
+    off_guard = "'<think>\\n' if enable_thinking is defined and enable_thinking is true else '<think>\\n\\n</think>\\n\\n'"
+    tok = default_model.tokenizer
+    template = tok.chat_template.replace(off_guard, on_guard)  # the built-in model's template is off by default
+    assert on_guard in template
+    think = tok.token_to_id("<think>")
+    for guard, default in [(on_guard, True), (off_guard, False)]:
+        monkeypatch.setattr(default_model, "tokenizer", Tokenizer(tok._tk, template.replace(on_guard, guard),
+                                                                  tok.eos_token_ids))
+        prompt = default_model.prepare_chat(USER)
+        assert prompt.thinking is default and think in prompt.steering.ban_answer  # no second <think> either way
+        assert default_model.prepare_chat(USER, enable_thinking=True).thinking
+        assert not default_model.prepare_chat(USER, enable_thinking=False).thinking

@@ -112,18 +112,21 @@ def run_chat(args: argparse.Namespace, err: Console) -> None:
     think = None if args.think is None else args.think == "on"
     if think and not has_thinking_mode(model):
         raise ValueError(f"{NO_THINKING}; leave out --think on")
+    if args.think_budget is not None and args.think_budget < 0:
+        raise ValueError(f"--think-budget {args.think_budget} is invalid: give 0 or more tokens")
     if args.prompt is not None:
         one_shot(model, args, sampling, think, err)
         return
     console = Console()
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
     chat_loop(model, TerminalLines() if terminal else piped_lines(console), console, sampling, think, args.system,
-              list(args.image), args.verbose)
+              list(args.image), args.verbose, args.think_budget)
 
 
 def chat_loop(model: Qwen35, read_line: LineReader, console: Console, sampling: dict, think: bool | None,
-              system: str | None, images: list[str], verbose: bool = False) -> None:
-    """The interactive chat, until end of input or /exit; `images` are attached to the next message."""
+              system: str | None, images: list[str], verbose: bool = False, budget: int | None = None) -> None:
+    """The interactive chat, until end of input or /exit; `images` are attached to the next message; `budget`:
+    thinking tokens per reply."""
     context = model.config.max_position_embeddings
     reserve = reply_reserve(model.defaults.updated(**sampling).max_tokens, context)
     console.print(f"[dim]{model.path.name} · {HELP.splitlines()[0]} /help[/]")
@@ -171,13 +174,15 @@ def chat_loop(model: Qwen35, read_line: LineReader, console: Console, sampling: 
             if dropped:
                 what = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
                 console.print(f"[dim]dropped {what} to fit the {context}-token context[/]")
-            stream = model.stream_chat(head + history, enable_thinking=think, **sampling)
+            stream = model.stream_chat(head + history, enable_thinking=think, thinking_budget=budget, **sampling)
         except ValueError as e:  # too long, a bad image: say so, forget this message, keep chatting
             history.pop()
             console.print(f"[bold red]error:[/] {e}", highlight=False)
             continue
         images = []
         answer, last_thinking, last, first = show_reply(stream, console)
+        if last is not None and last.notice:
+            console.print(f"[yellow]{last.notice}[/]", highlight=False)
         if verbose and last is not None and last.finish_reason is not None:
             console.print(f"[dim]{turn_figures(last, first)}[/]", highlight=False)
         history.append({"role": "assistant", "content": answer, "reasoning_content": last_thinking})
@@ -195,12 +200,14 @@ def one_shot(model: Qwen35, args: argparse.Namespace, sampling: dict, think: boo
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": user_content(text, args.image)}]
-    for piece in model.stream_chat(messages, enable_thinking=think, **sampling):
+    for piece in model.stream_chat(messages, enable_thinking=think, thinking_budget=args.think_budget, **sampling):
         if piece.kind == "answer":
             sys.stdout.write(piece.text)
             sys.stdout.flush()
         elif args.show_thinking:
             err.print(piece.text, style="dim italic", end="", highlight=False)
+        if piece.notice:
+            err.print(piece.notice, style="yellow", highlight=False)
     sys.stdout.write("\n")
 
 

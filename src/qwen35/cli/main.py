@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "standard input)")
     chat.add_argument("-s", "--system", help="system prompt")
     chat.add_argument("--think", choices=["on", "off"], default=None, help="thinking mode (default: the template's)")
+    chat.add_argument("--think-budget", type=int, default=None, metavar="N",
+                      help="thinking tokens before the model must answer (thinking on); default: no limit")
     chat.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                       help="after each reply: prompt tokens reused from a snapshot and computed, time to first token")
     chat.add_argument("--show-thinking", action="store_true", help="one-shot: also print the thinking (to stderr)")

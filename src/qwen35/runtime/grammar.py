@@ -1,9 +1,11 @@
 """Constrained decoding with llguidance: JSON Schemas and tool-call grammars compiled against the model's vocabulary,
 and a per-sequence matcher that masks the logits of every token the grammar cannot take next.
 
-llguidance over xgrammar and outlines-core (benchmarks/bench_grammar.py, 248K vocabulary): per-token cost within
-a fraction of a millisecond of xgrammar's, 100x below outlines-core's, and no dependencies (xgrammar needs triton
-and transformers, ~1 GB); its Lark dialect embeds JSON Schemas, which the Qwen tool-call format needs.
+Why llguidance (benchmarks/bench_grammar.py, 248K vocabulary, 2-core AVX2 host): per token 0.48 ms (mean) against
+xgrammar's 0.26 ms and outlines-core's 15 ms, the first two both under 0.3% of a 0.8B int4 decode step there, while
+a schema compiles in 1.3 ms against 78 ms (so llguidance costs less in all for replies under ~350 tokens), with no
+dependencies (xgrammar pulls triton and transformers, ~1 GB) and a Lark dialect that embeds JSON Schemas, which the
+tool-call format needs.
 """
 
 from __future__ import annotations
@@ -73,8 +75,8 @@ class Matcher:
         self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         if self._matcher.is_error():
             raise GrammarError(f"the grammar matcher failed: {self._matcher.get_error()}")
-        allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: logits.shape[-1]]
-        return logits.float().masked_fill(torch.from_numpy(allowed == 0).to(logits.device), float("-inf"))
+        allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: logits.shape[-1]].view(np.bool_)
+        return torch.where(torch.from_numpy(allowed).to(logits.device), logits.float(), float("-inf"))
 
     def accept(self, token: int) -> None:
         if not self._matcher.consume_token(token):
