@@ -156,3 +156,36 @@ def test_cli_image_flag_and_command(checkpoint, in_process):
     out = in_process(*common, stdin=f"/image {path / 'nope.png'}\nhi\n/image {path / 'cat.png'}\nWhat is it?\n/exit\n")
     assert out.returncode == 0, out.stderr
     assert "image attached" in out.stdout and "does not exist" in out.stdout
+
+
+def test_max_image_tokens_reaches_the_processor(checkpoint):
+    """load's cap is the processor's: the cat (35 tokens under this checkpoint's max_pixels) costs 6 under a cap of
+    8, both in the prompt and in what `prepare_chat` reports."""
+    path, _ = checkpoint
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(path / "cat.png")}, {"type": "text",
+                                                                                                 "text": "Hi"}]}]
+    for cap, tokens in ((8, 6), (0, 35)):
+        m = qwen35.load(path, dtype="float32", max_image_tokens=cap)
+        prompt = m.prepare_chat(messages)
+        assert m.processor.max_image_tokens == cap and prompt.images.tokens == (tokens,)
+        assert prompt.ids.count(m.config.image_token_id) == tokens
+    with pytest.raises(ValueError, match="max_image_tokens=3 is below the 4 tokens"):
+        qwen35.load(path, dtype="float32", max_image_tokens=3)
+
+
+def test_max_image_tokens_flag_reaches_the_processor(checkpoint, in_process, monkeypatch):
+    path, _ = checkpoint
+    loaded: list = []
+    real = api.load
+    monkeypatch.setattr(api, "load", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    monkeypatch.setattr("qwen35.server.serve.serve", lambda settings, load, *a, **k: load())
+    common = ("-m", str(path), "--dtype", "float32")
+    out = in_process("chat", *common, "--max-image-tokens", "8", "--max-tokens", "2", "-p", "Hi", "--image",
+                     str(path / "cat.png"))
+    assert out.returncode == 0, out.stderr
+    out = in_process("serve", *common, "--port", "0", "--max-image-tokens", "16")
+    assert out.returncode == 0, out.stderr
+    out = in_process("serve", *common, "--port", "0")
+    assert [m.processor.max_image_tokens for m in loaded] == [8, 16, 1280]
+    out = in_process("chat", "--max-image-tokens", "-3", "-p", "Hi")
+    assert out.returncode == 2 and "'-3' is not a token count: give 0 (no cap) or more" in out.stderr

@@ -15,6 +15,7 @@ from PIL import Image
 
 from qwen35.vision import ImageError, ImagePolicy, ImageProcessor, image_sources, load_image, load_images
 from qwen35.vision.fetch import check_url, is_public
+from qwen35.vision.processor import DEFAULT_MAX_IMAGE_TOKENS
 
 skdata = pytest.importorskip("skimage.data")
 tf_pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
@@ -35,15 +36,71 @@ def photo(name, size=None):
     return image.resize(size) if size else image
 
 
+UNCAPPED = ImageProcessor(max_image_tokens=0)  # the reference's sizes
+CAPPED_PIXELS = DEFAULT_MAX_IMAGE_TOKENS * 32 * 32  # the max_pixels the default cap amounts to
+
+
 @pytest.mark.parametrize("name,size", PHOTOS)
 def test_processor_matches_reference_on_photos(name, size):
     image = photo(name, size)
     ref = reference_processor()(image, return_tensors="np")
-    ours = ImageProcessor()(image)
+    ours = UNCAPPED(image)
     assert ours.grid == tuple(ref["image_grid_thw"][0].tolist())
-    assert ours.num_tokens == ref["pixel_values"].shape[0] // 4 == ImageProcessor().num_tokens(image.height, image.width)
+    assert ours.num_tokens == ref["pixel_values"].shape[0] // 4 == UNCAPPED.num_tokens(image.height, image.width)
     assert ours.pixel_values.shape == ref["pixel_values"].shape
     assert np.abs(ours.pixel_values.numpy() - ref["pixel_values"]).max() == 0.0
+
+
+@pytest.mark.parametrize("name,size", PHOTOS + [("coffee", (4000, 3000))])
+def test_capped_processor_is_the_reference_under_a_lower_max_pixels(name, size):
+    """Over the cap (retina, a 12 MP photo) an image is what transformers makes of it under max_pixels = cap x 32²;
+    under it, it is byte for byte what it was without the cap."""
+    image = photo(name, size)
+    ours, uncapped = ImageProcessor()(image), UNCAPPED(image)
+    ref = reference_processor(shortest_edge=65536, longest_edge=CAPPED_PIXELS)(image, return_tensors="np")
+    assert ours.grid == tuple(ref["image_grid_thw"][0].tolist()) and ours.num_tokens <= DEFAULT_MAX_IMAGE_TOKENS
+    assert ours.pixel_values.numpy().tobytes() == ref["pixel_values"].astype(np.float32).tobytes()
+    if uncapped.num_tokens <= DEFAULT_MAX_IMAGE_TOKENS:
+        assert ours.pixel_values.numpy().tobytes() == uncapped.pixel_values.numpy().tobytes()
+    else:
+        assert name in ("retina", "coffee") and ours.num_tokens < uncapped.num_tokens
+
+
+def test_a_12_megapixel_photo_costs_at_most_the_cap():
+    assert (UNCAPPED.num_tokens(3000, 4000), UNCAPPED.num_tokens(3024, 4032)) == (11750, 11844)
+    assert ImageProcessor().target_size(3000, 4000) == (960, 1312)  # 30 x 41 = 1,230 tokens
+    assert ImageProcessor().num_tokens(3024, 4032) == 1230 and ImageProcessor().num_tokens(4096, 4096) == 1225
+
+
+@pytest.mark.parametrize("cap", [64, 100, 199, 256, 1280, 5000])
+def test_cap_holds_at_any_size_and_aspect_ratio(cap):
+    """The cap holds for large, tiny and 200:1 images; where the reference's rule under max_pixels = cap x 32²
+    keeps to it (no side held at 32, no min_pixels rounding up), the size is transformers' smart_resize's."""
+    p, rng = ImageProcessor(max_image_tokens=cap), np.random.default_rng(cap)
+    sizes = [(3000, 4000), (4096, 4096), (20000, 100), (32, 6400), (40, 7999), (7999, 40), (10, 10), (30, 100),
+             (1, 200), (64_000, 1000)] + [tuple(int(v) for v in rng.integers(1, 9000, 2)) for _ in range(300)]
+    for h, w in sizes:
+        if max(h, w) / min(h, w) > 200:
+            continue
+        gh, gw = p.target_size(h, w)
+        assert gh % 32 == gw % 32 == 0 and gh >= 32 and gw >= 32, (h, w)
+        assert (gh // 32) * (gw // 32) == p.num_tokens(h, w) <= cap, (h, w, gh, gw)
+        ref, lowered = (tf_pil.smart_resize(h, w, 32, 65536, bound) for bound in (16777216, cap * 1024))
+        if (ref[0] // 32) * (ref[1] // 32) <= cap:
+            assert (gh, gw) == ref, (h, w)  # under the cap: unchanged
+        elif (lowered[0] // 32) * (lowered[1] // 32) <= cap:
+            assert (gh, gw) == lowered, (h, w)
+
+
+def test_cap_off_and_bad_caps():
+    assert ImageProcessor(max_image_tokens=None).target_size(4096, 4096) == UNCAPPED.target_size(4096, 4096) == (
+        4096, 4096)
+    assert ImageProcessor.from_config({}, max_image_tokens=300).max_image_tokens == 300
+    assert ImageProcessor.from_config({}).max_image_tokens == DEFAULT_MAX_IMAGE_TOKENS == 1280
+    for cap, message in ((-1, "max_image_tokens=-1 is invalid.*or 0 for no cap"), (1.5, "invalid"),
+                         (63, "below the 64 tokens.*min_pixels 65536.*at least 64")):
+        with pytest.raises(ValueError, match=message):
+            ImageProcessor(max_image_tokens=cap)
 
 
 def test_processor_max_pixels_and_odd_modes_match_reference():

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -74,6 +76,33 @@ def test_data_url_image_chat_equals_the_python_api(live):
     assert out["usage"]["prompt_tokens"] == reply.prompt_tokens > 40  # the image's tokens (about 36) count
     two = post(url, body(cat, f"file://{path / 'media' / 'cat.png'}"))  # and a file under the allowed directory
     assert two.status_code == 200 and two.json()["usage"]["prompt_tokens"] > reply.prompt_tokens
+
+
+def usage_of(url: str, payload: dict, stream: bool) -> dict:
+    if not stream:
+        r = post(url, payload)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]
+    r = post(url, {**payload, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    return chunks[-1]["usage"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_reports_what_each_image_cost(live, monkeypatch, stream):
+    """The sum in prompt_tokens_details.image_tokens, each image in image_tokens_per_image (prompt order); a lower
+    cap on the model's processor shows in both, and a text-only chat's usage has neither."""
+    url, model, path = live
+    cat, wide = (data_url((path / "cat.png").read_bytes()),
+                 data_url(png(Image.fromarray(skdata.coffee()).resize((1000, 100)))))
+    usage = usage_of(url, body(cat, wide), stream)
+    assert usage["prompt_tokens_details"]["image_tokens"] == 35 + 19 and usage["image_tokens_per_image"] == [35, 19]
+    monkeypatch.setattr(model, "processor", replace(model.processor, max_image_tokens=8))
+    capped = usage_of(url, body(cat, wide), stream)
+    assert capped["image_tokens_per_image"] == [6, 8] and capped["prompt_tokens_details"]["image_tokens"] == 14
+    assert usage["prompt_tokens"] - capped["prompt_tokens"] == 54 - 14
+    text = usage_of(url, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, stream)
+    assert "image_tokens" not in text["prompt_tokens_details"] and "image_tokens_per_image" not in text
 
 
 @pytest.mark.parametrize("urls,message", [

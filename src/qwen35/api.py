@@ -28,6 +28,7 @@ from qwen35.tokenizer import ChoiceText, Tokenizer, tool_calls_in
 from qwen35.tokenizer.controls import chat_steering, resolve_budget
 from qwen35.tokenizer.history import history_ids, reply_message
 from qwen35.vision import EncodedImages, ImagePolicy, ImageProcessor, image_sources, load_images, prepare
+from qwen35.vision.processor import DEFAULT_MAX_IMAGE_TOKENS
 
 
 @dataclass(frozen=True)
@@ -242,11 +243,14 @@ class Qwen35:
 
 def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfloat16", device: str | None = None,
          progress: Callable[[int, int], None] | None = None, compile: bool = False,
-         cache_ram: float | None = None) -> Qwen35:
+         cache_ram: float | None = None, max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS) -> Qwen35:
     """Load a checkpoint directory or Hugging Face repo id; None loads the built-in default model.
 
     `cache_ram`: GiB of host memory for prefix snapshots (None: DEFAULT_CACHE_RAM; 0 turns reuse off), so a
     conversation's next turn computes only its new tokens (docs/design.md, "Prefix reuse").
+
+    `max_image_tokens`: the most tokens one image may cost; larger images are resized down to it (0 or None: no
+    cap, as the reference: up to 16,384 per image; docs/images.md).
 
     `compile`: decode steps through torch.compile, compiled here (about a minute); measured to help where
     qwen35's CPU kernels cannot run (PyTorch's kernels: +25-39% decode at 0.8B), not beside them
@@ -269,7 +273,7 @@ def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfl
     if compile:
         model.compile_decode()
     vision = available_vision(path)
-    processor = ImageProcessor.from_config(preprocessor_config(path), vision) if vision else None
+    processor = ImageProcessor.from_config(preprocessor_config(path), vision, max_image_tokens) if vision else None
     tower = (lambda: load_vision(path, dtype=dtype, device=device)) if vision else None
     ram = DEFAULT_CACHE_RAM if cache_ram is None else cache_ram
     if not ram >= 0:

@@ -9,6 +9,7 @@ from typing import NoReturn
 from rich.console import Console
 
 from qwen35.runtime.prefix_cache import DEFAULT_CACHE_RAM
+from qwen35.vision.processor import DEFAULT_MAX_IMAGE_TOKENS
 
 SAMPLING_FLAGS = {  # flag -> (SamplingParams field, type, help)
     "--temperature": ("temperature", float, "0 = greedy"),
@@ -56,6 +57,24 @@ def device_arg(text: str) -> str:
                                      "and its index)")
 
 
+def token_count(text: str) -> int:
+    """--max-image-tokens: 0 or more, checked here rather than as a ValueError from deep in loading."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count: give 0 (no cap) or more tokens")
+    return count
+
+
+def image_tokens_arg(p: argparse._ActionsContainer) -> None:
+    """--max-image-tokens, for the commands that take images (chat, serve)."""
+    p.add_argument("--max-image-tokens", type=token_count, default=DEFAULT_MAX_IMAGE_TOKENS, metavar="N",
+                   help="most tokens one image may cost: a larger one is resized down to fit (0: no cap, as the "
+                        "reference: up to 16,384 per image)")
+
+
 def model_args(p: argparse.ArgumentParser, sampling: bool = True, compile: bool = True,
                cache: bool = True) -> None:
     p.add_argument("-m", "--model", help="checkpoint directory or Hugging Face repo id (default: the built-in model)")
@@ -99,6 +118,7 @@ def load_for(args: argparse.Namespace, console: Console):
     what += " and compiling its decode step (about a minute)" * args.compile
     with console.status(f"{what}…", spinner="dots"):
         return load(args.model, dtype=args.dtype, device=args.device, compile=args.compile,
-                    cache_ram=getattr(args, "cache_ram", None))
+                    cache_ram=getattr(args, "cache_ram", None),
+                    max_image_tokens=getattr(args, "max_image_tokens", DEFAULT_MAX_IMAGE_TOKENS))
 
 

@@ -9,7 +9,7 @@ from importlib.metadata import version
 
 from rich.console import Console
 
-from qwen35.cli.args import Parser, model_args
+from qwen35.cli.args import Parser, image_tokens_arg, model_args
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="qwen35", description="Run Qwen3.5 models on your own machine.")
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--show-thinking", action="store_true", help="one-shot: also print the thinking (to stderr)")
     chat.add_argument("--image", action="append", default=[], metavar="PATH",
                       help="attach an image file to the (first) message; repeatable (needs a vision checkpoint)")
+    image_tokens_arg(chat)
 
     gen = sub.add_parser("generate", help="raw completion of a prompt (no chat template)")
     model_args(gen, cache=False)

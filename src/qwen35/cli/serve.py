@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from qwen35.cli.args import image_tokens_arg
 from qwen35.server.settings import LOOPBACK_HOSTS, ServerSettings
 from qwen35.vision import ImagePolicy
 
@@ -52,6 +53,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                        help="with --allow-remote-media: only these hosts and their subdomains")
     media.add_argument("--max-images", type=int, default=8, help="images per request")
     media.add_argument("--max-image-mb", type=float, default=20.0, help="encoded bytes per image")
+    image_tokens_arg(media)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -89,4 +91,5 @@ def run_serve(args: argparse.Namespace, console: Console) -> None:
 
     check_address(args.host, args.port)
     serve(settings_from_args(args), lambda: load(args.model, dtype=args.dtype, device=args.device,
-                                                  cache_ram=args.cache_ram), console, verbose=args.verbose)
+                                                  cache_ram=args.cache_ram, max_image_tokens=args.max_image_tokens),
+          console, verbose=args.verbose)

@@ -118,6 +118,7 @@ class ImageInputs:
     positions: torch.Tensor
     rope_delta: int
     digests: tuple[str, ...] = ()  # one per image, of its pixels: what a prefix snapshot is keyed on
+    tokens: tuple[int, ...] = ()  # one per image, its `<|image_pad|>` count: what usage reports it cost
 
 
 class PatchEmbed(nn.Module):

@@ -100,9 +100,15 @@ class Generation:
         return [{"token": token, "logprob": event.logprob, "bytes": list(token.encode()), "top_logprobs": top}]
 
     def usage(self) -> dict[str, Any]:
+        """OpenAI's usage; with images, what they cost: the sum in prompt_tokens_details.image_tokens, and per
+        image (OpenAI has no field for it) in image_tokens_per_image."""
         prompt, completion = len(self.job.prompt_ids), sum(c.tokens for c in self.choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": self.cached}}
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                 "prompt_tokens_details": {"cached_tokens": self.cached}}
+        if self.job.images is not None:
+            usage["prompt_tokens_details"]["image_tokens"] = sum(self.job.images.tokens)
+            usage["image_tokens_per_image"] = list(self.job.images.tokens)
+        return usage
 
     # -- shapes -------------------------------------------------------------------------------------------------
     def _head(self, obj: str) -> dict[str, Any]:

@@ -129,7 +129,7 @@ def prepare(prompt_ids: Sequence[int], images: Sequence[Image.Image], processor:
             if encoded is not None:
                 encoded.put(digests[k], f.clone())  # alone: a view would hold the whole batch's features
     positions, delta = mrope_positions(ids, grids, image_token_id, vision.config.spatial_merge_size)
-    return ids, ImageInputs(torch.cat(known), positions, delta, tuple(digests))
+    return ids, ImageInputs(torch.cat(known), positions, delta, tuple(digests), tuple(p.num_tokens for p in processed))
 
 
 def _digest(pixels: torch.Tensor) -> str:
