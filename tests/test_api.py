@@ -50,7 +50,7 @@ def _scripted(monkeypatch, text: str, model):
     """Make generation emit the tokens of `text` (a stand-in model whose output we know)."""
     ids = model.tokenizer.encode(text)
 
-    def fake(_model, request, eos_ids, limit, prefix_cache=None, background=None):
+    def fake(_model, request, eos_ids, limit, prefix_cache=None, background=None, **_):
         for token in ids[: request.params.max_tokens]:
             yield Event("0", token)
             if token in eos_ids:

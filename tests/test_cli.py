@@ -26,9 +26,9 @@ def run():
 
 
 def test_info_shows_pattern_parameters_memory_and_kv(run):
-    out = run("info")
+    out = run("info", "--bits", "4")
     assert out.returncode == 0, out.stderr
-    for text in ("2 x (3 DeltaNet + 1 attention)", "parameters", "int4", "K/V", "per token"):
+    for text in ("2 x (3 DeltaNet + 1 attention)", "parameters", "int4", "K/V", "per token", "total"):
         assert text in out.stdout
 
 
@@ -253,6 +253,7 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(monkeypatch, defau
     small = dataclasses.replace(default_model.config, max_position_embeddings=256)  # fills in 3 messages
     monkeypatch.setattr(default_model, "config", small)
     monkeypatch.setattr(default_model.model, "config", small)
+    monkeypatch.setattr(default_model, "context", 256)
     script = iter(["word " * 90] * 3 + ["word " * 300, "/think on", "hello"])
     sent, stream_chat = [], default_model.stream_chat
     monkeypatch.setattr(default_model, "stream_chat", lambda messages, **kw: sent.append(messages) or

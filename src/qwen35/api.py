@@ -18,6 +18,7 @@ from qwen35.runtime.background import Background
 from qwen35.runtime.grammar import Vocabulary
 from qwen35.runtime.prefix_cache import DEFAULT_CACHE_RAM, GIB, PrefixCache
 from qwen35.runtime.steering import Steering
+from qwen35.memory import MemoryPlan, available_memory, fitting_context, gib, plan
 from qwen35.loading import (available_vision, load_model, load_vision, preprocessor_config, release_freed_memory,
                             resolve_checkpoint)
 from qwen35.models import Qwen35Model
@@ -112,6 +113,8 @@ class Qwen35:
         self._vision_lock = threading.Lock()
         self.image_policy = image_policy
         self._background = Background()  # a finished reply's warm-up, run while the caller is idle
+        self.context, self.context_note = model.config.max_position_embeddings, ""  # set by `load`
+        self.kv_bits = 16
         self.vocabulary = Vocabulary(tokenizer.to_json, model.config.vocab_size,
                                      tokenizer.token_to_id("<|im_end|>") or -1)  # for grammars, built on first use
 
@@ -179,7 +182,7 @@ class Qwen35:
         ids, encoded = text_ids, None
         if images:
             ids, encoded = prepare(text_ids, images, self.processor, self.vision, self.config.image_token_id,
-                                   self.config.max_position_embeddings, self._encoded)
+                                   self.context, self._encoded)
         thinking, header = prompt.rstrip().endswith("<think>"), tok.generation_header_end(text_ids)
         steering = chat_steering(tok, self.vocabulary, thinking, prompt.rstrip().endswith("</think>"), budget,
                                  response_format, tools, tool_choice, parallel_tool_calls)
@@ -200,8 +203,10 @@ class Qwen35:
                     logit_bias: dict[int, float] | None = None, allow_control_tokens: bool = False,
                     thinking_budget: int | None = None, reasoning_effort: str | None = None,
                     response_format: dict[str, Any] | None = None, tool_choice: Any = None,
-                    parallel_tool_calls: bool = True, **sampling: Any) -> Iterator[Piece]:
-        """Reply to a conversation, streamed as thinking and answer pieces (the options: `prepare_chat`).
+                    parallel_tool_calls: bool = True, progress: Callable[[int, int], None] | None = None,
+                    **sampling: Any) -> Iterator[Piece]:
+        """Reply to a conversation, streamed as thinking and answer pieces (the options: `prepare_chat`);
+        `progress(done, total)` hears of the prompt's prefill after each chunk (a long prompt takes minutes on a CPU).
 
         User messages may hold image parts: `{"type": "image_url", "image_url": {"url": URL}}` (data:, http(s)
         when the policy allows, file path) or `{"type": "image", "image": path | PIL image | bytes}`. Images are
@@ -213,7 +218,7 @@ class Qwen35:
                                    parallel_tool_calls=parallel_tool_calls)
         params = self.defaults.updated(**sampling)
         return self.stream(Request("0", prompt.ids, params, logprobs, logit_bias or {}, prompt.images, prompt.marks,
-                                   prompt.followup, prompt.steering), prompt.thinking)
+                                   prompt.followup, prompt.steering, progress), prompt.thinking)
 
     def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
              enable_thinking: bool | None = None, **options: Any) -> Reply:
@@ -227,7 +232,7 @@ class Qwen35:
                           structured=request.steering.shape)
         cached = 0
         for event in run(self.model, request, tok.eos_token_ids, tok.vocab_size, self.prefix_cache,
-                         self._background.start):
+                         self._background.start, context=self.context, kv_bits=self.kv_bits):
             cached = event.cached
             pieces = [Piece(kind, t) for kind, t in text.feed(event.token)]
             if request.logprobs is not None:
@@ -243,8 +248,14 @@ class Qwen35:
 
 def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfloat16", device: str | None = None,
          progress: Callable[[int, int], None] | None = None, compile: bool = False,
-         cache_ram: float | None = None, max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS) -> Qwen35:
+         cache_ram: float | None = None, context: int | None = None, kv_bits: int = 16,
+         max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS) -> Qwen35:
     """Load a checkpoint directory or Hugging Face repo id; None loads the built-in default model.
+
+    `context`: the most tokens a conversation may hold (None: the model's, capped by the memory free after loading;
+    `Qwen35.context_note` says when it was); its K/V is reserved to that size as it grows, never copied by doubling.
+    `kv_bits`: 16 (K/V in the activation dtype) or 8 (int8 with a scale per token and head: half the K/V memory,
+    accuracy in docs/benchmarks.md).
 
     `cache_ram`: GiB of host memory for prefix snapshots (None: DEFAULT_CACHE_RAM; 0 turns reuse off), so a
     conversation's next turn computes only its new tokens (docs/design.md, "Prefix reuse").
@@ -278,5 +289,34 @@ def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfl
     ram = DEFAULT_CACHE_RAM if cache_ram is None else cache_ram
     if not ram >= 0:
         raise ValueError(f"cache_ram={cache_ram!r} GiB is invalid: give 0 (off) or more")
-    return Qwen35(model, tokenizer, SamplingParams.from_generation_config(path), path, tower, processor,
+    qwen = Qwen35(model, tokenizer, SamplingParams.from_generation_config(path), path, tower, processor,
                   ImagePolicy(local_dir=Path(Path.cwd().anchor)), PrefixCache(int(ram * GIB)) if ram else None)
+    if kv_bits not in (8, 16):
+        raise ValueError(f"kv_bits={kv_bits} is not supported: use 16 or 8")
+    qwen.kv_bits = kv_bits
+    qwen.context, qwen.context_note = choose_context(model, context, int(ram * GIB), kv_bits)
+    return qwen
+
+
+def choose_context(model: Qwen35Model, context: int | None, snapshot_bytes: int,
+                   kv_bits: int = 16) -> tuple[int, str]:
+    """(context, a note when it was capped): the asked-for context, or the model's own capped by what the memory
+    free after loading holds (K/V, DeltaNet state, prefill peak and snapshots: `qwen35.memory.plan`)."""
+    config, limit = model.config, model.config.max_position_embeddings
+    if context is not None:
+        if not 1 < context <= limit:
+            raise ValueError(f"context={context} is invalid: this model reads 2 to {limit:,} tokens")
+        return context, ""
+    dtype_bytes = model.embed_tokens.weight.element_size()
+
+    def rest(n: int) -> MemoryPlan:  # what a context still needs beside the weights and runtime already resident
+        return replace(plan(config, n, dtype_bytes=dtype_bytes, kv_bits=kv_bits, snapshot_bytes=snapshot_bytes,
+                            weights=0), runtime=0)
+
+    free = available_memory()
+    fits = fitting_context(rest, limit, int(free * 0.9))
+    if fits >= limit:
+        return limit, ""
+    fits = max(fits, min(limit, 4096))
+    return fits, (f"context capped at {fits:,} tokens: the model's {limit:,} would need "
+                  f"{gib(rest(limit).total)} beside the weights and {gib(free)} is free (--context sets it)")

@@ -11,15 +11,34 @@ The recurrent state cannot be trimmed: a cache is only ever extended, never roll
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from qwen35.config import ModelConfig
 
 
+class QuantKV(NamedTuple):
+    """8-bit keys or values: int8 `q` (B, Hkv, S, hd) and one fp32 `scale` per token and head (B, Hkv, S, 1)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.q.to(torch.float32) * self.scale).to(dtype)
+
+
+def quantize_kv(x: torch.Tensor) -> QuantKV:
+    """Symmetric int8 per token and head: scale = amax / 127 over the head dimension."""
+    scale = (x.float().abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)
+    return QuantKV(torch.round(x.float() / scale).to(torch.int8), scale)
+
+
 @dataclass
 class KVCache:
-    """Keys (after norm and RoPE) and values of one full-attention layer, in buffers that grow by doubling.
+    """Keys (after norm and RoPE) and values of one full-attention layer, in buffers that grow by doubling, or
+    straight to `capacity` slots when the context is planned (the pages are only touched as slots fill, so a
+    short conversation costs what it uses, and a long one is never copied on the way).
 
     Decode writes one slot in place instead of copying the whole history every token.
     """
@@ -27,14 +46,31 @@ class KVCache:
     k: torch.Tensor | None = None  # (B, Hkv, capacity, hd); slots [0, length) are filled
     v: torch.Tensor | None = None
     length: int = 0
+    capacity: int = 0  # slots to allocate when growing (the planned context + 1); 0: double
+    bits: int = 16  # 8: int8 `k`/`v` with fp32 scales per token and head (B, Hkv, capacity, 1)
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this step's K/V (B, Hkv, T, hd) and return views of the whole history."""
-        self.reserve(k.shape[2], k)
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor | QuantKV, torch.Tensor | QuantKV]:
+        """Append this step's K/V (B, Hkv, T, hd) and return views of the whole history (`QuantKV` pairs for an
+        8-bit cache: attention reads them block by block, never a dequantized copy of the whole history)."""
         end = self.length + k.shape[2]
-        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+        if self.bits == 16:
+            self.reserve(k.shape[2], k)
+            self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+            self.length = end
+            return self.k[:, :, :end], self.v[:, :, :end]
+        qk, qv = quantize_kv(k), quantize_kv(v)
+        self.reserve(k.shape[2], qk.q)
+        self.k[:, :, self.length:end], self.k_scale[:, :, self.length:end] = qk
+        self.v[:, :, self.length:end], self.v_scale[:, :, self.length:end] = qv
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return (QuantKV(self.k[:, :, :end], self.k_scale[:, :, :end]),
+                QuantKV(self.v[:, :, :end], self.v_scale[:, :, :end]))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The filled slots of every buffer (K, V and, at 8 bits, their scales)."""
+        return [t[:, :, : self.length] for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
 
     def reserve(self, n: int, like: torch.Tensor) -> None:
         """Room for n more slots, and always one spare: a compiled decode step then never grows the buffers nor
@@ -42,16 +78,25 @@ class KVCache:
         end = self.length + n
         if self.k is not None and end < self.k.shape[2]:
             return
-        shape = (*like.shape[:2], max(end + 1, 2 * self.length, 256), like.shape[3])
-        grown_k, grown_v = like.new_empty(shape), like.new_empty(shape)
-        if self.k is not None:
-            grown_k[:, :, : self.length] = self.k[:, :, : self.length]
-            grown_v[:, :, : self.length] = self.v[:, :, : self.length]
-        self.k, self.v = grown_k, grown_v
+        slots = max(end + 1, self.capacity or 2 * self.length, 256)
+        grown = []
+        for t in (self.k, self.v, self.k_scale, self.v_scale):
+            if t is None:
+                grown.append(None)
+                continue
+            buffer = t.new_empty((*t.shape[:2], slots, t.shape[3]))
+            buffer[:, :, : self.length] = t[:, :, : self.length]
+            grown.append(buffer)
+        if self.k is None:
+            shape = (*like.shape[:2], slots, like.shape[3])
+            grown[:2] = like.new_empty(shape), like.new_empty(shape)
+            if self.bits == 8:
+                grown[2:] = [like.new_empty(shape[:3] + (1,), dtype=torch.float32) for _ in range(2)]
+        self.k, self.v, self.k_scale, self.v_scale = grown
 
     def nbytes(self) -> int:
         """Bytes of the filled slots."""
-        return sum(t[:, :, : self.length].numel() * t.element_size() for t in (self.k, self.v) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 @dataclass
@@ -91,12 +136,30 @@ class ModelCache:
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
+    def plan(self, context: int | None) -> "ModelCache":
+        """Grow K/V straight to `context` + 1 slots (None: by doubling); returns self."""
+        for layer in self.layers:
+            if isinstance(layer, KVCache):
+                layer.capacity = 0 if context is None else context + 1
+        return self
 
-def make_cache(config: ModelConfig, batch_size: int = 1, device: torch.device | str = "cpu") -> ModelCache:
-    """An empty cache with one entry per layer, chosen by `config.layer_types`."""
-    layers: list[LayerCache] = [KVCache() if t == "full_attention" else DeltaCache() for t in config.layer_types]
+
+def make_cache(config: ModelConfig, batch_size: int = 1, device: torch.device | str = "cpu",
+               kv_bits: int = 16) -> ModelCache:
+    """An empty cache with one entry per layer, chosen by `config.layer_types`; K/V at `kv_bits` (16 or 8)."""
+    if kv_bits not in (8, 16):
+        raise ValueError(f"kv_bits={kv_bits} is not supported: use 16 (the activation dtype) or 8")
+    layers: list[LayerCache] = [KVCache(bits=kv_bits) if t == "full_attention" else DeltaCache()
+                                for t in config.layer_types]
     return ModelCache(layers=layers, seen=torch.zeros(batch_size, dtype=torch.long, device=device),
                       valid=torch.zeros(batch_size, 0, dtype=torch.bool, device=device))
+
+
+def _kv(bits: int, length: int, tensors: list[torch.Tensor]) -> KVCache:
+    """A K/V layer holding exactly `tensors` (K, V and, at 8 bits, their scales) of `length` slots."""
+    k, v, *scales = tensors
+    return KVCache(k, v, length, bits=bits, k_scale=scales[0] if scales else None,
+                   v_scale=scales[1] if scales else None)
 
 
 def _pad_left(t: torch.Tensor, n: int, dim: int, value: float | bool = 0) -> torch.Tensor:
@@ -117,9 +180,8 @@ def merge_caches(caches: list[ModelCache]) -> ModelCache:
     for i, first in enumerate(caches[0].layers):
         parts = [c.layers[i] for c in caches]
         if isinstance(first, KVCache):
-            k = torch.cat([_pad_left(p.k[:, :, : p.length], length - p.length, 2) for p in parts])
-            v = torch.cat([_pad_left(p.v[:, :, : p.length], length - p.length, 2) for p in parts])
-            layers.append(KVCache(k, v, length))
+            columns = zip(*[[_pad_left(t, length - p.length, 2) for t in p.tensors()] for p in parts])
+            layers.append(_kv(first.bits, length, [torch.cat(c) for c in columns]))
         else:
             layers.append(DeltaCache(torch.cat([p.conv for p in parts]), torch.cat([p.state for p in parts])))
     valid = torch.cat([_pad_left(c.valid, length - c.length, 1, False) for c in caches])
@@ -138,8 +200,7 @@ def select_rows(cache: ModelCache, rows: list[int]) -> ModelCache:
     layers: list[LayerCache] = []
     for layer in cache.layers:
         if isinstance(layer, KVCache):
-            layers.append(KVCache(layer.k[index, :, start: layer.length], layer.v[index, :, start: layer.length],
-                                  layer.length - start))
+            layers.append(_kv(layer.bits, layer.length - start, [t[index, :, start:] for t in layer.tensors()]))
         else:
             layers.append(DeltaCache(layer.conv[index], layer.state[index]))
     delta = None if cache.rope_delta is None else cache.rope_delta[index]
@@ -149,8 +210,7 @@ def select_rows(cache: ModelCache, rows: list[int]) -> ModelCache:
 def is_finite(cache: ModelCache) -> bool:
     """No NaN/Inf in any layer's state (a state that is not finite must never be reused)."""
     for layer in cache.layers:
-        tensors = (layer.k[:, :, : layer.length], layer.v[:, :, : layer.length]) if isinstance(layer, KVCache) \
-            else (layer.conv, layer.state)
+        tensors = layer.tensors() if isinstance(layer, KVCache) else (layer.conv, layer.state)
         if any(t is not None and not bool(torch.isfinite(t).all()) for t in tensors):
             return False
     return True

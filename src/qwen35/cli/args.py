@@ -91,6 +91,11 @@ def model_args(p: argparse.ArgumentParser, sampling: bool = True, compile: bool 
         p.add_argument("--cache-ram", dest="cache_ram", type=float, default=DEFAULT_CACHE_RAM, metavar="GB",
                        help="host memory (GiB) for prefix snapshots: a conversation's next turn computes only its "
                             "new tokens; 0 turns reuse off")
+        p.add_argument("--context", type=int, default=None, metavar="N",
+                       help="most tokens a conversation holds, K/V reserved to it (default: the model's, capped by "
+                            "the free memory; `qwen35 info --context N` shows what it costs)")
+        p.add_argument("--kv-bits", dest="kv_bits", type=int, choices=[16, 8], default=16,
+                       help="K/V precision: 8 halves its memory (int8, a scale per token and head)")
     if sampling:
         group = p.add_argument_group("sampling (defaults come from the checkpoint's generation_config.json)")
         for flag, (dest, kind, text) in SAMPLING_FLAGS.items():
@@ -117,8 +122,12 @@ def load_for(args: argparse.Namespace, console: Console):
     what = f"Loading {args.model or 'the built-in default model'}"
     what += " and compiling its decode step (about a minute)" * args.compile
     with console.status(f"{what}…", spinner="dots"):
-        return load(args.model, dtype=args.dtype, device=args.device, compile=args.compile,
-                    cache_ram=getattr(args, "cache_ram", None),
-                    max_image_tokens=getattr(args, "max_image_tokens", DEFAULT_MAX_IMAGE_TOKENS))
+        model = load(args.model, dtype=args.dtype, device=args.device, compile=args.compile,
+                     cache_ram=getattr(args, "cache_ram", None), context=getattr(args, "context", None),
+                     kv_bits=getattr(args, "kv_bits", 16),
+                     max_image_tokens=getattr(args, "max_image_tokens", DEFAULT_MAX_IMAGE_TOKENS))
+    if model.context_note:
+        console.print(f"[yellow]{model.context_note}[/]", highlight=False)
+    return model
 
 

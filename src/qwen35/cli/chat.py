@@ -69,7 +69,28 @@ def fit_history(history: list[dict], count: Callable[[list[dict]], int], context
                      f"{context - reserve} fit ({context}-token context, {reserve} kept for the reply). Shorten it")
 
 
-def show_reply(stream: Iterator[Piece], console: Console) -> tuple[str, str, Piece | None, float]:
+class PromptProgress:
+    """A long prompt's prefill as it goes, shown before the reply (32K tokens take minutes on a laptop CPU)."""
+
+    SHOWN_FROM = 2048  # prompt tokens left to compute
+
+    def __init__(self) -> None:
+        self.done = self.total = 0
+        self.listener: Callable[[], None] | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        if self.listener is not None:
+            self.listener()
+
+    def line(self) -> Text | None:
+        if self.total - self.done <= 0 or self.total < self.SHOWN_FROM:
+            return None
+        return Text(f"reading the prompt: {self.done:,} / {self.total:,} tokens", style="dim")
+
+
+def show_reply(stream: Iterator[Piece], console: Console,
+               progress: PromptProgress | None = None) -> tuple[str, str, Piece | None, float]:
     """Render a streamed reply live; returns (answer, thinking, last piece, seconds to the first piece). Ctrl-C
     ends the reply early."""
     thinking, answer, last = [], [], None
@@ -77,6 +98,9 @@ def show_reply(stream: Iterator[Piece], console: Console) -> tuple[str, str, Pie
 
     def view() -> Group:
         parts = []
+        reading = progress.line() if progress is not None and not thinking and not answer else None
+        if reading is not None:
+            parts.append(reading)
         if thinking and not answer:
             parts.append(Text("".join(thinking), style="dim italic"))
         elif thinking:
@@ -86,6 +110,8 @@ def show_reply(stream: Iterator[Piece], console: Console) -> tuple[str, str, Pie
         return Group(*parts)
 
     with Live(view(), console=console, refresh_per_second=15, transient=False) as live:
+        if progress is not None:
+            progress.listener = lambda: live.update(view())
         try:
             for piece in stream:
                 first = first or time.perf_counter() - start
@@ -127,7 +153,7 @@ def chat_loop(model: Qwen35, read_line: LineReader, console: Console, sampling: 
               system: str | None, images: list[str], verbose: bool = False, budget: int | None = None) -> None:
     """The interactive chat, until end of input or /exit; `images` are attached to the next message; `budget`:
     thinking tokens per reply."""
-    context = model.config.max_position_embeddings
+    context = model.context
     reserve = reply_reserve(model.defaults.updated(**sampling).max_tokens, context)
     console.print(f"[dim]{model.path.name} · {HELP.splitlines()[0]} /help[/]")
     history: list[dict] = []
@@ -174,13 +200,15 @@ def chat_loop(model: Qwen35, read_line: LineReader, console: Console, sampling: 
             if dropped:
                 what = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
                 console.print(f"[dim]dropped {what} to fit the {context}-token context[/]")
-            stream = model.stream_chat(head + history, enable_thinking=think, thinking_budget=budget, **sampling)
+            progress = PromptProgress()
+            stream = model.stream_chat(head + history, enable_thinking=think, thinking_budget=budget,
+                                       progress=progress, **sampling)
         except ValueError as e:  # too long, a bad image: say so, forget this message, keep chatting
             history.pop()
             console.print(f"[bold red]error:[/] {e}", highlight=False)
             continue
         images = []
-        answer, last_thinking, last, first = show_reply(stream, console)
+        answer, last_thinking, last, first = show_reply(stream, console, progress)
         if last is not None and last.notice:
             console.print(f"[yellow]{last.notice}[/]", highlight=False)
         if verbose and last is not None and last.finish_reason is not None:

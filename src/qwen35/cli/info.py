@@ -12,9 +12,10 @@ from rich.table import Table
 
 from qwen35.config import ModelConfig, load_config
 from qwen35.loading import resolve_checkpoint
+from qwen35.memory import gib, kv_bytes_per_token, plan, state_bytes
 from qwen35.models import Qwen35Model
-
-GiB = 1024 ** 3
+from qwen35.quant.quantize import QuantConfig
+from qwen35.runtime.prefix_cache import DEFAULT_CACHE_RAM
 
 
 def layer_pattern(config: ModelConfig) -> str:
@@ -37,25 +38,12 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
     return {"total": total, "embedding": emb, "lm_head": head, "layers": total - emb - head}
 
 
-def state_bytes(config: ModelConfig, dtype_bytes: int = 2) -> tuple[int, int]:
-    """(K/V bytes per token of context, fixed DeltaNet state bytes per sequence)."""
-    full = config.layer_types.count("full_attention")
-    linear = config.num_hidden_layers - full
-    kv = full * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
-    channels = (2 * config.linear_num_key_heads * config.linear_key_head_dim
-                + config.linear_num_value_heads * config.linear_value_head_dim)
-    recurrent = config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim * 4
-    conv = channels * (config.linear_conv_kernel_dim - 1) * dtype_bytes
-    return kv, linear * (recurrent + conv)
-
-
 def run_info(args: argparse.Namespace, console: Console) -> None:
     from qwen35.default_model import default_model_path
 
     path = resolve_checkpoint(args.model) if args.model else default_model_path()
     config = load_config(path)
     counts = parameter_counts(config)
-    kv, fixed = state_bytes(config)
     table = Table(title=f"{path}", show_header=False, title_justify="left")
     table.add_row("model type", config.model_type + (" (MoE)" if config.is_moe else ""))
     table.add_row("layers", f"{config.num_hidden_layers}: {layer_pattern(config)}")
@@ -66,19 +54,33 @@ def run_info(args: argparse.Namespace, console: Console) -> None:
         table.add_row("experts", f"{config.num_experts} (top-{config.num_experts_per_tok}), inner "
                       f"{config.moe_intermediate_size}, shared {config.shared_expert_intermediate_size}")
     head = "tied head" if config.tie_word_embeddings else f"head {counts['lm_head'] / 1e6:,.1f}M"
-    quant = json.loads((path / "config.json").read_text()).get("quantization_config")
-    if quant:
-        table.add_row("quantization", f"int{quant.get('bits')} weight-only, group {quant.get('group_size')}"
-                      f"{', int8 head/embedding' if quant.get('head') else ''} ({quant.get('quant_method')})")
+    stored = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if stored:
+        table.add_row("quantization", f"int{stored.get('bits')} weight-only, group {stored.get('group_size')}"
+                      f"{', int8 head/embedding' if stored.get('head') else ''} ({stored.get('quant_method')})")
     table.add_row("parameters", f"{counts['total'] / 1e6:,.1f}M (embedding {counts['embedding'] / 1e6:,.1f}M, "
                   f"{head}, layers {counts['layers'] / 1e6:,.1f}M)")
-    n = counts["total"]
-    table.add_row("weights memory", f"bf16 {n * 2 / GiB:.2f} GiB, int8 ~{n * 1.0 / GiB:.2f} GiB, "
-                  f"int4 ~{n * 0.53 / GiB:.2f} GiB (estimates; scales included)")
-    table.add_row("context state", f"K/V {kv / 1024:.1f} KiB per token (bf16) + DeltaNet {fixed / 2**20:.2f} MiB fixed "
-                  f"per sequence; {config.max_position_embeddings:,} tokens -> "
-                  f"{kv * config.max_position_embeddings / GiB:.2f} GiB K/V")
+    table.add_row("context state", f"K/V {kv_bytes_per_token(config, args.kv_bits) / 1024:.1f} KiB per token "
+                  f"({args.kv_bits}-bit) + DeltaNet {gib(state_bytes(config))} per sequence, whatever the length")
     console.print(table)
+    quant = QuantConfig(args.bits, head=8) if args.bits else QuantConfig.from_dict(stored) if stored else None
+    dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
+    memory = plan(config, args.context, args.batch, dtype_bytes, quant, args.kv_bits,
+                  snapshot_bytes=int(DEFAULT_CACHE_RAM * 2**30))
+    weights = f"int{quant.bits} (head int{quant.head or 16})" if quant else args.dtype
+    rows = Table(title=f"memory at {memory.context:,} tokens x {memory.batch} (weights {weights}, K/V "
+                 f"{args.kv_bits}-bit)", title_justify="left")
+    rows.add_column("part")
+    rows.add_column("bytes", justify="right")
+    rows.add_column("")
+    notes = {"weights": "the text model as loaded (the vision tower loads with the first image)",
+             "kv": "full-attention layers only, reserved to the context", "states": "Gated DeltaNet, fixed",
+             "prefill": "one prefill chunk's activation peak", "snapshots": "prefix-reuse budget (--cache-ram)",
+             "runtime": "Python, PyTorch, tokenizer"}
+    for name, n in memory.parts().items():
+        rows.add_row(name, gib(n), notes[name])
+    rows.add_row("total", gib(memory.total), f"{memory.total:,} bytes")
+    console.print(rows)
 
 
 def run_quantize(args: argparse.Namespace, console: Console) -> None:

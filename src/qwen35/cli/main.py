@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="layer pattern, parameters, memory estimates of a model")
     model_args(info, sampling=False, compile=False, cache=False)
+    info.add_argument("--context", type=int, default=None, metavar="N",
+                      help="plan the memory of a context of N tokens (default: the model's)")
+    info.add_argument("--bits", type=int, choices=[4, 8], default=None, help="plan for weights quantized to these bits")
+    info.add_argument("--kv-bits", dest="kv_bits", type=int, choices=[8, 16], default=16, help="K/V precision")
+    info.add_argument("--batch", type=int, default=1, help="sequences at once")
 
     quant = sub.add_parser("quantize", help="write an int8 / int4 weight-only copy of a checkpoint")
     quant.add_argument("src", help="checkpoint directory or Hugging Face repo id")

@@ -90,6 +90,12 @@ def run_serve(args: argparse.Namespace, console: Console) -> None:
     from qwen35.server.serve import serve
 
     check_address(args.host, args.port)
-    serve(settings_from_args(args), lambda: load(args.model, dtype=args.dtype, device=args.device,
-                                                  cache_ram=args.cache_ram, max_image_tokens=args.max_image_tokens),
-          console, verbose=args.verbose)
+
+    def load_model():
+        qwen = load(args.model, dtype=args.dtype, device=args.device, cache_ram=args.cache_ram,
+                    context=args.context, kv_bits=args.kv_bits, max_image_tokens=args.max_image_tokens)
+        if qwen.context_note:
+            console.print(f"[yellow]{qwen.context_note}[/]", highlight=False)
+        return qwen
+
+    serve(settings_from_args(args), load_model, console, verbose=args.verbose)

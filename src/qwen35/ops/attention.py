@@ -7,13 +7,21 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from qwen35.cache import QuantKV
 from qwen35.ops.cpu import fast_path
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+KEY_BLOCK = 4096  # keys dequantized at once from an 8-bit cache: a bounded copy, whatever the context
+
+
+def attention(q: torch.Tensor, k: torch.Tensor | QuantKV, v: torch.Tensor | QuantKV,
+              mask: torch.Tensor | None) -> torch.Tensor:
     """q (B, Hq, T, D) against k, v (B, Hkv, S, D) -> (B, Hq, T, D); mask (B, 1, T, S) bool, or None: causal when
     the keys are the queries' own (a prefill from empty), else all keys. A decode step's single query goes to the
-    fused kernel where the CPU kernels run; the reference is `F.scaled_dot_product_attention`."""
+    fused kernel where the CPU kernels run; 8-bit K/V (`QuantKV`) to `attention_8bit`; the reference is
+    `F.scaled_dot_product_attention`."""
+    if isinstance(k, QuantKV):
+        return attention_8bit(q, k, v, mask)
     t = q.shape[2]
     if t == 1 and (kernels := fast_path(q)) is not None:
         return attention_decode(kernels, q, k, v, mask)
@@ -28,3 +36,33 @@ def attention_decode(k: ModuleType, q: torch.Tensor, key: torch.Tensor, value: t
     b, hq, _, d = q.shape
     valid = None if mask is None else mask.reshape(b, -1).contiguous()
     return k.attention_decode(q.reshape(b, hq, d).contiguous(), key, value, valid, d ** -0.5).view(b, hq, 1, d)
+
+
+def attention_8bit(q: torch.Tensor, k: QuantKV, v: QuantKV, mask: torch.Tensor | None,
+                   block: int = KEY_BLOCK) -> torch.Tensor:
+    """`attention` over 8-bit K/V, `block` keys at a time with an online softmax (fp32), so no full-precision copy
+    of a long history is ever made. Reference: `attention` on `k.dequantize()`, `v.dequantize()`."""
+    b, hq, t, d = q.shape
+    hkv, s = k.q.shape[1], k.q.shape[2]
+    g = hq // hkv
+    if mask is None and t > 1 and s == t:
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()[None, None]
+    queries = q.float().reshape(b, hkv, g * t, d) * d ** -0.5  # query heads grouped under their K/V head
+    top = torch.full((b, hkv, g * t, 1), float("-inf"), device=q.device)
+    total = torch.zeros(b, hkv, g * t, 1, device=q.device)
+    out = torch.zeros(b, hkv, g * t, d, device=q.device)
+    for start in range(0, s, block):
+        end = min(start + block, s)
+        scores = queries @ QuantKV(k.q[:, :, start:end], k.scale[:, :, start:end]).dequantize().transpose(-1, -2)
+        if mask is not None:  # (B, 1, T, S) -> the same for every head of a group
+            keep = mask[..., start:end].expand(b, 1, t, end - start).unsqueeze(2)
+            scores = scores.view(b, hkv, g, t, -1).masked_fill(~keep, float("-inf")).view(b, hkv, g * t, -1)
+        new_top = torch.maximum(top, scores.amax(-1, keepdim=True))
+        safe = torch.where(torch.isinf(new_top), torch.zeros_like(new_top), new_top)  # rows with no key yet
+        weights = torch.exp(scores - safe)
+        rescale = torch.exp(top - safe)
+        total = total * rescale + weights.sum(-1, keepdim=True)
+        out = out * rescale + weights @ QuantKV(v.q[:, :, start:end], v.scale[:, :, start:end]).dequantize()
+        top = new_top
+    out = torch.where(total > 0, out / total.clamp(min=1e-30), torch.zeros_like(out))
+    return out.view(b, hq, t, d).to(q.dtype)

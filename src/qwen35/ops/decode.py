@@ -93,6 +93,8 @@ def run_plan(plan, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], att
     state, lengths, kv = [], [], []
     for layer in cache.layers:
         if isinstance(layer, KVCache):
+            if layer.bits != 16:  # the native plan reads 16-bit K/V only
+                return None
             state += [layer.k, layer.v]
             lengths.append(layer.length)
             kv.append(layer)

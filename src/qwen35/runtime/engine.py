@@ -55,6 +55,8 @@ class Engine:
     """`isolate_failures`: a request's own failure (prefill, sampling) ends it with an error event and the batch
     goes on (the server); False raises it to the caller (one request, the Python API).
 
+    `context`: the most tokens a sequence may hold (prompt and reply; default the model's), its K/V reserved to that
+    size as it grows; `kv_bits`: 16 (the activation dtype) or 8 (int8 with a scale per token and head).
     `prefix_cache`: where prompts resume from and where their states are saved (at each request's snapshot
     points while prefilling, and at the end of each reply, so the next turn of a conversation extends it). A
     finished chat reply is also queued as a *warm* sequence: the conversation as its next turn will render it
@@ -63,8 +65,9 @@ class Engine:
 
     def __init__(self, model: Qwen35Model, eos_ids: Seq[int] = (), sample_limit: int | None = None,
                  scheduler: Scheduler | None = None, isolate_failures: bool = True,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, context: int | None = None, kv_bits: int = 16):
         self.model, self.eos, self.sample_limit = model, set(eos_ids), sample_limit
+        self.context, self.kv_bits = context or model.config.max_position_embeddings, kv_bits
         self.isolate_failures, self.prefix_cache = isolate_failures, prefix_cache
         self.scheduler = scheduler or Scheduler()
         self.device = model.embed_tokens.weight.device
@@ -72,11 +75,12 @@ class Engine:
 
     def add(self, request: Request) -> None:
         """Queue a request (its prompt ids already expanded for its images)."""
-        limit = self.model.config.max_position_embeddings
+        limit = self.context
         if not request.prompt:
             raise ValueError("the prompt is empty: give at least one token")
         if len(request.prompt) >= limit:
-            raise ValueError(f"the prompt has {len(request.prompt)} tokens; this model's context is {limit} tokens")
+            raise ValueError(f"the prompt has {len(request.prompt)} tokens; this model's context is {limit} tokens "
+                             "(the prompt and at least one reply token must fit): shorten it, or raise --context")
         seq = Sequence(request, steer=Steer(request.steering) if request.steering.active else None)
         if request.params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
@@ -147,6 +151,8 @@ class Engine:
             return [Event(seq.id, -1, "error", error=SEQUENCE_FAILED)]
         if self.prefix_cache is not None and end in seq.stops:
             self.prefix_cache.store(seq.prompt[:end], self._image_key(seq, end), seq.cache)
+        if seq.request.progress is not None and not seq.warm:
+            seq.request.progress(end, len(seq.prompt))
         if not self.scheduler.prefilled(seq, end):
             return []
         if seq.warm:
@@ -155,20 +161,20 @@ class Engine:
         event = self._sample_or_fail(seq, logits)
         if event.finish_reason is None:
             self.scheduler.admit(seq)
-            self.batch = seq.cache if self.batch is None else merge_caches([self.batch, seq.cache])
+            self.batch = (seq.cache if self.batch is None else merge_caches([self.batch, seq.cache])).plan(self.context)
         seq.cache = None
         return [event]
 
     def _restore(self, seq: Sequence) -> None:
         if self.prefix_cache is None:
-            seq.cache = make_cache(self.model.config, 1, self.device)
+            seq.cache = make_cache(self.model.config, 1, self.device, self.kv_bits).plan(self.context)
             return
         key = self._image_key(seq, len(seq.prompt))
         if key is not None:
             seq.cached, seq.cache = self.prefix_cache.restore(seq.prompt, key, warm=seq.warm)
             seq.prefilled = seq.cached
             seq.stops = snapshot_points(len(seq.prompt), seq.request.marks, seq.prefilled)
-        seq.cache = seq.cache or make_cache(self.model.config, 1, self.device)
+        seq.cache = (seq.cache or make_cache(self.model.config, 1, self.device, self.kv_bits)).plan(self.context)
 
     def _store_reply(self, seq: Sequence, row: int) -> None:
         """The state after a reply, for the conversation's next turn (the reply's last token was never fed)."""
@@ -188,7 +194,7 @@ class Engine:
             log.exception("rendering the reply of %s for the next turn failed; no warm-up", seq.id)
             return
         key = self._image_key(seq, len(tokens or ()))
-        if (not tokens or len(tokens) >= self.model.config.max_position_embeddings
+        if (not tokens or len(tokens) >= self.context
                 or len(self.scheduler.waiting) >= self.scheduler.max_waiting or self.prefix_cache.holds(tokens, key)):
             return
         self.scheduler.add(Sequence(Request(f"{seq.id}/warm", tokens, request.params, images=request.images),
@@ -221,7 +227,7 @@ class Engine:
             return Event(seq.id, -1, "error", error=SEQUENCE_FAILED)
 
     def _keep(self, rows: list[int]) -> None:
-        self.batch = select_rows(self.batch, rows) if rows else None
+        self.batch = select_rows(self.batch, rows).plan(self.context) if rows else None
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> Event:
         if self.sample_limit is not None and self.sample_limit < logits.shape[-1]:
@@ -246,7 +252,7 @@ class Engine:
         total = len(seq.prompt) + len(seq.generated)
         reason = ("stop" if token in self.eos and not params.ignore_eos else
                   "length" if len(seq.generated) >= params.max_tokens
-                  or total >= self.model.config.max_position_embeddings else None)
+                  or total >= self.context else None)
         if request.logprobs is None:
             return Event(seq.id, token, reason, cached=seq.cached)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
@@ -257,16 +263,19 @@ class Engine:
 
 def run(model: Qwen35Model, request: Request, eos_ids: Seq[int] = (), sample_limit: int | None = None,
         prefix_cache: PrefixCache | None = None,
-        background: Callable[[Callable[[threading.Event], None]], None] | None = None) -> Iterator[Event]:
+        background: Callable[[Callable[[threading.Event], None]], None] | None = None,
+        context: int | None = None, kv_bits: int = 16) -> Iterator[Event]:
     """The engine with one request: its events one by one, the last with `finish_reason`. Raises ValueError for a
     prompt that does not fit, FloatingPointError for NaN/Inf logits, and whatever the model or the sampler raised.
 
     `sample_limit` excludes ids >= it from sampling (the embedding rows past the tokenizer are untrained).
     `background` is handed the warm-up left when the request ends (`Engine.drain`), before its last event, to
-    run while the caller is idle (it must finish before the model's next use); None drops it.
+    run while the caller is idle (it must finish before the model's next use); None drops it. `context`,
+    `kv_bits`: see `Engine`.
     """
     scheduler = Scheduler(max_running=1, max_waiting=1, prefill_chunk=prefill_chunk_size(model.config))
-    engine = Engine(model, eos_ids, sample_limit, scheduler, isolate_failures=False, prefix_cache=prefix_cache)
+    engine = Engine(model, eos_ids, sample_limit, scheduler, isolate_failures=False, prefix_cache=prefix_cache,
+                    context=context, kv_bits=kv_bits)
     engine.add(request)
     while engine.has_work():
         for event in engine.step():

@@ -33,3 +33,4 @@ class Request:
     marks: tuple[int, ...] = ()
     followup: Callable[[list[int], tuple[str, ...]], list[int] | None] | None = None
     steering: Steering = field(default_factory=Steering)
+    progress: Callable[[int, int], None] | None = None  # (prompt tokens in the cache, prompt tokens) per chunk

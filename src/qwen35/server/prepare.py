@@ -134,7 +134,7 @@ def _check_common(req: SamplingFields, qwen: Qwen35, settings: ServerSettings) -
 
 def _params(req: SamplingFields, qwen: Qwen35, prompt_len: int, max_tokens: int | None,
             stops: tuple[str, ...]) -> list[SamplingParams]:
-    context = qwen.config.max_position_embeddings
+    context = qwen.context
     room = context - prompt_len
     if room < 1:
         raise APIError(400, f"the prompt has {prompt_len} tokens, but this model's context is {context} tokens; "
