@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from qwen35.cli.args import whole_number
+
 
 def add_arena_parser(sub: argparse._SubParsersAction) -> None:
     arena = sub.add_parser("arena", help="model A vs model B (and more), judged in both orders, with statistics")
@@ -45,15 +47,7 @@ def add_arena_parser(sub: argparse._SubParsersAction) -> None:
     pw.add_argument("--alpha", type=float, default=0.05, help="significance level of the two-sided sign test")
 
 
-def count_arg(text: str) -> int:
-    """A W/L/T count: a whole number, 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count: give whole numbers of games, 0 or more")
-    return value
+count_arg = whole_number("a count", "give whole numbers of games, 0 or more")  # a W/L/T count
 
 
 def _prompt_source_args(p: argparse.ArgumentParser) -> None:

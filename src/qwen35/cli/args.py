@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from typing import NoReturn
 
 from rich.console import Console
@@ -57,15 +58,22 @@ def device_arg(text: str) -> str:
                                      "and its index)")
 
 
-def token_count(text: str) -> int:
-    """--max-image-tokens: 0 or more, checked here rather than as a ValueError from deep in loading."""
-    try:
-        count = int(text)
-    except ValueError:
-        count = -1
-    if count < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a token count: give 0 (no cap) or more tokens")
-    return count
+def whole_number(noun: str, hint: str) -> Callable[[str], int]:
+    """An argparse type for a whole number, 0 or more, checked at parse time rather than as an error from deep in
+    loading: `'-3' is not {noun}: {hint}`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}: {hint}")
+        return value
+
+    return parse
+
+
+token_count = whole_number("a token count", "give 0 (no cap) or more tokens")  # --max-image-tokens
 
 
 def image_tokens_arg(p: argparse._ActionsContainer) -> None:

@@ -17,7 +17,7 @@ from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qwen35.server.errors import APIError, anthropic_error_body
-from qwen35.server.prepare import _param
+from qwen35.server.prepare import param_path
 from qwen35.server.responses import Generation
 from qwen35.server.schemas import ChatRequest
 from qwen35.tokenizer.choice import ChoiceText
@@ -145,7 +145,7 @@ def _validate(model: type[Model], data: Any, loc: Loc) -> Model:
         return model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        where = _param((*loc, *first["loc"]))
+        where = param_path((*loc, *first["loc"]))
         detail = "is required" if first["type"] == "missing" else \
             f"is invalid: {first['msg']} (got {repr(first.get('input'))[:60]})"
         raise APIError(400, f"{where} {detail}", where) from None
@@ -157,7 +157,7 @@ def _blocks(content: list[dict[str, Any]], allowed: dict[str, type[Strict]], loc
     for j, block in enumerate(content):
         kind = block.get("type")
         if kind not in allowed:
-            where = _param((*loc, j))
+            where = param_path((*loc, j))
             raise APIError(400, f"{where} is a {str(kind)[:40]!r} block; here the blocks are "
                            f"{', '.join(allowed)}", where)
         out.append(_validate(allowed[kind], block, (*loc, j)))
@@ -168,7 +168,7 @@ def _image_part(block: ImageBlock, loc: Loc) -> dict[str, Any]:
     """An image block as the OpenAI image_url part, so the server's image policy and caps apply unchanged."""
     kind = block.source.get("type")
     if kind not in SOURCES:
-        where = _param((*loc, "source", "type"))
+        where = param_path((*loc, "source", "type"))
         raise APIError(400, f"{where} {str(kind)[:40]!r} is not supported; use \"base64\" or \"url\"", where)
     source = _validate(SOURCES[kind], block.source, (*loc, "source"))
     url = f"data:{source.media_type};base64,{source.data}" if isinstance(source, Base64Source) else source.url

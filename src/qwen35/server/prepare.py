@@ -49,7 +49,7 @@ class Job:
     steering: Steering = field(default_factory=Steering)  # thinking budget, grammar (response_format, tool_choice)
 
 
-def _param(loc: tuple[Any, ...]) -> str:
+def param_path(loc: tuple[Any, ...]) -> str:
     """pydantic's error location as the OpenAI `param`: messages[0].role (union type tags dropped)."""
     out = ""
     for part in loc:
@@ -87,7 +87,7 @@ def parse_body(raw: bytes, schema: type[Body]) -> Body:
         return schema.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        param = _param(first["loc"])
+        param = param_path(first["loc"])
         got = repr(first.get("input"))[:60]
         detail = "is required" if first["type"] == "missing" else f"is invalid: {first['msg']} (got {got})"
         raise APIError(400, f"{param or 'body'} {detail}", param or None) from None
@@ -160,7 +160,7 @@ def check_tools(tools: list[Any]) -> None:
             function = Tool.model_validate(tool).function
         except ValidationError as e:
             first = e.errors()[0]
-            where = _param(("tools", i, *first["loc"]))
+            where = param_path(("tools", i, *first["loc"]))
             raise APIError(400, f"{where} is invalid: {first['msg']}; a tool is {{\"type\": \"function\", "
                            "\"function\": {\"name\": ..., \"parameters\": {JSON Schema}}}", where) from None
         if function.parameters is None:
