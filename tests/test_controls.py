@@ -254,3 +254,37 @@ def test_default_thinking_follows_the_checkpoint_template(monkeypatch, default_m
         assert prompt.thinking is default and think in prompt.steering.ban_answer  # no second <think> either way
         assert default_model.prepare_chat(USER, enable_thinking=True).thinking
         assert not default_model.prepare_chat(USER, enable_thinking=False).thinking
+
+
+def test_string_parameters_stay_strings_however_they_look(monkeypatch, default_model):
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {
+        "zip": {"type": "string"}, "count": {"type": "integer"}, "flag": {"type": "boolean"}}}}}
+    call = ("<tool_call>\n<function=lookup>\n<parameter=zip>\n12345\n</parameter>\n<parameter=count>\n3\n"
+            "</parameter>\n<parameter=flag>\ntrue\n</parameter>\n</function>\n</tool_call><|im_end|>")
+    _scripted(monkeypatch, call, default_model)
+    reply = default_model.chat(USER, tools=[tool], enable_thinking=False)
+    assert reply.tool_calls == [{"name": "lookup", "arguments": {"zip": "12345", "count": 3, "flag": True}}]
+
+    def lookup(zip: str, count: int) -> str:
+        """Look a zip code up.
+
+        Args:
+            zip: the zip code
+            count: how many results
+        """
+        return ""
+
+    reply = default_model.chat(USER, tools=[lookup], enable_thinking=False)  # a Python function: the same rule
+    assert reply.tool_calls[0]["arguments"] == {"zip": "12345", "count": 3, "flag": True}
+
+
+def test_forced_string_arguments_keep_their_pattern_and_lengths(default_model):
+    tool = {"type": "function", "function": {"name": "book", "parameters": {"type": "object", "required": [
+        "code", "note", "free"], "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
+                                               "note": {"type": "string", "maxLength": 5},
+                                               "free": {"type": "string", "minLength": 2, "maxLength": 4}}}}}
+    for seed in range(3):
+        reply = default_model.chat(USER, tools=[tool], tool_choice="required", parallel_tool_calls=False,
+                                   temperature=1.0, seed=seed, max_tokens=120, enable_thinking=False)
+        assert reply.finish_reason == "tool_calls", reply
+        jsonschema.validate(reply.tool_calls[0]["arguments"], tool["function"]["parameters"])

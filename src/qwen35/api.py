@@ -26,8 +26,9 @@ from qwen35.ops.cpu import kernels
 from qwen35.models.vision import ImageInputs, VisionModel
 from qwen35.sampling import SamplingParams
 from qwen35.tokenizer import ChoiceText, Tokenizer, tool_calls_in
-from qwen35.tokenizer.controls import chat_steering, resolve_budget
+from qwen35.tokenizer.controls import chat_steering, resolve_budget, tool_parameters
 from qwen35.tokenizer.history import history_ids, reply_message
+from qwen35.tokenizer.tools import tool_schemas
 from qwen35.vision import EncodedImages, ImagePolicy, ImageProcessor, image_sources, load_images, prepare
 from qwen35.vision.processor import DEFAULT_MAX_IMAGE_TOKENS
 
@@ -77,15 +78,16 @@ class Reply:
     notice: str = ""  # why the answer is empty or partial (max_tokens spent thinking, JSON cut short)
 
 
-def fold(pieces: Iterable[Piece]) -> Reply:
-    """The non-streaming reply of a stream."""
+def fold(pieces: Iterable[Piece], schemas: dict[str, Any] | None = None) -> Reply:
+    """The non-streaming reply of a stream; `schemas` (function name -> parameters) say which tool-call
+    arguments are strings (`controls.tool_parameters`)."""
     text, thinking, logprobs, last = [], [], [], None
     for piece in pieces:
         (thinking if piece.kind == "thinking" else text).append(piece.text)
         logprobs += piece.logprobs
         last = piece
     assert last is not None and last.finish_reason is not None, "a stream always ends with a finishing piece"
-    content, calls = tool_calls_in("".join(text))
+    content, calls = tool_calls_in("".join(text), schemas)
     reason = "tool_calls" if calls and last.finish_reason == "stop" else last.finish_reason  # as the server says
     return Reply(content, "".join(thinking), reason, last.prompt_tokens, last.completion_tokens, calls,
                  last.cached_tokens, logprobs, last.notice)
@@ -170,6 +172,7 @@ class Qwen35:
         Raises ValueError (`ImageError` for images) naming what is wrong.
         """
         tok = self.tokenizer
+        tools = tool_schemas(tools)  # Python functions as their schemas, once, for the template and the grammar
         if reasoning_effort == "none":
             enable_thinking = False
         budget = resolve_budget(thinking_budget, reasoning_effort)
@@ -222,7 +225,8 @@ class Qwen35:
 
     def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
              enable_thinking: bool | None = None, **options: Any) -> Reply:
-        return fold(self.stream_chat(messages, tools, enable_thinking, **options))
+        schemas = tool_parameters(tool_schemas(tools))  # which call arguments are strings
+        return fold(self.stream_chat(messages, tools, enable_thinking, **options), schemas)
 
     def stream(self, request: Request, thinking: bool = False) -> Iterator[Piece]:
         """The engine's events for one request as text pieces (`thinking`: the reply starts inside `<think>`)."""

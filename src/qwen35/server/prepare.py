@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from qwen35.api import Qwen35
 from qwen35.runtime.steering import Steering
+from qwen35.tokenizer.controls import tool_parameters
 from qwen35.sampling import SamplingParams
 from qwen35.server.errors import APIError
 from qwen35.server.media import load_media
@@ -47,6 +48,7 @@ class Job:
     marks: tuple[int, ...] = ()  # the chat's stable points for prefix snapshots
     followup: Any = None  # chat: `Request.followup`, for the one choice of a request (n=1)
     steering: Steering = field(default_factory=Steering)  # thinking budget, grammar (response_format, tool_choice)
+    tool_schemas: dict[str, Any] = field(default_factory=dict)  # function name -> parameters, to read calls back
 
 
 def param_path(loc: tuple[Any, ...]) -> str:
@@ -210,7 +212,7 @@ def prepare_chat(req: ChatRequest, qwen: Qwen35, settings: ServerSettings) -> Jo
     return Job("chat", prompt.ids, params, (req.top_logprobs or 0) if req.logprobs else None, bias, prompt.thinking,
                bool(req.tools) and req.tool_choice != "none", req.stream,
                bool(req.stream_options and req.stream_options.include_usage), prompt.images, prompt.marks,
-               prompt.followup if len(params) == 1 else None, prompt.steering)
+               prompt.followup if len(params) == 1 else None, prompt.steering, tool_parameters(req.tools))
 
 
 def prepare_completion(req: CompletionRequest, qwen: Qwen35, settings: ServerSettings) -> Job:

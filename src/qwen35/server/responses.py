@@ -51,7 +51,7 @@ class Generation:
         self.seq_ids = [f"{self.id}/{i}" for i in range(len(job.params))]
         tok = qwen.tokenizer
         self.choices = [ChoiceText(tok, () if p.ignore_eos else tok.eos_token_ids, p.stop, job.thinking, job.tools,
-                                   job.steering.shape)
+                                   job.steering.shape, job.tool_schemas)
                         for p in job.params]
         self.logprobs: list[list[dict[str, Any]]] = [[] for _ in job.params]
         self.first_token = True

@@ -7,7 +7,7 @@ the first `<tool_call>` on is held back and parsed into OpenAI tool calls at the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from qwen35.tokenizer.streaming import IncrementalDecoder, StopStrings, ThinkingSplitter, parse_tool_calls
@@ -16,7 +16,7 @@ from qwen35.tokenizer.tokenizer import Tokenizer
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 
 
-def tool_calls_in(text: str) -> tuple[str, list[dict[str, Any]]]:
+def tool_calls_in(text: str, schemas: Mapping[str, Any] | None = None) -> tuple[str, list[dict[str, Any]]]:
     """`parse_tool_calls` on the text up to the last `</tool_call>`; what follows stays content.
 
     Cutting there keeps the parse linear: the non-greedy `<tool_call>(.*?)</tool_call>` search would rescan
@@ -26,7 +26,7 @@ def tool_calls_in(text: str) -> tuple[str, list[dict[str, Any]]]:
     if end < 0:
         return text, []
     end += len(TOOL_CLOSE)
-    content, calls = parse_tool_calls(text[:end])
+    content, calls = parse_tool_calls(text[:end], schemas)
     return ((content + text[end:]).strip(), calls) if calls else (text, [])
 
 
@@ -34,11 +34,13 @@ class ChoiceText:
     """Feed tokens, get ("thinking" | "answer", text) deltas; `close` ends the choice and sets `finish_reason`."""
 
     def __init__(self, tokenizer: Tokenizer, eos_ids: Iterable[int], stops: Iterable[str],
-                 thinking: bool | None, tools: bool, structured: str = ""):
+                 thinking: bool | None, tools: bool, structured: str = "",
+                 schemas: Mapping[str, Any] | None = None):
         self.decoder, self.stops = IncrementalDecoder(tokenizer), StopStrings(stops)
         self.eos = set(eos_ids)
         self.splitter = ThinkingSplitter(thinking, TOOL_OPEN) if thinking is not None else None
         self.structured = structured  # what a grammar makes of the answer, in words ("JSON", "tool call")
+        self.schemas = schemas  # function name -> parameters schema, for `parse_tool_calls`
         self.tool_gate = StopStrings((TOOL_OPEN,)) if tools else None
         self.answer: list[str] = []  # every answer character produced, shown or held
         self.shown = 0  # answer characters already sent as content
@@ -68,7 +70,7 @@ class ChoiceText:
             out += self._route(self.splitter.flush())
         rest = "".join(self.answer)[self.shown:]
         if rest:
-            content, self.tool_calls = tool_calls_in(rest) if self.tool_gate else (rest, [])
+            content, self.tool_calls = tool_calls_in(rest, self.schemas) if self.tool_gate else (rest, [])
             out += [("answer", content)] if content else []
             self.shown = len("".join(self.answer))
         self.finish_reason = "tool_calls" if self.tool_calls and reason == "stop" else reason
@@ -95,7 +97,7 @@ class ChoiceText:
     def content(self) -> tuple[str, list[dict[str, Any]]]:
         """The whole answer as a non-streaming reply has it: tool calls parsed out (as `api.fold` does)."""
         text = "".join(self.answer)
-        return tool_calls_in(text) if self.tool_gate else (text, [])
+        return tool_calls_in(text, self.schemas) if self.tool_gate else (text, [])
 
     def _split(self, text: str) -> list[tuple[str, str]]:
         return self._route(self.splitter.feed(text) if self.splitter is not None else [("answer", text)])

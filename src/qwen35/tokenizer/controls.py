@@ -3,8 +3,9 @@
 Qwen3.5 writes a tool call as XML, one parameter per block, strings raw and everything else as JSON:
 `<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>\\n</function>\\n</tool_call>`.
 A forced call (`tool_choice` "required" or a named function) is that format as a grammar: the function names
-offered, each tool's parameters in schema order (required ones present), string values free text up to the
-closing tag (an `enum` lists its values), other values JSON valid against the parameter's schema.
+offered, each tool's parameters in schema order (required ones present), string values raw text up to the
+closing tag (an `enum` lists its values; `pattern`, `minLength`, `maxLength` hold), other values JSON valid
+against the parameter's schema.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from jsonschema.validators import validator_for
 
 from qwen35.runtime.grammar import COMPACT, GrammarError, Vocabulary
 from qwen35.runtime.steering import CLOSE_THINKING, Steering
+from qwen35.tokenizer.streaming import is_text_parameter
 from qwen35.tokenizer.tokenizer import Tokenizer
 
 # OpenAI's reasoning_effort as thinking budgets (tokens): "none" turns thinking off instead.
@@ -61,7 +63,13 @@ def _check_schema(schema: Any, where: str) -> None:
 
 
 def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {t["function"]["name"]: t["function"] for t in tools if isinstance(t.get("function"), dict)}
+    return {t["function"]["name"]: t["function"] for t in tools
+            if isinstance(t, dict) and isinstance(t.get("function"), dict) and "name" in t["function"]}
+
+
+def tool_parameters(tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Function name -> its `parameters` schema: how a call's arguments are read back (`parse_tool_calls`)."""
+    return {name: f.get("parameters") or {} for name, f in _functions(tools or []).items()}
 
 
 def forced_tools(tools: list[dict[str, Any]] | None, tool_choice: Any) -> list[dict[str, Any]] | None:
@@ -87,14 +95,29 @@ def _literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def _text_terminal(schema: dict[str, Any]) -> str:
+    """The terminal a raw string parameter must match: its `pattern` (JSON Schema semantics, matched as the whole
+    value, which also satisfies the schema's search semantics) and its `minLength`/`maxLength`; any text when it
+    has neither. Several constraints intersect (llguidance's `&`)."""
+    from llguidance import regex_to_lark
+
+    parts = []
+    low, high = schema.get("minLength"), schema.get("maxLength")
+    if low or high is not None:
+        parts.append(f"/(?s:.{{{low or 0},{'' if high is None else high}}})/")
+    if isinstance(schema.get("pattern"), str):
+        parts.append(f"/{regex_to_lark(schema['pattern'].removeprefix('^').removesuffix('$'), 'dw')}/")
+    return " & ".join(parts) or "/(?s:.*)/"
+
+
 def _value(schema: Any, rule: str, rules: list[str]) -> str:
     """The grammar of one parameter value (ending with the parameter's closing tag)."""
     end = _literal("\n</parameter>\n")
-    if isinstance(schema, dict) and schema.get("type") == "string" and not schema.get("enum"):
-        rules.append(f"{rule}[suffix={end}]: /(?s:.*)/")
+    if is_text_parameter(schema) and schema.get("enum"):
+        return "(" + " | ".join(_literal(v) for v in schema["enum"]) + f") {end}"
+    if is_text_parameter(schema):
+        rules += [f"{rule.upper()}: {_text_terminal(schema)}", f"{rule}[suffix={end}]: {rule.upper()}"]
         return rule
-    if isinstance(schema, dict) and schema.get("type") == "string":
-        return "(" + " | ".join(_literal(str(v)) for v in schema["enum"]) + f") {end}"
     body = {**schema, "x-guidance": COMPACT} if isinstance(schema, dict) else {"x-guidance": COMPACT}
     return f"%json {json.dumps(body)} {end}"
 

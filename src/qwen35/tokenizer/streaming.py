@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -148,38 +148,57 @@ _FUNCTION = re.compile(r"\s*<function=([^>\n]+)>\n?(.*?)</function>\s*", re.DOTA
 _PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
 
 
-def _parse_call(body: str) -> dict | None:
+def is_text_parameter(schema: Any) -> bool:
+    """A parameter written raw in a call (a string, or an enum of strings), never JSON-decoded: the one rule the
+    tool-call parser and the forced-call grammar share."""
+    if not isinstance(schema, Mapping):
+        return False
+    enum = schema.get("enum")
+    return schema.get("type") == "string" or (isinstance(enum, list) and bool(enum) and
+                                              all(isinstance(v, str) for v in enum))
+
+
+def _parse_call(body: str, schemas: Mapping[str, Any]) -> dict | None:
     """One `<tool_call>` body in the Qwen3-Coder XML format, or None when it does not match exactly."""
     function = _FUNCTION.fullmatch(body)
     if function is None:
         return None
+    name = function.group(1).strip()
+    parameters = schemas.get(name)
+    properties = parameters.get("properties") if isinstance(parameters, Mapping) else None
+    properties = properties if isinstance(properties, Mapping) else {}
     arguments: dict[str, Any] = {}
     rest = function.group(2)
     while rest.strip():
         parameter = _PARAMETER.match(rest)
         if parameter is None:
             return None
-        name, value = parameter.group(1).strip(), parameter.group(2)
-        try:
-            arguments[name] = json.loads(value)
-        except json.JSONDecodeError:
-            arguments[name] = value
+        key, value = parameter.group(1).strip(), parameter.group(2)
+        if is_text_parameter(properties.get(key)):
+            arguments[key] = value
+        else:
+            try:
+                arguments[key] = json.loads(value)
+            except json.JSONDecodeError:
+                arguments[key] = value
         rest = rest[parameter.end():]
-    return {"name": function.group(1).strip(), "arguments": arguments}
+    return {"name": name, "arguments": arguments}
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
+def parse_tool_calls(text: str, schemas: Mapping[str, Any] | None = None) -> tuple[str, list[dict]]:
     """Split model output into (content, [{"name", "arguments"}]) for Qwen3-Coder XML tool calls.
 
-    Parameter values lose the one newline the template puts on each side and are JSON-decoded when they are
-    valid JSON (`5`, `true`, `{"a": 1}`), else kept as strings. A block that does not parse stays in the
-    content, so nothing is lost and nothing raises; when calls were found the content is stripped.
+    Parameter values lose the one newline the template puts on each side. `schemas` (function name -> its
+    `parameters` JSON Schema) says which parameters are strings: those are kept as written (a zip code `02134` or
+    an id `12345` stays a string); the others are JSON-decoded when they are valid JSON (`5`, `true`,
+    `{"a": 1}`), else kept as strings. A block that does not parse stays in the content, so nothing is lost and
+    nothing raises; when calls were found the content is stripped.
     """
     calls: list[dict] = []
     kept: list[str] = []
     end = 0
     for match in _TOOL_CALL.finditer(text):
-        call = _parse_call(match.group(1))
+        call = _parse_call(match.group(1), schemas or {})
         if call is not None:
             kept.append(text[end:match.start()])
             end = match.end()
