@@ -11,7 +11,9 @@ from qwen35.cache import QuantKV
 from qwen35.ops.cpu import fast_path
 
 
-KEY_BLOCK = 4096  # keys dequantized at once from an 8-bit cache: a bounded copy, whatever the context
+SCORE_BLOCK = 1 << 21  # fp32 scores per K/V head computed at once over an 8-bit cache (8 MiB): keys per block =
+# this / (queries x group), so a decode step reads the whole history in a few blocks and a 512-token prefill chunk
+# keeps its temporaries to tens of MiB, whatever the context
 
 
 def attention(q: torch.Tensor, k: torch.Tensor | QuantKV, v: torch.Tensor | QuantKV,
@@ -39,12 +41,14 @@ def attention_decode(k: ModuleType, q: torch.Tensor, key: torch.Tensor, value: t
 
 
 def attention_8bit(q: torch.Tensor, k: QuantKV, v: QuantKV, mask: torch.Tensor | None,
-                   block: int = KEY_BLOCK) -> torch.Tensor:
-    """`attention` over 8-bit K/V, `block` keys at a time with an online softmax (fp32), so no full-precision copy
-    of a long history is ever made. Reference: `attention` on `k.dequantize()`, `v.dequantize()`."""
+                   block: int | None = None) -> torch.Tensor:
+    """`attention` over 8-bit K/V, `block` keys at a time (default: SCORE_BLOCK scores per head) with an online
+    softmax (fp32), so no full-precision copy of a long history is ever made. Reference: `attention` on
+    `k.dequantize()`, `v.dequantize()`."""
     b, hq, t, d = q.shape
     hkv, s = k.q.shape[1], k.q.shape[2]
     g = hq // hkv
+    block = block or max(256, SCORE_BLOCK // (g * t))
     if mask is None and t > 1 and s == t:
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()[None, None]
     queries = q.float().reshape(b, hkv, g * t, d) * d ** -0.5  # query heads grouped under their K/V head
