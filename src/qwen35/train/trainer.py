@@ -4,6 +4,9 @@ It trains `Qwen35Model` itself (the chunked delta rule is differentiable), on on
 (DDP, or FSDP2 with `fsdp=True`; gloo on CPU, NCCL on GPU). Batches come from `batch_fn(step, micro, rank,
 world)`, a pure function of its arguments, so a resumed run sees exactly the batches it would have seen.
 Checkpoints are safetensors + JSON (no pickle): the model in the official layout, the optimizer state beside it.
+A model with a multi-token-prediction head (`model.mtp`) trains it alongside: the loss adds `mtp_weight` times the
+head's cross-entropy on the token after next (`mtp_loss`, logged separately). Frozen parameters
+(`requires_grad=False`) are left out of the optimizer, so they stay bit-identical.
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from qwen35.loading import load_model, save_state_dict
 from qwen35.models import Qwen35Model
+from qwen35.models.qwen3_5 import rotary_cos_sin
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input ids (B, T), targets (B, T) with -100 = no loss)
 BatchFn = Callable[[int, int, int, int], Batch]
+# (model, batch) -> (the loss to minimise, target tokens in the batch, {metric: mean over the batch}) ; the metrics
+# are logged per step (averaged over micro-batches) and, token-weighted, on the validation batches as val_<metric>
+Objective = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, int, dict[str, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class TrainConfig:
     time_budget_s: float | None = None  # stop (and save) once this much wall time has passed
     stop_at_step: int | None = None  # end this run early at this step (saved); a later run resumes the schedule
     fsdp: bool = False
+    mtp_weight: float = 0.3  # λ: loss = CE(next token) + λ·CE(MTP head, token after next), when the model has a head
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -83,16 +91,79 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
+def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def mtp_hidden(model: Qwen35Model, hidden: torch.Tensor, next_ids: torch.Tensor,
+               positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The MTP head without a cache: at each position t, (embedding of next_ids[t], hidden[t]) -> its hidden state
+    (B, T, H), whose `lm_head` logits predict the token after next_ids[t]. Rope positions default to 0..T-1 (the
+    body's own at t); attn_mask (B or 1, 1, T, T) bool defaults to causal."""
+    b, t = next_ids.shape
+    if positions is None:
+        positions = torch.arange(t, device=next_ids.device)[None].expand(b, t)
+    rope = rotary_cos_sin(model.config, positions[None].expand(3, b, t), hidden.dtype)
+    return model.mtp(model.embed_tokens(next_ids), hidden, rope, attn_mask, None)
+
+
+def forward_with_hidden(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, final hidden states) from one forward through `model` itself (so a DDP / FSDP wrapper runs its
+    hooks); the hidden states are the output of the inner model's final `norm`, captured on the way."""
+    inner = getattr(model, "module", model)
+    captured: list[torch.Tensor] = []
+    handle = inner.norm.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    return logits, captured[-1]
+
+
+def standard_objective(mtp_weight: float) -> Objective:
+    """Next-token cross-entropy (`loss`); with an MTP head also its cross-entropy on the token after next
+    (`mtp_loss`: position t reads token t+1 and h_t and predicts token t+2, where the batch has a target for it,
+    so SFT batches score the head on replies only), added with weight `mtp_weight`."""
+    def objective(model: torch.nn.Module, batch: Batch):
+        x, y = batch
+        inner = getattr(model, "module", model)
+        n = int((y != -100).sum())
+        if getattr(inner, "mtp", None) is None or x.shape[1] < 2:
+            loss = _ce(model(x), y)
+            return loss, n, {"loss": loss}
+        logits, hidden = forward_with_hidden(model, x)
+        loss = _ce(logits, y)
+        mtp = _ce(inner.lm_head(mtp_hidden(inner, hidden[:, :-1], x[:, 1:])), y[:, 1:])
+        return loss + mtp_weight * mtp, n, {"loss": loss, "mtp_loss": mtp}
+    return objective
+
+
 def loss_fn(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over target positions, and how many there were."""
     x, y = batch
-    logits = model(x)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
-    return loss, int((y != -100).sum())
+    return _ce(model(x), y), int((y != -100).sum())
+
+
+@torch.no_grad()
+def evaluate_metrics(model: torch.nn.Module, batches: list[Batch], device: torch.device,
+                     objective: Objective) -> dict[str, float]:
+    """The objective's metrics over `batches`, each a token-weighted mean."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    count = 0
+    for x, y in batches:
+        _, n, metrics = objective(model, (x.to(device), y.to(device)))
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * n
+        count += n
+    model.train(was_training)
+    return {k: v / max(count, 1) for k, v in totals.items()}
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[Batch], device: torch.device) -> float:
+    """Mean next-token cross-entropy over the target tokens of `batches`."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -138,8 +209,11 @@ def _load_state(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -
 
 
 def train(model: Qwen35Model, batch_fn: BatchFn, val_batches: list[Batch], cfg: TrainConfig, out_dir: Path,
-          resume: bool = True, log: Callable[[str], None] = print) -> list[dict]:
-    """Train in place; returns the history of logged metrics. Checkpoints go to out_dir/checkpoint."""
+          resume: bool = True, log: Callable[[str], None] = print, objective: Objective | None = None) -> list[dict]:
+    """Train in place; returns the history of logged metrics. Checkpoints go to out_dir/checkpoint.
+
+    `objective` defaults to `standard_objective(cfg.mtp_weight)`; only parameters with requires_grad are trained."""
+    objective = objective or standard_objective(cfg.mtp_weight)
     rank, world, device = setup_distributed()
     torch.manual_seed(cfg.seed)
     ckpt = Path(out_dir) / "checkpoint"
@@ -153,8 +227,9 @@ def train(model: Qwen35Model, batch_fn: BatchFn, val_batches: list[Batch], cfg: 
         wrapped = fully_shard(model)
     elif world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     if resume and (ckpt / "trainer" / "state.json").exists():
@@ -171,17 +246,19 @@ def train(model: Qwen35Model, batch_fn: BatchFn, val_batches: list[Batch], cfg: 
         for step in range(start, cfg.steps):
             for group in opt.param_groups:
                 group["lr"] = cfg.lr_at(step)
-            loss_sum = 0.0
+            loss_sum, sums = 0.0, {}
             for micro in range(cfg.grad_accum):
                 x, y = (t.to(device) for t in batch_fn(step, micro, rank, world))
                 sync = (contextlib.nullcontext() if micro == cfg.grad_accum - 1 or not hasattr(wrapped, "no_sync")
                         else wrapped.no_sync())
                 with sync, autocast:
-                    loss, n = loss_fn(wrapped, (x, y))
+                    loss, n, metrics = objective(wrapped, (x, y))
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
                 window_tokens += n * world
-            norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             done = step + 1
@@ -189,10 +266,13 @@ def train(model: Qwen35Model, batch_fn: BatchFn, val_batches: list[Batch], cfg: 
                 rate = window_tokens / max(time.time() - window_t, 1e-9)
                 tokens += window_tokens
                 window_tokens, window_t = 0, time.time()
-                record = {"step": done, "loss": round(loss_sum, 4), "lr": cfg.lr_at(step), "grad_norm": float(norm),
-                          "tokens": tokens, "tok_per_s": round(rate, 1), "elapsed_s": round(time.time() - t0, 1)}
+                record = {"step": done, "loss": round(sums.pop("loss", loss_sum), 4),
+                          **{k: round(v, 4) for k, v in sums.items()}, "lr": cfg.lr_at(step),
+                          "grad_norm": float(norm), "tokens": tokens, "tok_per_s": round(rate, 1),
+                          "elapsed_s": round(time.time() - t0, 1)}
                 if done % cfg.eval_every == 0 or done == cfg.steps:
-                    record["val_loss"] = round(evaluate(wrapped, val_batches, device), 4)
+                    for k, v in evaluate_metrics(wrapped, val_batches, device, objective).items():
+                        record[f"val_{k}"] = round(v, 4)
                 history.append(record)
                 progress.update(done, record)
                 if rank == 0:
