@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -84,17 +85,50 @@ def make_reference(name: str, seed: int = 0, causal_lm: bool = False):
     return model
 
 
+def write_mtp(path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Add a random multi-token-prediction head to a checkpoint written by `save_pretrained`, as every official
+    checkpoint has one (the reference model ignores it): top-level `mtp.*` tensors (`fc` (H, 2H), the two pre-fc
+    norms, `norm`) and one full-attention decoder layer `mtp.layers.0.*` named as the body's full-attention layers
+    are in this file (routed experts per expert), and `mtp_num_hidden_layers: 1` in config.json. Returns them."""
+    from safetensors.torch import load_file, save_file
+
+    raw = json.loads((path / "config.json").read_text())
+    text = raw.get("text_config", raw)  # multimodal, or text-only (CausalLM) layout
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    body = next(p for p in ("model.language_model.", "model.") if f"{p}embed_tokens.weight" in tensors)
+    layer = f"{body}layers.{text['layer_types'].index('full_attention')}."
+    h = text["hidden_size"]
+    shapes = {"mtp.fc.weight": (h, 2 * h), "mtp.pre_fc_norm_embedding.weight": (h,),
+              "mtp.pre_fc_norm_hidden.weight": (h,), "mtp.norm.weight": (h,)}
+    shapes |= {f"mtp.layers.0.{k[len(layer):]}": tuple(t.shape) for k, t in tensors.items() if k.startswith(layer)}
+    g = torch.Generator().manual_seed(seed + 1000)
+    dtype = tensors[f"{body}embed_tokens.weight"].dtype
+    mtp = {}
+    for name, shape in sorted(shapes.items()):  # norms near 0 (zero-centred), matrices ~ 1/sqrt(fan_in)
+        scale = 0.1 if len(shape) == 1 else shape[-1] ** -0.5 * (0.5 if name.endswith(("o_proj.weight",
+                                                                                         "down_proj.weight")) else 1)
+        mtp[name] = (torch.randn(shape, generator=g) * scale).to(dtype)
+    save_file(tensors | mtp, file, metadata={"format": "pt"})
+    text.update(mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False)
+    (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    return mtp
+
+
 @pytest.fixture(scope="session")
 def reference_checkpoint(tmp_path_factory):
-    """name -> (directory, transformers model) written with save_pretrained; built once per session."""
-    made: dict[tuple[str, bool], tuple[Path, torch.nn.Module]] = {}
+    """name -> (directory, transformers model) written with save_pretrained; built once per session. The files
+    hold a random MTP head (`write_mtp`) as the official ones do, unless `mtp=False`."""
+    made: dict[tuple[str, bool, bool], tuple[Path, torch.nn.Module]] = {}
 
-    def get(name: str, causal_lm: bool = False) -> tuple[Path, torch.nn.Module]:
-        key = (name, causal_lm)
+    def get(name: str, causal_lm: bool = False, mtp: bool = True) -> tuple[Path, torch.nn.Module]:
+        key = (name, causal_lm, mtp)
         if key not in made:
             ref = make_reference(name, causal_lm=causal_lm)
-            path = tmp_path_factory.mktemp(f"{name}{'-causal' if causal_lm else ''}")
+            path = tmp_path_factory.mktemp(f"{name}{'-causal' if causal_lm else ''}{'' if mtp else '-nomtp'}")
             ref.save_pretrained(path)
+            if mtp:
+                write_mtp(path)
             made[key] = (path, ref)
         return made[key]
 

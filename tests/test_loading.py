@@ -70,10 +70,12 @@ def test_tied_head_shares_embedding(ckpt):
     assert model.lm_head.weight is model.embed_tokens.weight
 
 
-def test_skips_mtp_and_vision_tensors(ckpt, caplog):
-    _rewrite(ckpt, lambda t: t.update({"mtp.fc.weight": torch.zeros(4, 4)}))
+def test_skips_vision_tensors_and_a_head_the_config_lacks(ckpt, caplog):
+    """The vision tower loads apart; `mtp.*` tensors load only when config.json has the head (test_mtp_loading)."""
+    _edit_config(ckpt, lambda t: t.update(mtp_num_hidden_layers=0))
     with caplog.at_level("INFO"):
-        load_model(ckpt, dtype=torch.float32)
+        model = load_model(ckpt, dtype=torch.float32)
+    assert model.mtp is None
     assert "mtp." in caplog.text and "model.visual." in caplog.text
 
 

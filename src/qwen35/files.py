@@ -12,8 +12,8 @@ import json
 import stat
 from pathlib import Path
 
-SKIPPED_PREFIXES = {"mtp.": "multi-token-prediction head (not used for plain generation)",
-                    "model.visual.": "vision tower (loaded beside the text model by `load_vision`)"}
+SKIPPED_PREFIXES = {"model.visual.": "vision tower (loaded beside the text model by `load_vision`)"}
+MTP_PREFIX = "mtp."  # the multi-token-prediction head: top-level in the official files, `Qwen35Model.mtp` here
 KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
@@ -65,9 +65,12 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 def checkpoint_name(name: str) -> str | None:
-    """Official name -> our parameter name; None for tensors we knowingly skip."""
+    """Official name -> our parameter name; None for tensors we knowingly skip. The MTP head's names
+    (`mtp.fc.weight`, `mtp.layers.0.self_attn.q_proj.weight`, ...) are ours as they are."""
     if any(name.startswith(p) for p in SKIPPED_PREFIXES):
         return None
+    if name.startswith(MTP_PREFIX):
+        return name
     for prefix in ("model.language_model.", "model."):  # multimodal layout, then text-only (CausalLM) layout
         if name.startswith(prefix):
             return name[len(prefix):]

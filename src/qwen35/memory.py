@@ -71,7 +71,8 @@ def _stored(shape: tuple[int, ...], bits: int, group: int, dtype_bytes: int) -> 
 
 
 def weight_bytes(config: ModelConfig, dtype_bytes: int = 2, quant: QuantConfig | None = None) -> int:
-    """The text model's weights as loaded (the vision tower loads with the first image and is not counted)."""
+    """The text model's weights as loaded, the MTP head's included when the config has one (the vision tower loads
+    with the first image and is not counted)."""
     from qwen35.models import Qwen35Model
     from qwen35.quant.checkpoint import _quantized_modules
 

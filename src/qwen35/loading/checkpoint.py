@@ -3,6 +3,10 @@
 Tensors are read one at a time from memory-mapped safetensors files straight into a model built on the meta
 device, so peak memory is the model itself. Every tensor must be accounted for: a missing, unexpected,
 wrong-shape or truncated tensor is an error that names the tensor and the file.
+
+The multi-token-prediction head (`mtp.*`, top-level in the official files) loads into `model.mtp`, routed experts
+stacked as the body's are. A checkpoint whose config has the head but whose files hold no `mtp.*` tensor at all
+(re-uploads that strip it) loads without it (`model.mtp` None); one holding part of it is an error.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from qwen35.config import ModelConfig, load_config
-from qwen35.files import SKIPPED_PREFIXES, CheckpointError, checkpoint_name, release_freed_memory, weight_files
+from qwen35.files import (MTP_PREFIX, SKIPPED_PREFIXES, CheckpointError, checkpoint_name, release_freed_memory,
+                          weight_files)
 from qwen35.models import Qwen35Model
 from qwen35.quant.checkpoint import build_quantized, complete
 from qwen35.quant.linear import gather_on_huge_pages
@@ -31,7 +36,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 QUANT_PARTS = (".qweight", ".scales", ".zeros")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 _EXPERT_INDEX = re.compile(r"^layers\.\d+\.mlp\.experts\.(\d+)\.")
-_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(r"^((?:mtp\.)?layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+MTP_UNUSED = "multi-token-prediction head (config.json has mtp_num_hidden_layers = 0)"
 
 
 def _diagnose(file: Path, error: Exception) -> CheckpointError:
@@ -58,9 +64,11 @@ def open_weights(file: Path) -> safe_open:
         raise _diagnose(file, e) from None
 
 
-def _check_geometry(config: ModelConfig, files: list[Path], config_file: Path) -> None:
+def _check_geometry(config: ModelConfig, files: list[Path], config_file: Path) -> bool:
     """Compare config.json with the weights' headers (names and shapes, no data) before the model is built, so a
-    config claiming more layers or another vocabulary than the weights hold is refused before sizing anything."""
+    config claiming more layers or another vocabulary than the weights hold is refused before sizing anything.
+    Returns whether the weights hold any `mtp.*` tensor."""
+    has_mtp = False
     layers: set[int] = set()
     experts: set[int] = set()
     embed: tuple[tuple[int, ...], Path] | None = None
@@ -70,6 +78,7 @@ def _check_geometry(config: ModelConfig, files: list[Path], config_file: Path) -
                 ours = checkpoint_name(name)
                 if ours is None:
                     continue
+                has_mtp = has_mtp or ours.startswith(MTP_PREFIX)
                 if m := _LAYER.match(ours):
                     layers.add(int(m[1]))
                 if m := _EXPERT_INDEX.match(ours):
@@ -89,6 +98,7 @@ def _check_geometry(config: ModelConfig, files: list[Path], config_file: Path) -
             if want != have:
                 raise CheckpointError(f"{config_file}: {field} = {want}, but embed_tokens.weight in {file.name} has "
                                       f"shape {shape}; config.json and the weights do not match")
+    return has_mtp
 
 
 def _describe(indices: set[int]) -> str:
@@ -109,9 +119,14 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
     config = load_config(directory)
     quant = _quant_config(directory)
     files = weight_files(directory)
-    _check_geometry(config, files, directory / "config.json")
+    has_mtp = _check_geometry(config, files, directory / "config.json")
     with torch.device("meta"):
         model = Qwen35Model(config)
+    if model.mtp is not None and not has_mtp:
+        model.mtp = None
+        log.info("%s: config.json has mtp_num_hidden_layers = %d but the weights hold no %s* tensor; loaded without "
+                 "the multi-token-prediction head: speculative decoding is unavailable with this checkpoint",
+                 directory, config.mtp_num_hidden_layers, MTP_PREFIX)
     expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head appears once
     loaded: dict[str, torch.Tensor] = {}
     quantized: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # module -> qweight / scales / zeros
@@ -123,6 +138,9 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
                 ours = checkpoint_name(name)
                 if ours is None:
                     skipped[next(p for p in SKIPPED_PREFIXES if name.startswith(p))] += 1
+                    continue
+                if ours.startswith(MTP_PREFIX) and model.mtp is None:  # the config has no head
+                    skipped[MTP_PREFIX] += 1
                     continue
                 if ours == "lm_head.weight" and config.tie_word_embeddings:
                     skipped["lm_head.weight (tied to the embedding)"] += 1
@@ -156,12 +174,18 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = torch.bfloat16,
         build_quantized(model, quantized, quant)
         expected = {name: p.shape for name, p in model.named_parameters()}
     missing = sorted(set(expected) - set(loaded))
+    if missing and all(m.startswith(MTP_PREFIX) for m in missing):
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{directory}: the multi-token-prediction head is incomplete: missing tensor(s) "
+                              f"{missing[:5]}{more} (looked in {[f.name for f in files]}); re-download the "
+                              f"checkpoint, or remove every {MTP_PREFIX}* tensor to load it without the head")
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{directory}: missing tensor(s) {missing[:5]}{more} "
                               f"(looked in {[f.name for f in files]}); the checkpoint is incomplete")
     for prefix, count in skipped.items():
-        log.info("skipped %d tensor(s) under %s: %s", count, prefix, SKIPPED_PREFIXES.get(prefix, "unused"))
+        log.info("skipped %d tensor(s) under %s: %s", count, prefix,
+                 MTP_UNUSED if prefix == MTP_PREFIX else SKIPPED_PREFIXES.get(prefix, "unused"))
     model.load_state_dict(loaded, strict=False, assign=True)
     if config.tie_word_embeddings and not (quant is not None and quant.head):
         model.lm_head.weight = model.embed_tokens.weight

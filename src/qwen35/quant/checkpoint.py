@@ -1,7 +1,10 @@
 """Quantized checkpoints: written tensor by tensor from a memory-mapped source, loaded without full weights.
 
 Layout: the official names, with each quantized weight `X.weight` replaced by `X.qweight` + `X.scales`
-(+ `X.zeros` for int4); routed experts stay per expert. config.json carries
+(+ `X.zeros` for int4); routed experts are stored per expert (a source that fuses them, `experts.gate_up_proj`
+(E, 2I, H) and `experts.down_proj` (E, H, I), is split). The multi-token-prediction head (`mtp.*`) is quantized by
+the body's rules: its large linears and experts at `bits`, its norms, router and shared-expert gate as they are.
+config.json carries
 `"quantization_config": {"quant_method": "qwen35-weight-only", "bits": 4, "group_size": 64, "head": 0}` (`head`: the
 bits of the LM head and embedding, 0 for full precision; `true`, written before int4 heads existed, means 8).
 Shards of at most `shard_bytes` keep peak memory near one shard, whatever the model size.
@@ -22,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qwen35.config import ModelConfig, load_config
-from qwen35.files import checkpoint_name, weight_files
+from qwen35.files import MTP_PREFIX, CheckpointError, checkpoint_name, weight_files
 from qwen35.models import Qwen35Model
 from qwen35.models.qwen3_5 import Experts
 from qwen35.quant.linear import StoredTable, make_linear
@@ -30,11 +33,12 @@ from qwen35.quant.quantize import QuantConfig, QuantEmbedding, QuantExperts, _la
 
 COPIED = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
           "preprocessor_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
-_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)$")
+_EXPERT = re.compile(r"^((?:mtp\.)?layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)$")
+_FUSED = re.compile(r"^((?:mtp\.)?layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
 def _quantized_modules(config: ModelConfig, cfg: QuantConfig) -> set[str]:
-    """Our module names whose `.weight` is stored quantized."""
+    """Our module names whose `.weight` is stored quantized (the MTP head's too, when the config has one)."""
     with torch.device("meta"):
         meta = Qwen35Model(config)
     names = {n for n, m in meta.named_modules() if _large(n, m)}
@@ -62,6 +66,11 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, cfg: QuantConfig, dtyp
     weight_map: dict[str, str] = {}
     done, size, n_shards = 0, 0, 0
 
+    def add(name: str, t: torch.Tensor) -> None:
+        nonlocal size
+        shard[name] = t.contiguous()
+        size += t.numel() * t.element_size()
+
     def flush() -> None:
         nonlocal shard, size, n_shards
         if shard:
@@ -76,20 +85,29 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, cfg: QuantConfig, dtyp
             for key in f.keys():
                 ours = checkpoint_name(key)
                 module = ours.removesuffix(".weight") if ours else None
-                tensor = f.get_tensor(key)
-                if module in targets and ours.endswith(".weight"):
+                unused = ours is not None and ours.startswith(MTP_PREFIX) and not config.mtp_num_hidden_layers
+                tensor = None if unused else f.get_tensor(key)
+                if unused:  # a head the config does not have: loading would skip it
+                    pass
+                elif (m := _FUSED.match(ours or "")) and f"{m[1]}.0.gate_proj" in targets:
+                    base = key.removesuffix(m[2])  # the official name up to `experts.`
+                    for e, w in enumerate(tensor):  # (E, 2I, H) / (E, H, I): stored per expert, as any source
+                        pieces = {"down_proj": w} if m[2] == "down_proj" else dict(zip(("gate_proj", "up_proj"),
+                                                                                        w.chunk(2)))
+                        for proj, piece in pieces.items():
+                            for part, t in quantize_parts(piece, cfg, dtype).items():
+                                add(f"{base}{e}.{proj}.{part}", t)
+                elif module in targets and ours.endswith(".weight"):
                     table = module in ("lm_head", "embed_tokens")
                     parts = quantize_parts(tensor, cfg, dtype, cfg.head if table else None)
                     if module == "embed_tokens" and config.tie_word_embeddings:
                         key = "lm_head.weight"  # tied: the one quantized table serves head and embedding
                     base = key.removesuffix(".weight")
                     for part, t in parts.items():
-                        shard[f"{base}.{part}"] = t.contiguous()
-                        size += t.numel() * t.element_size()
+                        add(f"{base}.{part}", t)
                 elif (ours is not None or key.startswith("model.visual.")) and not (
                         ours == "lm_head.weight" and config.tie_word_embeddings):  # the vision tower stays as it is
-                    shard[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-                    size += tensor.numel() * tensor.element_size()
+                    add(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
                 done += 1
                 if size >= shard_bytes:
                     flush()
@@ -133,8 +151,21 @@ def build_quantized(model: Qwen35Model, groups: dict[str, dict[str, torch.Tensor
         else:
             _set(model, name, make(parts))
     for prefix, per in experts.items():
+        _check_experts(prefix, per, model.config.num_experts)
         gate_up = [make({k: torch.cat([per[e]["gate_proj"][k], per[e]["up_proj"][k]]) for k in per[e]["gate_proj"]})
                    for e in sorted(per)]
         _set(model, prefix, QuantExperts(gate_up, [make(per[e]["down_proj"]) for e in sorted(per)]))
     model.quantization = cfg
     return set(groups)
+
+
+def _check_experts(prefix: str, per: dict[int, dict[str, dict[str, torch.Tensor]]], n: int) -> None:
+    """Every expert 0..n-1 with all three projections' stored parts, or an error naming what is not there."""
+    incomplete = sorted(e for e, projs in per.items() if set(projs) != {"gate_proj", "up_proj", "down_proj"}
+                        or not all(complete(p, parts) for p, parts in projs.items()))
+    if set(per) != set(range(n)) or incomplete:
+        have = sorted(per)
+        raise CheckpointError(f"'{prefix}': expected quantized gate/up/down weights for experts 0..{n - 1}, found "
+                              f"experts {have[:8]}{'...' if len(have) > 8 else ''}"
+                              f"{f', incomplete: {incomplete[:8]}' if incomplete else ''}; the checkpoint is "
+                              "incomplete (re-download it, or quantize it again)")

@@ -1,8 +1,9 @@
 """Apply weight-only quantization to a built model, from outside (the model file knows nothing about it).
 
-Large linears (attention, DeltaNet projections, MLPs, experts) become Int8Linear / Int4Linear; the tiny ones
-(`in_proj_a`, `in_proj_b`, the router, the shared-expert gate), norms, the conv, `A_log` and `dt_bias` stay in
-full precision. Optionally the head and embedding become int8 or int4 too (one shared table when they are tied).
+Large linears (attention, DeltaNet projections, MLPs, experts; the MTP head's `fc` and layer alike) become
+Int8Linear / Int4Linear; the tiny ones (`in_proj_a`, `in_proj_b`, the router, the shared-expert gate), norms, the
+conv, `A_log` and `dt_bias` stay in full precision. Optionally the head and embedding become int8 or int4 too (one
+shared table when they are tied).
 """
 
 from __future__ import annotations
