@@ -148,3 +148,20 @@ def test_two_gloo_processes_train_the_head_in_lockstep(tmp_path):
         for name in a:
             assert torch.equal(a[name], b[name]), (kind, name)
         assert all(not torch.equal(a[n], start[n]) for n in a if n.startswith("mtp.") and a[n].ndim == 2), kind
+
+
+def test_the_built_in_nano_ships_a_head_and_its_card_holds_the_figures():
+    from qwen35.default_model import default_model_path
+
+    nano = default_model_path()
+    config = json.loads((nano / "config.json").read_text())
+    assert config["text_config"]["mtp_num_hidden_layers"] == 1
+    names = set(load_file(nano / "model.safetensors"))
+    assert {"mtp.fc.weight", "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight", "mtp.norm.weight",
+            "mtp.layers.0.self_attn.q_proj.weight", "mtp.layers.0.mlp.down_proj.weight"} <= names
+    m = json.loads((nano / "training_figures.json").read_text())["mtp"]
+    card = (nano / "MODEL_CARD.md").read_text()
+    assert "## Multi-token prediction head" in card and m["command"] in card
+    greedy = m["draft_accuracy"]["greedy_heldout"]
+    assert f"{100 * greedy['depth_1']:.1f}%" in card and f"{100 * greedy['depth_2']:.1f}%" in card
+    assert 0 < greedy["chain_2"] <= greedy["depth_2"] <= greedy["depth_1"] <= 1

