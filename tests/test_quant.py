@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,13 +54,45 @@ def test_nibble_packing_round_trips():
     assert int(packed[0, 0]) == int(q[0, 0]) | int(q[0, 1]) << 4  # low nibble = even column
 
 
-@pytest.mark.parametrize("n, k", [(96, 256), (48, 128), (16, 64)])
+@pytest.mark.parametrize("n, k", [(96, 256), (48, 128), (16, 64), (160, 128), (112, 64)])
 def test_pytorch_int4_layout_reads_back(n, k):
-    """`int4pack_rows` inverts PyTorch's CPU packing, whole and from a later block (prefill tiles start there)."""
+    """`int4pack_rows` inverts PyTorch's CPU packing, whole and from every later 16 rows (prefill tiles start on
+    a block; row lookups anywhere), in the layout of the CPU capability PyTorch runs at here (AVX-512 packs 64-row
+    blocks: read as AVX2's 32, 160 x 128 came back with 158 of 160 rows wrong)."""
     q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     assert torch.equal(int4pack_rows(packed, 0, n).to(torch.int32), q)
-    assert n < 64 or torch.equal(int4pack_rows(packed, 32, n).to(torch.int32), q[32:])
+    for start in range(16, n, 16):
+        assert torch.equal(int4pack_rows(packed, start, n).to(torch.int32), q[start:]), start
+        assert torch.equal(int4pack_rows(packed, 0, start).to(torch.int32), q[:start]), start
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_pytorch_int4_layout_reads_back_at_every_cpu_capability(capability):
+    """PyTorch packs int4 by the capability its kernels run at (32-row blocks in halves on AVX2, 64 on AVX-512,
+    32 in pairs without vectors): each is read back, and an fp32 int4 layer's prefill product (dequantized rows)
+    matches its decode product (PyTorch's int4 kernel). A capability the CPU lacks runs as the best it has."""
+    script = """
+import torch
+from qwen35.quant.linear import Int4Linear, dequantize, int4_quantize, int4pack_rows
+n, k = 208, 128  # AVX-512: 3 blocks of 64 and 16 rows; AVX2: 6 blocks of 32 and 16
+q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+for start in range(0, n, 16):
+    assert torch.equal(int4pack_rows(packed, start, n).to(torch.int32), q[start:]), start
+g = torch.Generator().manual_seed(1)
+parts = int4_quantize(torch.randn(n, k, generator=g), 32, torch.float32)
+layer = Int4Linear(parts["qweight"], parts["scales"], parts["zeros"], 32)
+x = torch.randn(1, 20, k, generator=g)
+ref = x[0].double() @ dequantize(parts, 32).double().T
+with torch.inference_mode():
+    prefill, decode = layer(x)[0], torch.cat([layer(x[:, i:i + 1])[0] for i in range(20)])
+assert (prefill - ref).abs().max() < 1e-4 and (decode - ref).abs().max() < 1e-4
+print(torch.backends.cpu.get_cpu_capability(), layer.pack_layout)
+"""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "QWEN35_KERNELS": "0"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_int4_kernel_layout_round_trips():

@@ -10,6 +10,7 @@ time into a GEMM, never the whole matrix.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -175,6 +176,7 @@ class Int4Linear(nn.Module):
             self.register_buffer("zeros", tile_table(zeros))
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight), 1)
+            self.pack_layout = int4pack_layout()  # how `packed_rows` reads it: PyTorch's varies with the CPU
             self.register_buffer("packed", packed)
             self.register_buffer("scales_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous())
             if lookups:  # PyTorch's packed layout cannot give rows back: a tied embedding keeps the stored parts
@@ -201,8 +203,8 @@ class Int4Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def packed_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows start:stop of PyTorch's packed weight, dequantized in fp32 (start a multiple of 32)."""
-        q = int4pack_rows(self.packed, start, stop).view(stop - start, -1, self.group_size)
+        """Rows start:stop of PyTorch's packed weight, dequantized in fp32."""
+        q = int4pack_rows(self.packed, start, stop, self.pack_layout).view(stop - start, -1, self.group_size)
         scales, zeros = self.scales_zeros[:, start:stop].transpose(0, 1).float().contiguous().unbind(-1)
         # (q - 8) * scale + zero as one pass over the tile: q stays uint8 until addcmul promotes it
         return torch.addcmul((zeros - 8 * scales)[..., None], q, scales[..., None]).reshape(stop - start, -1)
@@ -221,21 +223,50 @@ class Int4Linear(nn.Module):
                                          row_index(index, self.out_features))
 
 
-def int4pack_rows(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Rows start:stop (start a multiple of 32) of `_convert_weight_to_int4pack_for_cpu`'s layout as (rows, K)
-    uint8 in [0, 15]. Read off that function's output, as PyTorch gives no unpacking: blocks of 32 rows, each
-    (K/2, 2, 16) bytes indexed (k // 2, k % 2, row % 16), rows 0-15 in the low nibbles, 16-31 in the high; a last
-    block of 16 rows is (K, 8) bytes, row r in nibble r % 2 of byte r // 2."""
-    k = packed.shape[1] * 2
-    flat, full = packed.reshape(-1), (stop - start) // 32 * 32
+def int4pack_rows(packed: torch.Tensor, start: int, stop: int,
+                  layout: tuple[int, bool] | None = None) -> torch.Tensor:
+    """Rows start:stop of `_convert_weight_to_int4pack_for_cpu`'s (N, K/2) output as (rows, K) uint8 in [0, 15].
+    Read off that function's output, as PyTorch gives no unpacking. Its layout depends on the CPU kernels it
+    dispatches to (`layout`, default `int4pack_layout()`: (block, halves)): blocks of `block` rows, each
+    (K, block/2) bytes, byte (k, j) holding column k of rows j and j + block/2 (halves: AVX2, 32 rows; AVX-512,
+    64) or of rows 2j and 2j + 1 (no vector kernels), the first row in the low nibble; the last N % block rows (a
+    multiple of 16) are one block of their own, in pairs. Any start:stop: the blocks it falls in are read whole
+    (prefill tiles start on a block)."""
+    block, halves = layout or int4pack_layout()
+    n, k = packed.shape[0], packed.shape[1] * 2
+    flat, full, end = packed.reshape(-1), n // block * block, min(stop, n // block * block)  # full: whole blocks
     parts = []
-    if full:
-        b = flat[start * k // 2:(start + full) * k // 2].view(-1, k // 2, 2, 16)
-        parts.append(torch.stack([b & 15, b >> 4], dim=1).permute(0, 1, 4, 2, 3).reshape(full, k))
-    if full < stop - start:
-        b = flat[(start + full) * k // 2:stop * k // 2].view(k, 8)
-        parts.append(torch.stack([b & 15, b >> 4], dim=-1).reshape(k, 16).t())
+    if start < end:
+        first, last = start // block * block, -(-end // block) * block
+        rows = _unpack_blocks(flat[first * k // 2:last * k // 2].view(-1, k, block // 2), halves)
+        parts.append(rows.reshape(last - first, k)[start - first:end - first])
+    if stop > full:
+        rows = _unpack_blocks(flat[full * k // 2:].view(1, k, (n - full) // 2), False)
+        parts.append(rows.reshape(n - full, k)[max(start, full) - full:stop - full])
     return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _unpack_blocks(b: torch.Tensor, halves: bool) -> torch.Tensor:
+    """(blocks, K, B/2) bytes -> (blocks, B, K) values: byte (k, j) holds rows j and j + B/2 (halves) or rows 2j
+    and 2j + 1, the first in its low nibble."""
+    if halves:  # (blocks, 2, K, B/2): nibble, column, row within the half
+        return torch.stack([b & 15, b >> 4], dim=1).transpose(2, 3).reshape(b.shape[0], -1, b.shape[1])
+    return torch.stack([b & 15, b >> 4], dim=-1).reshape(b.shape[0], b.shape[1], -1).transpose(1, 2)
+
+
+@functools.cache
+def int4pack_layout() -> tuple[int, bool]:
+    """(block, halves) of `_convert_weight_to_int4pack_for_cpu`'s layout in this process (see `int4pack_rows`),
+    read off a packed probe: PyTorch picks it by the CPU capability its kernels run at (AVX2: 32 rows in halves,
+    AVX-512: 64, none: 32 in pairs) and says so nowhere. A layout none of them reads back raises: decoding it
+    wrongly would give wrong products."""
+    q = torch.randint(0, 16, (128 + 16, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    for layout in ((32, True), (64, True), (32, False), (64, False)):
+        if packed.shape == (q.shape[0], q.shape[1] // 2) and torch.equal(int4pack_rows(packed, 0, len(q), layout), q):
+            return layout
+    raise RuntimeError(f"PyTorch {torch.__version__} packs int4 weights in a layout qwen35 cannot read back "
+                       f"(CPU capability {torch.backends.cpu.get_cpu_capability()})")
 
 
 def gather_on_huge_pages(model: nn.Module) -> None:
