@@ -8,6 +8,7 @@ which is the reference: the results are bit-identical.
 
 from __future__ import annotations
 
+from copy import deepcopy
 from types import ModuleType
 
 import torch
@@ -23,7 +24,8 @@ class NativeDecode:
 
     The plan is built on first use and holds the weight tensors: `reset` after the weights or modules change.
     It holds the model, which holds it: a cycle, which the garbage collector frees and `copy.deepcopy` of the
-    model carries over to the copy (a weak reference would leave a copy running the original's layers).
+    model carries over to the copy (a weak reference would leave a copy running the original's layers). A copy
+    starts without a plan: the native one cannot be copied, and holds the original's weights.
     """
 
     def __init__(self, model: nn.Module):
@@ -43,6 +45,11 @@ class NativeDecode:
     def reset(self) -> None:
         """Forget the plan: the next step builds one from the model as it is then."""
         self.plan = None
+
+    def __deepcopy__(self, memo: dict) -> "NativeDecode":
+        copy = memo[id(self)] = NativeDecode.__new__(NativeDecode)  # first: the model copied next refers back
+        copy.model, copy.plan = deepcopy(self.model, memo), None
+        return copy
 
 
 def build_plan(k: ModuleType, model: nn.Module) -> object | None:

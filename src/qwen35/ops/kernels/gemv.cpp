@@ -20,17 +20,19 @@ inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), 
 constexpr int64_t kAheadBf16 = 2048;  // bytes
 
 // One weight row against MB activation rows: y[m] = sum_k x[m, k] w[k]. Weight rows are read strictly in order
-// (one sequential stream per thread); U independent accumulators per activation row hide the dot latency.
+// (one sequential stream per thread); U independent accumulators per activation row hide the dot latency. U is
+// the same for every MB: it sets the order of the sums, so a row's result must not depend on how many rows
+// share the call (batch invariance; with 2 for MB > 1, rows decoded in a batch differed from alone).
 template <int MB>
 void bf16_row(const uint16_t* x, const uint16_t* w, int64_t K, bf16* y, int64_t ldy) {
-  constexpr int U = MB == 1 ? 4 : 2;
+  constexpr int U = 4;
   __m512 acc[U][MB];
   for (int u = 0; u < U; ++u)
     for (int m = 0; m < MB; ++m) acc[u][m] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 * U <= K; k += 32 * U) {
     prefetch(w + k + kAheadBf16 / 2);
-    if (U == 4) prefetch(w + k + kAheadBf16 / 2 + 64);
+    prefetch(w + k + kAheadBf16 / 2 + 64);
     for (int u = 0; u < U; ++u) {
       const __m512bh wv = as_bh(_mm512_loadu_si512(w + k + 32 * u));
       for (int m = 0; m < MB; ++m)
