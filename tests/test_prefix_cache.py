@@ -123,7 +123,7 @@ def test_a_failed_prefill_leaves_no_partial_snapshot(model, monkeypatch):
     cache = PrefixCache(GIB)
     engine = Engine(model, scheduler=Scheduler(prefill_chunk=32), prefix_cache=cache)
     prompt = _random(100, 40)
-    real, calls = type(model).forward, []
+    real, calls = type(model).features, []
 
     def failing(self, *args, **kwargs):
         calls.append(1)
@@ -131,12 +131,12 @@ def test_a_failed_prefill_leaves_no_partial_snapshot(model, monkeypatch):
             raise RuntimeError("injected")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(model), "forward", failing)
+    monkeypatch.setattr(type(model), "features", failing)
     engine.add(Request("f", prompt, GREEDY, marks=(50, 90)))
     events = [e for _ in range(5) for e in engine.step()]
     assert events[-1].finish_reason == "error" and not engine.has_work()
     assert set(cache.lengths()) == {50}  # the one point passed before the failure
-    monkeypatch.setattr(type(model), "forward", real)
+    monkeypatch.setattr(type(model), "features", real)
     got = list(run(model, Request("g", prompt, GREEDY), prefix_cache=cache))
     assert got[0].cached == 50 and [e.token for e in got] == list(generate_tokens(model, prompt, GREEDY))
 

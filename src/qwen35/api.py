@@ -17,6 +17,7 @@ from qwen35.runtime import Request, run
 from qwen35.runtime.background import Background
 from qwen35.runtime.grammar import Vocabulary
 from qwen35.runtime.prefix_cache import DEFAULT_CACHE_RAM, GIB, PrefixCache
+from qwen35.runtime.speculative import Speculator, make_speculator
 from qwen35.runtime.steering import Steering
 from qwen35.memory import MemoryPlan, available_memory, fitting_context, gib, plan
 from qwen35.loading import (available_vision, load_model, load_vision, preprocessor_config, release_freed_memory,
@@ -117,6 +118,7 @@ class Qwen35:
         self._background = Background()  # a finished reply's warm-up, run while the caller is idle
         self.context, self.context_note = model.config.max_position_embeddings, ""  # set by `load`
         self.kv_bits = 16
+        self.speculator: Speculator | None = None  # set by `load`: decode drafts with the MTP head
         self.vocabulary = Vocabulary(tokenizer.to_json, model.config.vocab_size,
                                      tokenizer.token_to_id("<|im_end|>") or -1)  # for grammars, built on first use
 
@@ -236,7 +238,8 @@ class Qwen35:
                           structured=request.steering.shape)
         cached = 0
         for event in run(self.model, request, tok.eos_token_ids, tok.vocab_size, self.prefix_cache,
-                         self._background.start, context=self.context, kv_bits=self.kv_bits):
+                         self._background.start, context=self.context, kv_bits=self.kv_bits,
+                         speculator=self.speculator):
             cached = event.cached
             pieces = [Piece(kind, t) for kind, t in text.feed(event.token)]
             if request.logprobs is not None:
@@ -253,7 +256,8 @@ class Qwen35:
 def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfloat16", device: str | None = None,
          progress: Callable[[int, int], None] | None = None, compile: bool = False,
          cache_ram: float | None = None, context: int | None = None, kv_bits: int = 16,
-         max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS) -> Qwen35:
+         max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS, draft: int | None = None,
+         draft_vocab: int | None = None) -> Qwen35:
     """Load a checkpoint directory or Hugging Face repo id; None loads the built-in default model.
 
     `context`: the most tokens a conversation may hold (None: the model's, capped by the memory free after loading;
@@ -266,6 +270,12 @@ def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfl
 
     `max_image_tokens`: the most tokens one image may cost; larger images are resized down to it (0 or None: no
     cap, as the reference: up to 16,384 per image; docs/images.md).
+
+    `draft`: speculative decoding with the checkpoint's multi-token-prediction head, `draft` tokens (1-4) per
+    step verified in one forward; the output is the same (greedy: token for token; sampled: in distribution).
+    None: the measured default for this model size (off where it does not pay, or without a head); 0: off.
+    `draft_vocab`: draft over only the N most frequent tokens (cheaper at small sizes; 0: all; None: default).
+    docs/speculative.md has the figures.
 
     `compile`: decode steps through torch.compile, compiled here (about a minute); measured to help where
     qwen35's CPU kernels cannot run (PyTorch's kernels: +25-39% decode at 0.8B), not beside them
@@ -298,12 +308,14 @@ def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfl
     if kv_bits not in (8, 16):
         raise ValueError(f"kv_bits={kv_bits} is not supported: use 16 or 8")
     qwen.kv_bits = kv_bits
-    qwen.context, qwen.context_note = choose_context(model, context, int(ram * GIB), kv_bits)
+    qwen.speculator = make_speculator(model, path, draft, draft_vocab)
+    qwen.context, qwen.context_note = choose_context(model, context, int(ram * GIB), kv_bits,
+                                                     qwen.speculator is not None)
     return qwen
 
 
 def choose_context(model: Qwen35Model, context: int | None, snapshot_bytes: int,
-                   kv_bits: int = 16) -> tuple[int, str]:
+                   kv_bits: int = 16, draft: bool = False) -> tuple[int, str]:
     """(context, a note when it was capped): the asked-for context, or the model's own capped by what the memory
     free after loading holds (K/V, DeltaNet state, prefill peak and snapshots: `qwen35.memory.plan`)."""
     config, limit = model.config, model.config.max_position_embeddings
@@ -315,7 +327,7 @@ def choose_context(model: Qwen35Model, context: int | None, snapshot_bytes: int,
 
     def rest(n: int) -> MemoryPlan:  # what a context still needs beside the weights and runtime already resident
         return replace(plan(config, n, dtype_bytes=dtype_bytes, kv_bits=kv_bits, snapshot_bytes=snapshot_bytes,
-                            weights=0), runtime=0)
+                            weights=0, draft=draft), runtime=0)
 
     free = available_memory()
     fits = fitting_context(rest, limit, int(free * 0.9))

@@ -5,7 +5,8 @@ Full-attention layers keep K/V (B, Hkv, S, hd); Gated DeltaNet layers keep the l
 whole batch shares: how many real tokens each sequence has seen (for positions) and which cached slots are real
 (left padding, so sequences of different lengths run in one batch exactly as they would alone), and each
 sequence's rope offset: after a prompt with images, positions continue at seen + rope_delta (M-RoPE).
-The recurrent state cannot be trimmed: a cache is only ever extended, never rolled back.
+The recurrent state cannot be trimmed: a cache is extended, and rolled back only within a verify pass of
+speculative decoding (`track`, `rollback`), which records the state after each of its tokens.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class KVCache:
     bits: int = 16  # 8: int8 `k`/`v` with fp32 scales per token and head (B, Hkv, capacity, 1)
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
+    stepwise: bool = False  # a verify pass: attention query by query, as decode steps compute it
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor | QuantKV, torch.Tensor | QuantKV]:
         """Append this step's K/V (B, Hkv, T, hd) and return views of the whole history (`QuantKV` pairs for an
@@ -105,6 +107,7 @@ class DeltaCache:
 
     conv: torch.Tensor | None = None  # (B, C, K-1), activation dtype
     state: torch.Tensor | None = None  # (B, Hv, dk, dv), fp32
+    trail: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # a verify pass: (conv, state) after each token
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.conv, self.state) if t is not None)
@@ -121,6 +124,9 @@ class ModelCache:
     seen: torch.Tensor  # (B,) real (non-pad) tokens consumed per sequence
     valid: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.bool))  # (B, S) real slots
     rope_delta: torch.Tensor | None = None  # (B,) position shift after images (None: all zero, text only)
+    draft: list[KVCache] = field(default_factory=list)  # the MTP head's K/V (speculative decoding): one slot behind
+    hidden: torch.Tensor | None = None  # (B, H) each sequence's last final hidden state, whose MTP slot waits for
+    # the token after it
 
     @property
     def length(self) -> int:
@@ -128,31 +134,66 @@ class ModelCache:
         return self.valid.shape[1]
 
     def reserve(self, n: int, like: torch.Tensor) -> None:
-        """Room for n more tokens in every K/V buffer (see `KVCache.reserve`)."""
+        """Room for n more tokens in every K/V buffer of the model (see `KVCache.reserve`)."""
         for layer in self.layers:
             if isinstance(layer, KVCache):
                 layer.reserve(n, like)
 
     def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
+        extra = 0 if self.hidden is None else self.hidden.numel() * self.hidden.element_size()
+        return sum(layer.nbytes() for layer in self.layers + self.draft) + extra
+
+    def track(self) -> None:
+        """Start a verify pass: the next forward runs its tokens one by one and records the DeltaNet states."""
+        for layer in self.layers:
+            if isinstance(layer, KVCache):
+                layer.stepwise = True
+            else:
+                layer.trail = []
+
+    def rollback(self, keep: list[int], t: int) -> None:
+        """End a verify pass of t tokens keeping the first keep[b] of sequence b (1..t): DeltaNet states as after
+        them; K/V trimmed to the longest kept, each sequence's kept slots moved to the end (its rejected ones
+        before them become invalid slots, like left padding), so every sequence's last token is the last slot."""
+        rows, longest, start = range(len(keep)), max(keep), self.length - t
+        for layer in self.layers:
+            if isinstance(layer, DeltaCache):
+                steps = layer.trail + [(layer.conv, layer.state)]
+                layer.conv = torch.stack([steps[keep[b] - 1][0][b] for b in rows])
+                layer.state = torch.stack([steps[keep[b] - 1][1][b] for b in rows])
+                layer.trail = None
+                continue
+            layer.stepwise = False
+            for b in (b for b in rows if keep[b] < longest):
+                for buf in (layer.k, layer.v, layer.k_scale, layer.v_scale):
+                    if buf is not None:
+                        buf[b, :, start + longest - keep[b]:start + longest] = buf[b, :, start:start + keep[b]].clone()
+            layer.length = start + longest
+        valid = self.valid[:, :start + longest].clone()
+        for b in rows:
+            valid[b, start:start + longest - keep[b]] = False
+        self.valid = valid
+        self.seen = self.seen - torch.tensor([t - k for k in keep], device=self.seen.device)
 
     def plan(self, context: int | None) -> "ModelCache":
         """Grow K/V straight to `context` + 1 slots (None: by doubling); returns self."""
-        for layer in self.layers:
+        for layer in self.layers + self.draft:
             if isinstance(layer, KVCache):
                 layer.capacity = 0 if context is None else context + 1
         return self
 
 
 def make_cache(config: ModelConfig, batch_size: int = 1, device: torch.device | str = "cpu",
-               kv_bits: int = 16) -> ModelCache:
-    """An empty cache with one entry per layer, chosen by `config.layer_types`; K/V at `kv_bits` (16 or 8)."""
+               kv_bits: int = 16, draft_layers: int = 0) -> ModelCache:
+    """An empty cache with one entry per layer, chosen by `config.layer_types`, and `draft_layers` K/V layers for
+    the MTP head (speculative decoding); K/V at `kv_bits` (16 or 8)."""
     if kv_bits not in (8, 16):
         raise ValueError(f"kv_bits={kv_bits} is not supported: use 16 (the activation dtype) or 8")
     layers: list[LayerCache] = [KVCache(bits=kv_bits) if t == "full_attention" else DeltaCache()
                                 for t in config.layer_types]
     return ModelCache(layers=layers, seen=torch.zeros(batch_size, dtype=torch.long, device=device),
-                      valid=torch.zeros(batch_size, 0, dtype=torch.bool, device=device))
+                      valid=torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
+                      draft=[KVCache(bits=kv_bits) for _ in range(draft_layers)])
 
 
 def _kv(bits: int, length: int, tensors: list[torch.Tensor]) -> KVCache:
@@ -177,18 +218,20 @@ def merge_caches(caches: list[ModelCache]) -> ModelCache:
     """
     length = max(c.length for c in caches)
     layers: list[LayerCache] = []
-    for i, first in enumerate(caches[0].layers):
-        parts = [c.layers[i] for c in caches]
-        if isinstance(first, KVCache):
-            columns = zip(*[[_pad_left(t, length - p.length, 2) for t in p.tensors()] for p in parts])
-            layers.append(_kv(first.bits, length, [torch.cat(c) for c in columns]))
+    for i, first in enumerate(caches[0].layers + caches[0].draft):
+        parts = [(c.layers + c.draft)[i] for c in caches]
+        if isinstance(first, KVCache):  # each cache's left pad, also for MTP layers one slot shorter than it
+            columns = zip(*[[_pad_left(t, length - c.length, 2) for t in p.tensors()] for c, p in zip(caches, parts)])
+            layers.append(_kv(first.bits, length - caches[0].length + first.length, [torch.cat(c) for c in columns]))
         else:
             layers.append(DeltaCache(torch.cat([p.conv for p in parts]), torch.cat([p.state for p in parts])))
     valid = torch.cat([_pad_left(c.valid, length - c.length, 1, False) for c in caches])
     delta = None
     if any(c.rope_delta is not None for c in caches):
         delta = torch.cat([torch.zeros_like(c.seen) if c.rope_delta is None else c.rope_delta for c in caches])
-    return ModelCache(layers, torch.cat([c.seen for c in caches]), valid, delta)
+    hidden = torch.cat([c.hidden for c in caches]) if caches[0].hidden is not None else None
+    n = len(caches[0].layers)
+    return ModelCache(layers[:n], torch.cat([c.seen for c in caches]), valid, delta, layers[n:], hidden)
 
 
 def select_rows(cache: ModelCache, rows: list[int]) -> ModelCache:
@@ -198,19 +241,21 @@ def select_rows(cache: ModelCache, rows: list[int]) -> ModelCache:
     used = valid.any(0)
     start = int(used.float().argmax()) if bool(used.any()) else cache.length
     layers: list[LayerCache] = []
-    for layer in cache.layers:
+    for layer in cache.layers + cache.draft:
         if isinstance(layer, KVCache):
             layers.append(_kv(layer.bits, layer.length - start, [t[index, :, start:] for t in layer.tensors()]))
         else:
             layers.append(DeltaCache(layer.conv[index], layer.state[index]))
     delta = None if cache.rope_delta is None else cache.rope_delta[index]
-    return ModelCache(layers, cache.seen[index], valid[:, start:], delta)
+    hidden = None if cache.hidden is None else cache.hidden[index]
+    n = len(cache.layers)
+    return ModelCache(layers[:n], cache.seen[index], valid[:, start:], delta, layers[n:], hidden)
 
 
 def is_finite(cache: ModelCache) -> bool:
     """No NaN/Inf in any layer's state (a state that is not finite must never be reused)."""
-    for layer in cache.layers:
+    for layer in cache.layers + cache.draft:
         tensors = layer.tensors() if isinstance(layer, KVCache) else (layer.conv, layer.state)
         if any(t is not None and not bool(torch.isfinite(t).all()) for t in tensors):
             return False
-    return True
+    return cache.hidden is None or bool(torch.isfinite(cache.hidden).all())

@@ -115,6 +115,7 @@ FIELDS: Mapping[str, Check] = MappingProxyType({
     "moe_intermediate_size": Int(0, MAX_WIDTH), "shared_expert_intermediate_size": Int(0, MAX_WIDTH),
     "eos_token_id": Items(_TOKEN_ID, 64), "image_token_id": _TOKEN_ID, "video_token_id": _TOKEN_ID,
     "vision_start_token_id": _TOKEN_ID, "vision_end_token_id": _TOKEN_ID, "vision_config": _object_or_none,
+    "mtp_num_hidden_layers": Int(0, 1),
     "model_type": OneOf(tuple(MULTIMODAL_TYPES) + tuple(TEXT_TYPES)),
 })
 
@@ -147,6 +148,7 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
+    mtp_num_hidden_layers: int = 0  # the multi-token-prediction head (`mtp.*`): 1 in every official checkpoint
     # Multimodal ids and the raw vision config (kept for the vision tower).
     eos_token_id: tuple[int, ...] = ()
     image_token_id: int = 248056
@@ -227,6 +229,8 @@ class ModelConfig:
                                 "mrope_section": list(self.mrope_section), "mrope_interleaved": True},
             "eos_token_id": list(self.eos_token_id) or None,
         }
+        if self.mtp_num_hidden_layers:
+            text.update(mtp_num_hidden_layers=self.mtp_num_hidden_layers, mtp_use_dedicated_embeddings=False)
         if moe:
             text.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
                         moe_intermediate_size=self.moe_intermediate_size,
@@ -282,6 +286,7 @@ def _text_fields(text: dict[str, Any], is_moe: bool) -> dict[str, Any]:
         "mrope_section": rope.get("mrope_section", (11, 11, 10)),
         "max_position_embeddings": text.get("max_position_embeddings", 262_144),
         "eos_token_id": _int_or_list(text.get("eos_token_id")),
+        "mtp_num_hidden_layers": text.get("mtp_num_hidden_layers", 0),
     }
     if is_moe:
         for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):

@@ -45,11 +45,13 @@ class MemoryPlan:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("context", "batch", "kv_bits")}
 
 
-def kv_bytes_per_token(config: ModelConfig, kv_bits: int = 16) -> int:
-    """K and V of every full-attention layer for one token (8 bits: plus an fp32 scale per head)."""
+def kv_bytes_per_token(config: ModelConfig, kv_bits: int = 16, draft: bool = False) -> int:
+    """K and V of every full-attention layer for one token (8 bits: plus an fp32 scale per head); `draft`: and
+    the MTP head's layer (speculative decoding)."""
     if kv_bits not in (8, 16):
         raise ValueError(f"kv_bits={kv_bits} is not supported: use 16 (bf16) or 8")
-    heads = config.layer_types.count("full_attention") * 2 * config.num_key_value_heads
+    layers = config.layer_types.count("full_attention") + (config.mtp_num_hidden_layers if draft else 0)
+    heads = layers * 2 * config.num_key_value_heads
     return heads * (config.head_dim * kv_bits // 8 + (KV_SCALE_BYTES if kv_bits == 8 else 0))
 
 
@@ -110,9 +112,10 @@ def prefill_bytes(config: ModelConfig, context: int, chunk: int, dtype_bytes: in
 
 def plan(config: ModelConfig, context: int | None = None, batch: int = 1, dtype_bytes: int = 2,
          quant: QuantConfig | None = None, kv_bits: int = 16, prefill_chunk: int | None = None,
-         snapshot_bytes: int = 0, weights: int | None = None) -> MemoryPlan:
+         snapshot_bytes: int = 0, weights: int | None = None, draft: bool = False) -> MemoryPlan:
     """The plan of a model at `context` tokens (default: the model's own) for `batch` sequences; `weights`: bytes
-    already known (a loaded model's), else computed from the config."""
+    already known (a loaded model's), else computed from the config; `draft`: with speculative decoding (the
+    MTP head's K/V)."""
     from qwen35.runtime.prefill import prefill_chunk_size
 
     context = config.max_position_embeddings if context is None else context
@@ -127,7 +130,7 @@ def plan(config: ModelConfig, context: int | None = None, batch: int = 1, dtype_
     if kv_bits == 8:  # the 8-bit attention's score blocks: a few fp32 (queries x keys) tiles per K/V head
         prefill += 4 * config.num_key_value_heads * SCORE_BLOCK * 4
     return MemoryPlan(context, batch, kv_bits, weights,
-                      batch * (context + 1) * kv_bytes_per_token(config, kv_bits),
+                      batch * (context + 1) * kv_bytes_per_token(config, kv_bits, draft),
                       batch * state_bytes(config, dtype_bytes), prefill, snapshot_bytes)
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.cache import DeltaCache, KVCache, ModelCache, make_cache
+from qwen35.cache import DeltaCache, KVCache, ModelCache, QuantKV, make_cache
 from qwen35.config import ModelConfig
 from qwen35.ops import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from qwen35.ops.attention import attention
@@ -153,10 +153,24 @@ class GatedAttention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if cache is not None:
-            k, v = cache.update(k, v)
-        o = attention(q, k, v, mask).transpose(1, 2).reshape(b, t, -1) * torch.sigmoid(gate.reshape(b, t, -1))
+        if cache is not None and cache.stepwise and t > 1:
+            o = torch.cat([self.attend(q[:, :, j:j + 1], *cache.update(k[:, :, j:j + 1], v[:, :, j:j + 1]), mask, j)
+                           for j in range(t)], dim=2)
+        else:
+            if cache is not None:
+                k, v = cache.update(k, v)
+            o = attention(q, k, v, mask)
+        o = o.transpose(1, 2).reshape(b, t, -1) * torch.sigmoid(gate.reshape(b, t, -1))
         return self.o_proj(o)
+
+    @staticmethod
+    def attend(q: torch.Tensor, k, v, mask: torch.Tensor | None, j: int) -> torch.Tensor:
+        """Query j of a stepwise (verify) pass against the keys up to itself, exactly as a decode step computes it:
+        its row of the causal mask, or None where every key is real."""
+        if mask is not None:
+            mask = mask[:, :, j:j + 1, :k_length(k)]
+            mask = None if bool(mask.all()) else mask
+        return attention(q, k, v, mask)
 
 
 class GatedDeltaNet(nn.Module):
@@ -182,10 +196,24 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache: DeltaCache | None) -> torch.Tensor:
         if pad_mask is not None:  # zero inputs at left pads: the state then stays exactly as at a sequence start
             x = x * pad_mask[..., None].to(x.dtype)
-        o = gated_deltanet_mix(self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x), cache,
-                               self.conv1d.weight.squeeze(1), self.A_log, self.dt_bias, self.norm.weight,
-                               self.norm.eps, plain=self.mix)
+        qkv, z, b, a = self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
+        if cache is not None and cache.trail is not None and x.shape[1] > 1:  # a verify pass: token by token
+            step = [t.split(1, dim=1) for t in (qkv, z, b, a)]
+            o = torch.cat([self.mix_step(*(t[j].contiguous() for t in step), cache, record=j + 1 < x.shape[1])
+                           for j in range(x.shape[1])], dim=1)
+        else:
+            o = self.mix_step(qkv, z, b, a, cache)
         return self.out_proj(o)
+
+    def mix_step(self, qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+                 cache: DeltaCache | None, record: bool = False) -> torch.Tensor:
+        """The mixer on its kernel; `record`: keep a copy of the state after it in `cache.trail` (the kernel
+        updates the state in place), so a verify pass can roll back to any of its tokens."""
+        o = gated_deltanet_mix(qkv, z, b, a, cache, self.conv1d.weight.squeeze(1), self.A_log, self.dt_bias,
+                               self.norm.weight, self.norm.eps, plain=self.mix)
+        if record:
+            cache.trail.append((cache.conv.clone(), cache.state.clone()))
+        return o
 
     def mix(self, qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
             cache: DeltaCache | None) -> torch.Tensor:
@@ -234,6 +262,31 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class MultiTokenPredictor(nn.Module):
+    """The multi-token-prediction head (`mtp.*`): from the final hidden state at position t (after `norm`) and the
+    embedding of token t+1, a hidden state whose logits (the shared LM head) predict token t+2. Both inputs are
+    normed, concatenated [embedding | hidden], projected back to H by `fc`, then one full-attention decoder
+    layer with its own K/V (at position t) and `norm`. Read from vLLM's qwen3_5_mtp.py; draft token i+1 chains
+    from draft i's output hidden state. The engine keeps its K/V one slot behind the model's (`ModelCache.hidden`
+    holds the last position's hidden state until the token after it is known)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.pre_fc_norm_embedding = RMSNorm(h, eps)
+        self.pre_fc_norm_hidden = RMSNorm(h, eps)
+        self.fc = Linear(2 * h, h, bias=False)
+        self.layers = nn.ModuleList(DecoderLayer(config, "full_attention") for _ in range(config.mtp_num_hidden_layers))
+        self.norm = RMSNorm(h, eps)
+
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, rope, attn_mask: torch.Tensor | None,
+                caches: list[KVCache] | None) -> torch.Tensor:
+        x = self.fc(torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, attn_mask, None, caches[i] if caches is not None else None)
+        return self.norm(x)
+
+
 class Qwen35Model(nn.Module):
     """Token ids -> next-token logits. Tied heads share the embedding matrix."""
 
@@ -246,6 +299,7 @@ class Qwen35Model(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = MultiTokenPredictor(config) if config.mtp_num_hidden_layers else None  # None: no head in it
         self.decode_step = NativeDecode(self)  # one token per sequence: `run_layers`, natively where it can
         self.decode_layers = self.decode_step  # what decode steps run: `compile_decode` swaps in a compiled one
 
@@ -299,6 +353,13 @@ class Qwen35Model(nn.Module):
         overrides the default text positions (multimodal inputs); inputs_embeds (B, T, H) the token embeddings
         (see `embed`). With a cache, the new tokens continue it, shifted by the cache's rope_delta.
         """
+        x = self.features(input_ids, cache, attention_mask, position_ids, inputs_embeds)
+        return self.lm_head(x[:, -1:] if last_only else x)
+
+    def features(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
+                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` up to the final norm: hidden states (B, T, H), what the LM head and the MTP head read."""
         b, t = input_ids.shape
         real = (torch.ones(b, t, dtype=torch.bool, device=input_ids.device) if attention_mask is None
                 else attention_mask.bool())
@@ -323,9 +384,24 @@ class Qwen35Model(nn.Module):
         if cache is not None:
             cache.seen = seen + real.sum(1)
             cache.valid = valid
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
+
+    def draft(self, next_ids: torch.Tensor, hidden: torch.Tensor, cache: ModelCache, position_ids: torch.Tensor,
+              valid: torch.Tensor) -> torch.Tensor:
+        """The MTP head over T positions: next_ids (B, T) the token after each, hidden (B, T, H) their final hidden
+        states, position_ids (3, B, T) theirs. Appends T slots to the head's K/V (`cache.draft`); valid (B, S + T)
+        says which of its S + T slots are real. Returns its hidden states (B, T, H)."""
+        t = next_ids.shape[1]
+        attn_mask = _attention_mask(valid, t) if not bool(valid.all()) or (t > 1 and valid.shape[1] > t) else None
+        rope = rotary_cos_sin(self.config, position_ids, hidden.dtype)
+        for layer in cache.draft:
+            layer.reserve(t, self.empty_key(hidden.shape[0], hidden))
+        return self.mtp(self.embed_tokens(next_ids), hidden, rope, attn_mask, cache.draft)
+
+
+def k_length(k: torch.Tensor | QuantKV) -> int:
+    """Slots of a key history, 16- or 8-bit."""
+    return (k.q if isinstance(k, QuantKV) else k).shape[2]
 
 
 def _attention_mask(valid: torch.Tensor, t: int) -> torch.Tensor:

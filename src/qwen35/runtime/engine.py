@@ -24,6 +24,7 @@ from qwen35.models.vision import ImageInputs
 from qwen35.runtime.prefill import prefill_chunk, prefill_chunk_size
 from qwen35.runtime.request import Request
 from qwen35.runtime.scheduler import Scheduler, Sequence
+from qwen35.runtime.speculative import Speculator
 from qwen35.runtime.steering import Steer
 from qwen35.sampling import SamplingParams, sample
 
@@ -61,12 +62,16 @@ class Engine:
     points while prefilling, and at the end of each reply, so the next turn of a conversation extends it). A
     finished chat reply is also queued as a *warm* sequence: the conversation as its next turn will render it
     (`Request.followup`), prefilled for a snapshot and nothing sampled, behind the requests already waiting.
+
+    `speculator`: decode steps draft tokens with the model's MTP head and verify them (runtime/speculative.py);
+    None: one token per step.
     """
 
     def __init__(self, model: Qwen35Model, eos_ids: Seq[int] = (), sample_limit: int | None = None,
                  scheduler: Scheduler | None = None, isolate_failures: bool = True,
-                 prefix_cache: PrefixCache | None = None, context: int | None = None, kv_bits: int = 16):
-        self.model, self.eos, self.sample_limit = model, set(eos_ids), sample_limit
+                 prefix_cache: PrefixCache | None = None, context: int | None = None, kv_bits: int = 16,
+                 speculator: Speculator | None = None):
+        self.model, self.eos, self.sample_limit, self.speculator = model, set(eos_ids), sample_limit, speculator
         self.context, self.kv_bits = context or model.config.max_position_embeddings, kv_bits
         self.isolate_failures, self.prefix_cache = isolate_failures, prefix_cache
         self.scheduler = scheduler or Scheduler()
@@ -113,22 +118,27 @@ class Engine:
         if waiting is not None:
             events += self._prefill(waiting)
         running = list(self.scheduler.running)
-        if running:
+        if not running:
+            return events
+        if self.speculator is not None:
+            produced = self.speculator.step(self.batch, running, self._sample_or_fail)
+        else:
             ids = torch.tensor([[s.generated[-1]] for s in running], device=self.device)
             logits = self.model(ids, self.batch)[:, -1]
-            keep = []
-            for row, seq in enumerate(running):
-                event = self._sample_or_fail(seq, logits[row])
-                events.append(event)
-                if event.finish_reason is None:
-                    keep.append(row)
-                    continue
-                self.scheduler.finish(seq, event.finish_reason)
-                if self.prefix_cache is not None and event.finish_reason != "error":
-                    self._store_reply(seq, row)
-                    self._queue_warm(seq)
-            if len(keep) < len(running):
-                self._keep(keep)
+            produced = [[self._sample_or_fail(seq, logits[row])] for row, seq in enumerate(running)]
+        keep = []
+        for row, (seq, mine) in enumerate(zip(running, produced)):
+            events += mine
+            reason = mine[-1].finish_reason
+            if reason is None:
+                keep.append(row)
+                continue
+            self.scheduler.finish(seq, reason)
+            if self.prefix_cache is not None and reason != "error":
+                self._store_reply(seq, row)
+                self._queue_warm(seq)
+        if len(keep) < len(running):
+            self._keep(keep)
         return events
 
     def _prefill(self, seq: Sequence) -> list[Event]:
@@ -166,15 +176,16 @@ class Engine:
         return [event]
 
     def _restore(self, seq: Sequence) -> None:
-        if self.prefix_cache is None:
-            seq.cache = make_cache(self.model.config, 1, self.device, self.kv_bits).plan(self.context)
-            return
-        key = self._image_key(seq, len(seq.prompt))
+        drafting = self.speculator is not None
+        key = None if self.prefix_cache is None else self._image_key(seq, len(seq.prompt))
         if key is not None:
-            seq.cached, seq.cache = self.prefix_cache.restore(seq.prompt, key, warm=seq.warm)
+            seq.cached, seq.cache = self.prefix_cache.restore(seq.prompt, key, warm=seq.warm, draft=drafting)
             seq.prefilled = seq.cached
             seq.stops = snapshot_points(len(seq.prompt), seq.request.marks, seq.prefilled)
-        seq.cache = (seq.cache or make_cache(self.model.config, 1, self.device, self.kv_bits)).plan(self.context)
+        if seq.cache is None:
+            layers = self.model.config.mtp_num_hidden_layers if drafting else 0
+            seq.cache = make_cache(self.model.config, 1, self.device, self.kv_bits, draft_layers=layers)
+        seq.cache.plan(self.context)
 
     def _store_reply(self, seq: Sequence, row: int) -> None:
         """The state after a reply, for the conversation's next turn (the reply's last token was never fed)."""
@@ -264,18 +275,18 @@ class Engine:
 def run(model: Qwen35Model, request: Request, eos_ids: Seq[int] = (), sample_limit: int | None = None,
         prefix_cache: PrefixCache | None = None,
         background: Callable[[Callable[[threading.Event], None]], None] | None = None,
-        context: int | None = None, kv_bits: int = 16) -> Iterator[Event]:
+        context: int | None = None, kv_bits: int = 16, speculator: Speculator | None = None) -> Iterator[Event]:
     """The engine with one request: its events one by one, the last with `finish_reason`. Raises ValueError for a
     prompt that does not fit, FloatingPointError for NaN/Inf logits, and whatever the model or the sampler raised.
 
     `sample_limit` excludes ids >= it from sampling (the embedding rows past the tokenizer are untrained).
     `background` is handed the warm-up left when the request ends (`Engine.drain`), before its last event, to
     run while the caller is idle (it must finish before the model's next use); None drops it. `context`,
-    `kv_bits`: see `Engine`.
+    `kv_bits`, `speculator`: see `Engine`.
     """
     scheduler = Scheduler(max_running=1, max_waiting=1, prefill_chunk=prefill_chunk_size(model.config))
     engine = Engine(model, eos_ids, sample_limit, scheduler, isolate_failures=False, prefix_cache=prefix_cache,
-                    context=context, kv_bits=kv_bits)
+                    context=context, kv_bits=kv_bits, speculator=speculator)
     engine.add(request)
     while engine.has_work():
         for event in engine.step():

@@ -18,19 +18,39 @@ def prefill_chunk(model: Qwen35Model, ids: torch.Tensor, cache: ModelCache, star
     """Prompt ids[:, start:end] (B=1 with images) into the cache; returns the chunk's last logits (B, 1, V).
 
     With images, the chunk's image tokens take their features and every token its M-RoPE position; the last chunk
-    records the rope delta in the cache so decoding continues at the right positions.
+    records the rope delta in the cache so decoding continues at the right positions. A cache with MTP layers
+    (speculative decoding) has the head catch up over the chunk (`mtp_catch_up`).
     """
-    if images is None:
-        return model(ids[:, start:end], cache, last_only=True)
-    image_id = model.config.image_token_id
-    first = int((ids[0, :start] == image_id).sum())
-    count = int((ids[0, start:end] == image_id).sum())
-    embeds = model.embed(ids[:, start:end], images.features[first:first + count])
-    positions = images.positions[:, None, start:end].to(ids.device)
-    logits = model(ids[:, start:end], cache, position_ids=positions, last_only=True, inputs_embeds=embeds)
-    if end >= ids.shape[1]:
+    end = min(end, ids.shape[1])
+    embeds = positions = None
+    if images is not None:
+        image_id = model.config.image_token_id
+        first = int((ids[0, :start] == image_id).sum())
+        count = int((ids[0, start:end] == image_id).sum())
+        embeds = model.embed(ids[:, start:end], images.features[first:first + count])
+        positions = images.positions[:, None, max(start - 1, 0):end].to(ids.device)
+    else:
+        base = cache.seen if cache.rope_delta is None else cache.seen + cache.rope_delta
+        positions = (base[:, None] + torch.arange(-min(start, 1), end - start, device=ids.device))[None]
+        positions = positions.expand(3, *positions.shape[1:])
+    hidden = cache.hidden
+    x = model.features(ids[:, start:end], cache, position_ids=positions[..., min(start, 1):], inputs_embeds=embeds)
+    if cache.draft:
+        mtp_catch_up(model, cache, ids[:, max(start, 1):end], x, hidden, positions[..., :-1])
+    if images is not None and end >= ids.shape[1]:
         cache.rope_delta = torch.full_like(cache.seen, images.rope_delta)
-    return logits
+    return model.lm_head(x[:, -1:])
+
+
+def mtp_catch_up(model: Qwen35Model, cache: ModelCache, next_ids: torch.Tensor, x: torch.Tensor,
+                 hidden: torch.Tensor | None, positions: torch.Tensor) -> None:
+    """The MTP head over a prefilled chunk: each token's hidden state (the one before the chunk, `hidden`, then
+    the chunk's own `x` but its last) paired with the token after it, at that token's position; the chunk's last
+    hidden state waits in `cache.hidden` for the token after it."""
+    pairs = x[:, :-1] if hidden is None else torch.cat([hidden[:, None], x[:, :-1]], dim=1)
+    if pairs.shape[1]:
+        model.draft(next_ids, pairs, cache, positions, cache.valid[:, :cache.length - 1])
+    cache.hidden = x[:, -1]
 
 
 def prefill_chunk_size(config: ModelConfig) -> int:

@@ -90,16 +90,17 @@ class PrefixCache:
         with self._lock:
             return (tuple(tokens), images) in self._snapshots
 
-    def restore(self, tokens: Sequence[int], images: tuple[str, ...],
-                warm: bool = False) -> tuple[int, ModelCache | None]:
+    def restore(self, tokens: Sequence[int], images: tuple[str, ...], warm: bool = False,
+                draft: bool = False) -> tuple[int, ModelCache | None]:
         """(position, a copy of the state there) of the deepest snapshot on this prompt's prefix, leaving at
         least one token to compute; (0, None) on a miss. Counts the prompt's reused and computed tokens (`warm`:
-        an idle-time prefill, counted apart)."""
+        an idle-time prefill, counted apart). `draft`: the state must include the MTP head's (speculative
+        decoding); otherwise any head state a snapshot holds is left out of the copy."""
         best: Snapshot | None = None
         with self._lock:
             for snap in self._snapshots.values():
                 n = len(snap.tokens)
-                if (n < len(tokens) and (best is None or n > len(best.tokens))
+                if (n < len(tokens) and (best is None or n > len(best.tokens)) and (snap.cache.draft or not draft)
                         and images[: len(snap.images)] == snap.images and tuple(tokens[:n]) == snap.tokens):
                     best = snap
             if best is not None:
@@ -112,7 +113,12 @@ class PrefixCache:
                 self.stats.misses += best is None
                 self.stats.reused_tokens += position
                 self.stats.computed_tokens += len(tokens) - position
-        return position, None if best is None else select_rows(best.cache, [0])
+        if best is None:
+            return 0, None
+        cache = select_rows(best.cache, [0])
+        if not draft:
+            cache.draft, cache.hidden = [], None
+        return position, cache
 
     def clear(self) -> None:
         with self._lock:

@@ -51,7 +51,8 @@ class ServerState:
         s = self.settings
         engine = Engine(qwen.model, qwen.tokenizer.eos_token_ids, qwen.tokenizer.vocab_size,
                         Scheduler(max_running=s.max_running, max_waiting=s.max_queue, prefill_chunk=s.prefill_chunk),
-                        prefix_cache=qwen.prefix_cache, context=qwen.context, kv_bits=qwen.kv_bits)
+                        prefix_cache=qwen.prefix_cache, context=qwen.context, kv_bits=qwen.kv_bits,
+                        speculator=qwen.speculator)
         self.runner = Runner(engine, asyncio.get_running_loop(), s.max_queue, s.max_backlog, self.metrics.on_step)
         self.qwen = qwen
 
