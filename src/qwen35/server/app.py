@@ -26,6 +26,7 @@ from qwen35.server.responses import Generation, respond
 from qwen35.server.runner import Runner
 from qwen35.server.schemas import ChatRequest, CompletionRequest
 from qwen35.server.settings import ServerSettings
+from qwen35.server.web import install_web
 
 log = logging.getLogger("qwen35.server")
 
@@ -88,6 +89,7 @@ def create_app(settings: ServerSettings, load: Callable[[], Qwen35]) -> FastAPI:
     app.state.server = state
     app.add_middleware(Guard, settings=settings)
     install_handlers(app)
+    install_web(app, state)
 
     @app.get("/health")
     async def health() -> JSONResponse:

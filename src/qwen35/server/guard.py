@@ -1,9 +1,9 @@
 """The door, as pure ASGI middleware (it runs before routing and body parsing):
 
-header count and size caps (431), Host-header allowlist (DNS rebinding), API key on every route but /health
-(constant-time compare), and the body cap: a declared Content-Length over the limit is refused before a byte is
-read; a chunked body is counted while it streams in and refused the moment it passes the limit, so it is never
-buffered whole; a body that takes longer than `read_timeout` is a 408 (slowloris).
+header count and size caps (431), Host-header allowlist (DNS rebinding), API key on every route but /health and the
+chat page with its static files (constant-time compare), and the body cap: a declared Content-Length over the limit
+is refused before a byte is read; a chunked body is counted while it streams in and refused the moment it passes the
+limit, so it is never buffered whole; a body that takes longer than `read_timeout` is a 408 (slowloris).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen35.server.errors import error_body_for
 from qwen35.server.settings import ServerSettings
+from qwen35.server.web import is_public
 
 
 def _host_name(host: str) -> str:
@@ -47,7 +48,7 @@ class Guard:
             await _reject(scope, send, 403, f"Host header {host[:64]!r} is not allowed on this server (DNS-rebinding "
                           f"guard); use one of {sorted(self.allowed)} or start it with --allowed-host")
             return
-        if self.key is not None and scope["path"] != "/health" and not self._authorized(headers):
+        if self.key is not None and not is_public(scope["path"]) and not self._authorized(headers):
             await _reject(scope, send, 401, "a valid API key is required: send 'Authorization: Bearer <key>' or "
                           "'x-api-key: <key>'")
             return
