@@ -19,8 +19,9 @@ MISSING = ("headless Chromium is not installed (Debian packages chromium and chr
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-def chromium(width: int = 1280, height: int = 860) -> Any:
-    """A headless Chromium session (no background traffic of its own); skips when Chromium is missing."""
+def chromium(downloads: Path, width: int = 1280, height: int = 860) -> Any:
+    """A headless Chromium session (no background traffic of its own) saving downloads in `downloads`; skips
+    when Chromium is missing."""
     if not (CHROMIUM and DRIVER):
         pytest.skip(MISSING)
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[test])")
@@ -34,6 +35,8 @@ def chromium(width: int = 1280, height: int = 860) -> Any:
                  "--hide-scrollbars", "--force-device-scale-factor=1", f"--window-size={width},{height}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
     driver = webdriver.Chrome(options=options, service=Service(executable_path=DRIVER))
     driver.set_window_size(width, height)
     return driver

@@ -6,9 +6,11 @@ violation. Skipped, with the reason, where Chromium is not installed (`make brow
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,8 +37,10 @@ XSS = ('<script>window.__xss = "script"</script>\n\n<img src=x onerror="window._
 
 # -- fixtures ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def driver() -> Iterator[Any]:
-    d = chromium()
+def driver(tmp_path_factory) -> Iterator[Any]:
+    folder = tmp_path_factory.mktemp("downloads")
+    d = chromium(folder)
+    d.download_dir = folder
     try:
         yield d
     finally:
@@ -238,6 +242,51 @@ def test_images_refused_without_a_vision_tower(driver, nano):
     assert "no vision tower" in note.text and MODEL in note.text
 
 
+@pytest.fixture(scope="module")
+def vision_server(tmp_path_factory):
+    """A live server with a tiny random vision-language checkpoint (its replies are noise; the images count)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("skimage")
+    import qwen35
+    from test_vision_api import NANO, make_vl_reference
+
+    tok = qwen35.load(None).tokenizer
+    ids = [tok.token_to_id(n) for n in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")]
+    path = tmp_path_factory.mktemp("web-vl")
+    make_vl_reference(vocab=tok.vocab_size, image=ids[0], start=ids[1], end=ids[2]).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        (path / name).write_bytes((NANO / name).read_bytes())
+    model = qwen35.load(path, dtype="float32")
+    with running_server(ServerSettings(model_name="tiny-vl"), lambda: model) as (url, _):
+        yield url, path
+
+
+def test_images_by_picker_drop_and_paste(driver, vision_server):
+    from PIL import Image
+
+    d, (url, path) = driver, vision_server
+    picture = path / "red.png"
+    Image.new("RGB", (48, 32), (220, 30, 30)).save(picture)
+    open_page(d, url)
+    set_extra(d, '{"max_tokens": 3}')
+    css(d, "#file")[0].send_keys(str(picture))  # the picker
+    wait(d, lambda d: len(css(d, "#attachments img")) == 1)
+    for kind in ("drop", "paste"):  # a dropped and a pasted file, as the browser hands them over
+        js(d, """const [kind, target] = arguments; const canvas = document.createElement('canvas');
+            canvas.width = 16; canvas.height = 16; canvas.getContext('2d').fillRect(0, 0, 16, 16);
+            return new Promise((ok) => canvas.toBlob((blob) => { const data = new DataTransfer();
+              data.items.add(new File([blob], 'x.png', {type: 'image/png'}));
+              const event = kind === 'drop' ? new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true})
+                : new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true});
+              document.querySelector(target).dispatchEvent(event); ok(); }, 'image/png'));""",
+           kind, "#main" if kind == "drop" else "#input")
+    wait(d, lambda d: len(css(d, "#attachments img")) == 3)
+    send(d, "What colour is this?")
+    reply = wait_reply(d, 1, timeout=120)
+    assert len(css(d, "#messages .msg.user img.thumb")) == 3 and not css(d, "#attachments img")
+    assert re.search(r"\d+ tokens", reply.text) and not reply.find_element("css selector", ".error").is_displayed()
+
+
 def test_phone_width(driver, nano):
     d, (url, _) = driver, nano
     d.set_window_size(390, 844)
@@ -321,3 +370,42 @@ def test_hostile_replies_render_inert(driver, scripted):
         d.switch_to.window(handle)
         d.close()
     d.switch_to.window(d.window_handles[0])
+
+
+def test_conversations_rename_search_delete_export_import(driver, scripted):
+    d, (url, runner) = driver, scripted
+    open_page(d, url)
+    for n, question in enumerate(["Apples or pears?", "Best sorting algorithm?"], 1):
+        runner.text = f"Answer {n}."
+        css(d, "#new-chat")[0].click()
+        send(d, question)
+        wait_reply(d, 1)
+        wait(d, lambda d: len(css(d, "#conversations li")) == n)
+    titles = lambda d: js(d, "return [...document.querySelectorAll('#conversations .conv-title')]"  # noqa: E731
+                             ".map((e) => e.textContent)")
+    assert titles(d) == ["Best sorting algorithm?", "Apples or pears?"]  # newest first
+    css(d, "#conversations li .rename")[1].click()
+    css(d, "#conversations .rename-input")[0].send_keys("Fruit\n")  # the old title is selected: typing replaces it
+    wait(d, lambda d: titles(d) == ["Best sorting algorithm?", "Fruit"])
+    css(d, "#search")[0].send_keys("answer 2")  # matches message text too
+    wait(d, lambda d: titles(d) == ["Best sorting algorithm?"])
+    css(d, "#search")[0].clear()
+    css(d, "#search")[0].send_keys(" ")
+    wait(d, lambda d: len(titles(d)) == 2)
+    css(d, "#export")[0].click()
+    wait(d, lambda d: list(d.download_dir.glob("qwen35-chats-*.json")), what="the export is downloaded")
+    exported = next(d.download_dir.glob("qwen35-chats-*.json"))
+    data = json.loads(exported.read_text())
+    assert data["format"] == "qwen35-chat" and {c["title"] for c in data["conversations"]} == {
+        "Fruit", "Best sorting algorithm?"}
+    for left in (1, 0):
+        css(d, "#conversations li .delete")[0].click()
+        d.switch_to.alert.accept()  # "Delete …?"
+        wait(d, lambda d: len(titles(d)) == left)
+    assert not css(d, "#messages .msg")  # the open conversation went with it
+    css(d, "#import")[0].send_keys(str(exported))
+    wait(d, lambda d: sorted(titles(d)) == ["Best sorting algorithm?", "Fruit"])
+    css(d, "#conversations .conv-title")[1].click()
+    wait(d, lambda d: js(d, "return [...document.querySelectorAll('#messages .msg.user .content')]"
+                            ".map((e) => e.textContent)") == ["Apples or pears?"])
+    assert replies(d)[0].find_element("css selector", ".content").text == "Answer 1."

@@ -32,7 +32,8 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
         port = self.servers[0].sockets[0].getsockname()[1]  # the one picked when --port is 0
         self.console.print(f"serving {self.state.settings.model_name} on http://{self.config.host}:{port}/v1 "
-                           "(OpenAI-compatible; Ctrl-C or SIGTERM drains and stops)", highlight=False)
+                           f"(OpenAI-compatible; chat page at http://{self.config.host}:{port}/; Ctrl-C or SIGTERM "
+                           "drains and stops)", highlight=False)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.state.runner is not None:
