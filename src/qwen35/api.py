@@ -22,6 +22,7 @@ from qwen35.runtime.steering import Steering
 from qwen35.memory import MemoryPlan, available_memory, fitting_context, gib, plan
 from qwen35.loading import (available_vision, load_model, load_vision, preprocessor_config, release_freed_memory,
                             resolve_checkpoint)
+from qwen35.loading.gguf import is_gguf
 from qwen35.models import Qwen35Model
 from qwen35.ops.cpu import kernels
 from qwen35.models.vision import ImageInputs, VisionModel
@@ -257,8 +258,11 @@ def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfl
          progress: Callable[[int, int], None] | None = None, compile: bool = False,
          cache_ram: float | None = None, context: int | None = None, kv_bits: int = 16,
          max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS, draft: int | None = None,
-         draft_vocab: int | None = None) -> Qwen35:
-    """Load a checkpoint directory or Hugging Face repo id; None loads the built-in default model.
+         draft_vocab: int | None = None, mmproj: str | Path | None = None) -> Qwen35:
+    """Load a checkpoint directory, a GGUF file or a Hugging Face repo id; None loads the built-in default model.
+
+    A GGUF file (llama.cpp's format) brings its config, tokenizer and chat template in its metadata; `mmproj` is
+    its vision projector file (default: an `mmproj*.gguf` beside it). docs/gguf.md.
 
     `context`: the most tokens a conversation may hold (None: the model's, capped by the memory free after loading;
     `Qwen35.context_note` says when it was); its K/V is reserved to that size as it grows, never copied by doubling.
@@ -281,29 +285,36 @@ def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfl
     qwen35's CPU kernels cannot run (PyTorch's kernels: +25-39% decode at 0.8B), not beside them
     (docs/benchmarks.md). A batch of several or padded sequences compiles a second graph when first seen.
     """
+    gguf = path_or_repo is not None and is_gguf(path_or_repo)
     if path_or_repo is None:
         from qwen35.default_model import default_model_path
         path = default_model_path()
     else:
-        path = resolve_checkpoint(path_or_repo)
+        path = Path(path_or_repo).expanduser() if gguf else resolve_checkpoint(path_or_repo)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
     if device == "cpu":
         kernels()  # built on first use: do it now, while the caller shows "loading"
-    tokenizer = Tokenizer.from_dir(path)  # first: its parse leaves ~0.2 GB of freed heap, returned before the weights
-    release_freed_memory()
-    model = load_model(path, dtype=dtype, device=device, progress=progress)
+    if gguf:
+        from qwen35.loading.gguf_open import load_gguf
+        tokenizer, model, defaults, tower, processor = load_gguf(path, dtype, device, progress, mmproj,
+                                                                 max_image_tokens)
+    else:
+        tokenizer = Tokenizer.from_dir(path)  # first: its parse leaves ~0.2 GB of freed heap, returned before
+        release_freed_memory()  # the weights
+        model = load_model(path, dtype=dtype, device=device, progress=progress)
+        defaults = SamplingParams.from_generation_config(path)
+        vision = available_vision(path)
+        processor = ImageProcessor.from_config(preprocessor_config(path), vision, max_image_tokens) if vision else None
+        tower = (lambda: load_vision(path, dtype=dtype, device=device)) if vision else None
     release_freed_memory()
     if compile:
         model.compile_decode()
-    vision = available_vision(path)
-    processor = ImageProcessor.from_config(preprocessor_config(path), vision, max_image_tokens) if vision else None
-    tower = (lambda: load_vision(path, dtype=dtype, device=device)) if vision else None
     ram = DEFAULT_CACHE_RAM if cache_ram is None else cache_ram
     if not ram >= 0:
         raise ValueError(f"cache_ram={cache_ram!r} GiB is invalid: give 0 (off) or more")
-    qwen = Qwen35(model, tokenizer, SamplingParams.from_generation_config(path), path, tower, processor,
+    qwen = Qwen35(model, tokenizer, defaults, path, tower, processor,
                   ImagePolicy(local_dir=Path(Path.cwd().anchor)), PrefixCache(int(ram * GIB)) if ram else None)
     if kv_bits not in (8, 16):
         raise ValueError(f"kv_bits={kv_bits} is not supported: use 16 or 8")

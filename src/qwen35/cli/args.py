@@ -85,7 +85,10 @@ def image_tokens_arg(p: argparse._ActionsContainer) -> None:
 
 def model_args(p: argparse.ArgumentParser, sampling: bool = True, compile: bool = True,
                cache: bool = True) -> None:
-    p.add_argument("-m", "--model", help="checkpoint directory or Hugging Face repo id (default: the built-in model)")
+    p.add_argument("-m", "--model", help="checkpoint directory, GGUF file or Hugging Face repo id (default: the "
+                   "built-in model)")
+    p.add_argument("--mmproj", default=None, metavar="FILE",
+                   help="a GGUF model's vision projector (default: the mmproj*.gguf beside it, if one)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="weights and compute precision")
     p.add_argument("--device", type=device_arg, default=None,
@@ -139,7 +142,8 @@ def load_for(args: argparse.Namespace, console: Console):
                      cache_ram=getattr(args, "cache_ram", None), context=getattr(args, "context", None),
                      kv_bits=getattr(args, "kv_bits", 16),
                      draft=getattr(args, "draft", None), draft_vocab=getattr(args, "draft_vocab", None),
-                     max_image_tokens=getattr(args, "max_image_tokens", DEFAULT_MAX_IMAGE_TOKENS))
+                     max_image_tokens=getattr(args, "max_image_tokens", DEFAULT_MAX_IMAGE_TOKENS),
+                     mmproj=getattr(args, "mmproj", None))
     if model.context_note:
         console.print(f"[yellow]{model.context_note}[/]", highlight=False)
     return model

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from collections import Counter
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -12,6 +14,7 @@ from rich.table import Table
 
 from qwen35.config import ModelConfig, load_config
 from qwen35.loading import resolve_checkpoint
+from qwen35.loading.gguf import gguf_config, is_gguf, open_gguf
 from qwen35.memory import gib, kv_bytes_per_token, plan, state_bytes
 from qwen35.models import Qwen35Model
 from qwen35.quant.quantize import QuantConfig
@@ -41,8 +44,11 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
 def run_info(args: argparse.Namespace, console: Console) -> None:
     from qwen35.default_model import default_model_path
 
-    path = resolve_checkpoint(args.model) if args.model else default_model_path()
-    config = load_config(path)
+    gguf = bool(args.model) and is_gguf(args.model)
+    path = (Path(args.model).expanduser() if gguf else resolve_checkpoint(args.model)) if args.model else \
+        default_model_path()
+    source = open_gguf(path) if gguf else None
+    config = gguf_config(source) if source else load_config(path)
     counts = parameter_counts(config)
     table = Table(title=f"{path}", show_header=False, title_justify="left")
     table.add_row("model type", config.model_type + (" (MoE)" if config.is_moe else ""))
@@ -54,7 +60,10 @@ def run_info(args: argparse.Namespace, console: Console) -> None:
         table.add_row("experts", f"{config.num_experts} (top-{config.num_experts_per_tok}), inner "
                       f"{config.moe_intermediate_size}, shared {config.shared_expert_intermediate_size}")
     head = "tied head" if config.tie_word_embeddings else f"head {counts['lm_head'] / 1e6:,.1f}M"
-    stored = json.loads((path / "config.json").read_text()).get("quantization_config")
+    stored = None if source else json.loads((path / "config.json").read_text()).get("quantization_config")
+    if source:
+        types = Counter(t.tensor_type.name for t in source.tensors.values())
+        table.add_row("GGUF tensors", ", ".join(f"{n} x {kind}" for kind, n in types.most_common()))
     if stored:
         table.add_row("quantization", f"int{stored.get('bits')} weight-only, group {stored.get('group_size')}"
                       f"{', int8 head/embedding' if stored.get('head') else ''} ({stored.get('quant_method')})")

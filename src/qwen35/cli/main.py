@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="wall-time budget: all stages (nano, default 75), the head's training (mtp, default 20)")
     train.add_argument("--seed", type=int, default=0, help="same seed, same model")
 
+    from qwen35.cli.export import add_export_parser
+    add_export_parser(sub)
+
     from qwen35.cli.arena import add_arena_parser, add_eval_parser
     add_arena_parser(sub)
     add_eval_parser(sub)
@@ -92,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "quantize":
             from qwen35.cli.info import run_quantize
             run_quantize(args, err)
+        elif args.command == "export":
+            from qwen35.cli.export import run_export
+            run_export(args, err)
         elif args.command == "arena":
             from qwen35.cli.arena import run_arena_command
             run_arena_command(args, Console(), err)

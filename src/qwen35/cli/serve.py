@@ -94,7 +94,7 @@ def run_serve(args: argparse.Namespace, console: Console) -> None:
     def load_model():
         qwen = load(args.model, dtype=args.dtype, device=args.device, cache_ram=args.cache_ram,
                     context=args.context, kv_bits=args.kv_bits, max_image_tokens=args.max_image_tokens,
-                    draft=args.draft, draft_vocab=args.draft_vocab)
+                    draft=args.draft, draft_vocab=args.draft_vocab, mmproj=args.mmproj)
         if qwen.context_note:
             console.print(f"[yellow]{qwen.context_note}[/]", highlight=False)
         return qwen

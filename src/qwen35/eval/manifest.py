@@ -43,6 +43,8 @@ def checkpoint_info(spec: ModelSpec) -> dict[str, Any] | None:
         path = default_model_path()
     else:
         path = Path(spec.path)
+    if path.is_file():  # a GGUF file
+        return {"path": str(path), "weights": {path.name: path.stat().st_size}}
     if not (path / "config.json").is_file():
         return {"path": str(spec.path), "note": "not a local directory (a hub id): resolved when loaded"}
     return {"path": str(path), "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
