@@ -35,8 +35,9 @@ SIZES: dict[str, dict] = {
 SHARD_BYTES = 2 << 30
 
 
-def official_config(size: str) -> dict:
-    """config.json of the multimodal checkpoint (`model_type: qwen3_5`) for one size."""
+def official_config(size: str, mtp: bool = False) -> dict:
+    """config.json of the multimodal checkpoint (`model_type: qwen3_5`) for one size; `mtp`: with the
+    multi-token-prediction head every official checkpoint has (bench_mtp.py; the other benchmarks go without)."""
     s = dict(SIZES[size])
     vision, tie = s.pop("vision"), s["tie_word_embeddings"]
     layers = s["num_hidden_layers"]
@@ -45,7 +46,8 @@ def official_config(size: str) -> dict:
                 hidden_act="silu", max_position_embeddings=262144, eos_token_id=248044, dtype="bfloat16",
                 layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)],
                 rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
-                                 "mrope_section": [11, 11, 10], "mrope_interleaved": True})
+                                 "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+                mtp_num_hidden_layers=int(mtp), mtp_use_dedicated_embeddings=False)
     vision = dict(vision, model_type="qwen3_5_vision", out_hidden_size=s["hidden_size"], patch_size=16,
                   temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=2304, in_channels=3,
                   hidden_act="gelu_pytorch_tanh")
@@ -60,7 +62,15 @@ def _shapes(config: dict) -> dict[str, torch.Size]:
 
     with torch.device("meta"):
         model = tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(**config))
-    return {name: p.shape for name, p in model.named_parameters()}  # a tied lm_head is listed once, as embed
+    shapes = {name: p.shape for name, p in model.named_parameters()}  # a tied lm_head is listed once, as embed
+    text = config["text_config"]
+    if text.get("mtp_num_hidden_layers"):  # the reference has no MTP module: its one layer is shaped like an
+        h, layer = text["hidden_size"], text["layer_types"].index("full_attention")  # attention layer of the body
+        body = f"model.language_model.layers.{layer}."
+        shapes |= {"mtp.layers.0." + n[len(body):]: s for n, s in shapes.items() if n.startswith(body)}
+        shapes |= {"mtp.fc.weight": torch.Size([h, 2 * h])} | {
+            f"mtp.{n}.weight": torch.Size([h]) for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}
+    return shapes
 
 
 def _random(name: str, shape: torch.Size, g: torch.Generator) -> torch.Tensor:
@@ -74,7 +84,7 @@ def _random(name: str, shape: torch.Size, g: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=g) * 0.02
 
 
-def write_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
+def write_checkpoint(size: str, out: Path, seed: int = 0, mtp: bool = False) -> Path:
     """Write the checkpoint (skipped when `out` already holds a finished one) and the real tokenizer."""
     out = Path(out)
     if (out / "model.safetensors.index.json").exists():
@@ -82,7 +92,7 @@ def write_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
     from qwen35.tokenizer.vocab import build_qwen35_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    config = official_config(size)
+    config = official_config(size, mtp)
     groups: list[dict[str, torch.Size]] = [{}]  # tensors per shard, planned first so the names say the count
     filled = 0
     for name, shape in _shapes(config).items():

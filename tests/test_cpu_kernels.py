@@ -295,3 +295,25 @@ def test_registered_operators_agree_with_their_fakes():
                      (ops.linear_int4, (x, int4.packed, int4.scales, int4.zeros, 64)),
                      (ops.rms_norm, (x, w[0].bfloat16(), 1e-6, 1.0))]:
         torch.library.opcheck(op, args, test_utils=("test_faketensor",))
+
+
+def test_deltanet_step_into_a_new_state_buffer_keeps_the_old_one():
+    """A verify pass keeps each position's state: the fused step writes the new state to another buffer, with
+    the same bits as in place, and leaves the state it read untouched."""
+    k = cpu.kernels()
+    g = torch.Generator().manual_seed(0)
+    b, hk, hv, dk, dv, w = 2, 2, 4, 32, 32, 4
+    c = 2 * hk * dk + hv * dv
+    qkv, z = (torch.randn(b, n, generator=g).bfloat16() for n in (c, hv * dv))
+    beta, a = (torch.randn(b, hv, generator=g).bfloat16() for _ in range(2))
+    conv_w, norm_w = torch.randn(c, w, generator=g).bfloat16(), torch.randn(hv * dv, generator=g).bfloat16()
+    A_log, dt_bias = torch.randn(hv, generator=g), torch.randn(hv, generator=g)
+    conv, state = torch.randn(b, c, w - 1, generator=g).bfloat16(), torch.randn(b, hv, dk, dv, generator=g)
+    args = (qkv, z, beta, a)
+    weights = (conv_w, A_log, dt_bias)
+    before, conv2, fresh = state.clone(), conv.clone(), torch.empty_like(state)
+    out_new = k.deltanet_decode(*args, conv2, *weights, state, fresh, norm_w, 1e-6)
+    assert torch.equal(state, before)
+    out_in_place = k.deltanet_decode(*args, conv, *weights, state, None, norm_w, 1e-6)
+    assert torch.equal(out_new, out_in_place) and torch.equal(fresh, state) and torch.equal(conv, conv2)
+    assert not torch.equal(state, before)

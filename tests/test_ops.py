@@ -147,3 +147,23 @@ def test_bf16_prefill_products_without_bf16_hardware_run_in_fp32(monkeypatch):
     cpu.linear(x[:, :1], w)
     cpu.linear(x, w)
     assert calls == [x.shape]  # the prefill rows, not the decode ones
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_one_query_attention_gets_the_same_bits_behind_any_padding(monkeypatch, dtype):
+    """A decode query's output does not depend on how many masked pad keys its batch puts before its own keys
+    (without the kernels too): plain and speculative decoding of a sequence then agree bit for bit."""
+    from qwen35.ops import attention as attn
+
+    monkeypatch.setattr(attn, "fast_path", lambda x: None)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 1, 32, generator=g).to(dtype)
+    k, v = (torch.randn(1, 2, 37, 32, generator=g).to(dtype) for _ in range(2))
+    alone = attn.attention(q, k, v, None)
+    for pads in (1, 5, 19):
+        kp, vp = (torch.cat([torch.randn(1, 2, pads, 32, generator=g).to(dtype), x], dim=2) for x in (k, v))
+        mask = torch.ones(2, 1, 1, pads + 37, dtype=torch.bool)
+        mask[0, ..., :pads] = False  # row 0: this sequence behind pads; row 1: a batch-mate using every key
+        out = attn.attention(q.expand(2, -1, -1, -1), kp.expand(2, -1, -1, -1), vp.expand(2, -1, -1, -1), mask)
+        assert torch.equal(out[:1], alone)
+        assert torch.allclose(out[1:].float(), attn.attention(q, kp, vp, None).float(), atol=1e-2)

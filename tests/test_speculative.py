@@ -16,7 +16,7 @@ from qwen35.loading import load_model
 from qwen35.models.qwen3_5 import MultiTokenPredictor, _attention_mask, rotary_cos_sin
 from qwen35.quant import quantize
 from qwen35.runtime import Engine, PrefixCache, Request, Scheduler, run
-from qwen35.runtime.speculative import Speculator, make_speculator
+from qwen35.runtime.speculative import Speculator, make_speculator, pays_by_default
 from qwen35.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -246,3 +246,12 @@ def test_bad_settings_are_refused_with_what_to_do(reference_checkpoint):
     with pytest.raises(ValueError, match="draft 1 to 4"):
         Speculator(with_head(load_model(reference_checkpoint("dense-tied")[0])), 5)
     assert make_speculator(bare, "nowhere", None, None) is None  # the default: off without a head
+
+
+def test_the_default_drafts_only_where_it_was_measured_to_pay(reference_checkpoint):
+    model = load_model(reference_checkpoint("dense-tied")[0], dtype=torch.bfloat16)
+    assert model.mtp is not None and not pays_by_default(model)  # a width no official size has
+    model.config = dataclasses.replace(model.config, hidden_size=1024)  # as the 0.8B's
+    assert pays_by_default(model)
+    assert not pays_by_default(quantize(model, bits=4, group_size=32))  # compute-bound kernels: off
+    assert not pays_by_default(load_model(reference_checkpoint("dense-tied")[0], dtype=torch.float32))

@@ -159,8 +159,11 @@ class ModelCache:
         for layer in self.layers:
             if isinstance(layer, DeltaCache):
                 steps = layer.trail + [(layer.conv, layer.state)]
-                layer.conv = torch.stack([steps[keep[b] - 1][0][b] for b in rows])
-                layer.state = torch.stack([steps[keep[b] - 1][1][b] for b in rows])
+                if len(set(keep)) == 1:  # one position for all: its buffers as they are
+                    layer.conv, layer.state = steps[keep[0] - 1]
+                else:
+                    layer.conv = torch.stack([steps[keep[b] - 1][0][b] for b in rows])
+                    layer.state = torch.stack([steps[keep[b] - 1][1][b] for b in rows])
                 layer.trail = None
                 continue
             layer.stepwise = False

@@ -197,23 +197,20 @@ class GatedDeltaNet(nn.Module):
         if pad_mask is not None:  # zero inputs at left pads: the state then stays exactly as at a sequence start
             x = x * pad_mask[..., None].to(x.dtype)
         qkv, z, b, a = self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
-        if cache is not None and cache.trail is not None and x.shape[1] > 1:  # a verify pass: token by token
-            step = [t.split(1, dim=1) for t in (qkv, z, b, a)]
-            o = torch.cat([self.mix_step(*(t[j].contiguous() for t in step), cache, record=j + 1 < x.shape[1])
+        if cache is not None and cache.trail is not None and x.shape[1] > 1:  # a verify pass: token by token,
+            step = [t.split(1, dim=1) for t in (qkv, z, b, a)]  # the states after each but the last kept
+            o = torch.cat([self.mix_step(*(t[j].contiguous() for t in step), cache, keep=j > 0)
                            for j in range(x.shape[1])], dim=1)
         else:
             o = self.mix_step(qkv, z, b, a, cache)
         return self.out_proj(o)
 
     def mix_step(self, qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
-                 cache: DeltaCache | None, record: bool = False) -> torch.Tensor:
-        """The mixer on its kernel; `record`: keep a copy of the state after it in `cache.trail` (the kernel
-        updates the state in place), so a verify pass can roll back to any of its tokens."""
-        o = gated_deltanet_mix(qkv, z, b, a, cache, self.conv1d.weight.squeeze(1), self.A_log, self.dt_bias,
-                               self.norm.weight, self.norm.eps, plain=self.mix)
-        if record:
-            cache.trail.append((cache.conv.clone(), cache.state.clone()))
-        return o
+                 cache: DeltaCache | None, keep: bool = False) -> torch.Tensor:
+        """The mixer on its kernel; `keep`: the state before it goes to `cache.trail`, so a verify pass can roll
+        back to any of its tokens."""
+        return gated_deltanet_mix(qkv, z, b, a, cache, self.conv1d.weight.squeeze(1), self.A_log, self.dt_bias,
+                                  self.norm.weight, self.norm.eps, plain=self.mix, keep=keep)
 
     def mix(self, qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
             cache: DeltaCache | None) -> torch.Tensor:

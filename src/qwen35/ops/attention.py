@@ -27,8 +27,25 @@ def attention(q: torch.Tensor, k: torch.Tensor | QuantKV, v: torch.Tensor | Quan
     t = q.shape[2]
     if t == 1 and (kernels := fast_path(q)) is not None:
         return attention_decode(kernels, q, k, v, mask)
+    if t == 1 and mask is not None:
+        return attention_rows(q, k, v, mask)
     causal = mask is None and t > 1 and k.shape[2] == t
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+
+
+def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per sequence where the kernels do not run: each row against its own valid keys, unmasked, as
+    the kernel computes it. SDPA's masked reduction rounds with the number of masked keys, so a sequence's bits
+    changed with the padding its batch put before it (a decode beside other sequences, a speculative verify
+    pass after a batch-mate finished: seen on AVX2)."""
+    rows = []
+    for r in range(q.shape[0]):
+        valid = mask[r].reshape(-1).nonzero().flatten()
+        first, n = int(valid[0]) if len(valid) else 0, len(valid)
+        keys = slice(first, first + n) if int(valid[-1] if n else -1) == first + n - 1 else valid
+        rows.append(F.scaled_dot_product_attention(q[r:r + 1], k[r:r + 1, :, keys], v[r:r + 1, :, keys],
+                                                   enable_gqa=True))
+    return torch.cat(rows)
 
 
 def attention_decode(k: ModuleType, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

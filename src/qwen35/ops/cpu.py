@@ -85,7 +85,8 @@ def _register_ops(module: ModuleType) -> None:
         return torch.empty_like(x)
 
     def deltanet_decode(qkv: Tensor, z: Tensor, b: Tensor, a: Tensor, conv_state: Tensor, conv_w: Tensor,
-                        A_log: Tensor, dt_bias: Tensor, state: Tensor, norm_w: Tensor, eps: float) -> Tensor:
+                        A_log: Tensor, dt_bias: Tensor, state: Tensor, state_out: Tensor | None, norm_w: Tensor,
+                        eps: float) -> Tensor:
         return torch.empty_like(z)
 
     def attention_decode(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scale: float) -> Tensor:
@@ -93,7 +94,7 @@ def _register_ops(module: ModuleType) -> None:
 
     for fake in (linear_bf16, linear_int8, linear_int4, rms_norm, attention_decode):
         define(fake)
-    define(deltanet_decode, ("conv_state", "state"))
+    define(deltanet_decode, ("conv_state", "state", "state_out"))
 
 
 def cpu_supported() -> bool:

@@ -16,25 +16,38 @@ Mix = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, DeltaCac
 
 def gated_deltanet_mix(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
                        cache: DeltaCache | None, conv_weight: torch.Tensor, A_log: torch.Tensor,
-                       dt_bias: torch.Tensor, norm_weight: torch.Tensor, eps: float, plain: Mix) -> torch.Tensor:
+                       dt_bias: torch.Tensor, norm_weight: torch.Tensor, eps: float, plain: Mix,
+                       keep: bool = False) -> torch.Tensor:
     """Projections (B, T, width) -> (B, T, Hv*dv), the cache advanced. A step of one token that continues a
     sequence (a recurrent state exists) runs fused on the CPU kernels with these weights; anything else is
-    `plain(qkv, z, b, a, cache)`, the same math in PyTorch."""
+    `plain(qkv, z, b, a, cache)`, the same math in PyTorch. `keep`: the states before the step are appended to
+    `cache.trail` (a speculative verify pass), the fused step writing its state to a new buffer."""
     batch, t, _ = qkv.shape
     if t == 1 and cache is not None and cache.state is not None and (k := fast_path(qkv)) is not None:
         o = deltanet_decode(k, qkv.view(batch, -1), z.view(batch, -1), b.view(batch, -1), a.view(batch, -1),
-                            conv_weight, A_log, dt_bias, norm_weight, eps, cache)
+                            conv_weight, A_log, dt_bias, norm_weight, eps, cache, keep)
         return o.view(batch, 1, -1)
+    if keep:
+        cache.trail.append((cache.conv.clone(), cache.state.clone()))
     return plain(qkv, z, b, a, cache)
 
 
 def deltanet_decode(k: ModuleType, qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
                     conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
-                    eps: float, cache: DeltaCache) -> torch.Tensor:
+                    eps: float, cache: DeltaCache, keep: bool = False) -> torch.Tensor:
     """One token of the mixer, fused (see the .cpp): inputs are (B, width) projections; the cache's conv history
-    and recurrent state are updated in place, so they must be contiguous."""
+    and recurrent state are updated in place, so they must be contiguous (`keep`: the state goes to a new
+    buffer and the old one, with a copy of the conv history, to `cache.trail`)."""
     if not cache.conv.is_contiguous():
         cache.conv = cache.conv.contiguous()
     if not cache.state.is_contiguous():
         cache.state = cache.state.contiguous()
-    return k.deltanet_decode(qkv, z, b, a, cache.conv, conv_weight, A_log, dt_bias, cache.state, norm_weight, eps)
+    if not keep:
+        return k.deltanet_decode(qkv, z, b, a, cache.conv, conv_weight, A_log, dt_bias, cache.state, None,
+                                 norm_weight, eps)
+    state = torch.empty_like(cache.state)
+    cache.trail.append((cache.conv.clone(), cache.state))
+    o = k.deltanet_decode(qkv, z, b, a, cache.conv, conv_weight, A_log, dt_bias, cache.state, state, norm_weight,
+                          eps)
+    cache.state = state
+    return o

@@ -25,6 +25,7 @@ import torch
 from qwen35.cache import ModelCache
 from qwen35.models import Qwen35Model
 from qwen35.ops.cpu import GEMV_ROWS
+from qwen35.quant.linear import Int4Linear, Int8Linear
 from qwen35.runtime.draft_vocab import DraftHead, draft_vocabulary
 from qwen35.runtime.scheduler import Sequence
 
@@ -32,9 +33,13 @@ if TYPE_CHECKING:
     from qwen35.runtime.engine import Event
 
 MAX_DRAFT = 4
-# Defaults by model width (hidden size) where the checkpoint has a head: tokens drafted per step and the trimmed
-# draft vocabulary (0: the full head). Chosen from benchmarks/bench_mtp.py (docs/speculative.md).
-DEFAULTS = {256: (3, 0), 1024: (0, 0), 2048: (3, 16384), 2560: (3, 16384), 4096: (3, 16384)}
+# The default where it was measured to pay (docs/speculative.md, benchmarks/bench_mtp.py, 2 cores): bf16 weights
+# of an official size on a CPU, whose decode is bound by reading them, so a verify pass of 3 tokens cost 1.26x
+# a plain step at 0.8B; 2 drafts over 16,384 tokens then give 1.37x / 1.53x at acceptance 0.6 / 0.7 (4B bf16:
+# 1.16x / 1.29x, its verify passes costing more). int8/int4 weights run compute-bound kernels there (a verify
+# pass of 2 tokens cost 1.5-1.7x a step): off, as for the built-in nano, whose steps are Python overhead
+# (0.3-0.4x measured), and where it was not measured (GPU, fp32).
+DEFAULT_DRAFT, DEFAULT_DRAFT_VOCAB = 2, 16384
 Sampler = Callable[[Sequence, torch.Tensor], "Event"]
 
 
@@ -119,15 +124,22 @@ class Speculator:
 
 def make_speculator(model: Qwen35Model, tokenizer: object, draft: int | None = None,
                     draft_vocab: int | None = None) -> Speculator | None:
-    """The speculator `load` gives a model: `draft` tokens per step (None: this size's default, off where the
-    checkpoint has no head; 0: off), drafted over the `draft_vocab` most frequent tokens of the tokenizer's
-    vocabulary (None: the default; 0: the full LM head; a vocabulary with no shipped list drafts over all)."""
-    auto_k, auto_n = DEFAULTS.get(model.config.hidden_size, (0, 0))
-    k = (auto_k if model.mtp is not None else 0) if draft is None else draft
+    """The speculator `load` gives a model: `draft` tokens per step (None: the measured default, see
+    `pays_by_default`; 0: off), drafted over the `draft_vocab` most frequent tokens of the tokenizer's vocabulary
+    (None: DEFAULT_DRAFT_VOCAB; 0: the full LM head; a vocabulary with no shipped list drafts over all)."""
+    k = (DEFAULT_DRAFT if pays_by_default(model) else 0) if draft is None else draft
     if k == 0:
         return None
-    n = auto_n if draft_vocab is None else draft_vocab
+    n = DEFAULT_DRAFT_VOCAB if draft_vocab is None else draft_vocab
     if n < 0:
         raise ValueError(f"draft_vocab={n} is invalid: give 0 (the full vocabulary) or a token count")
     ids = draft_vocabulary(tokenizer, n) if n else None
     return Speculator(model, k, DraftHead(model.lm_head, ids).greedy if ids is not None else None)
+
+
+def pays_by_default(model: Qwen35Model) -> bool:
+    """A head, bf16 weights not quantized, an official size (hidden 1024 and up), on the CPU: see DEFAULT_DRAFT."""
+    weight = model.embed_tokens.weight
+    quantized = any(isinstance(m, (Int4Linear, Int8Linear)) for m in model.modules())
+    return (model.mtp is not None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and not quantized and model.config.hidden_size >= 1024)

@@ -92,7 +92,8 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
 torch::Tensor deltanet_decode(const torch::Tensor& qkv, const torch::Tensor& z, const torch::Tensor& b,
                               const torch::Tensor& a, torch::Tensor conv_state, const torch::Tensor& conv_w,
                               const torch::Tensor& A_log, const torch::Tensor& dt_bias, torch::Tensor state,
-                              const torch::Tensor& norm_w, double eps);
+                              const std::optional<torch::Tensor>& state_out, const torch::Tensor& norm_w,
+                              double eps);
 torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const std::optional<torch::Tensor>& valid, double scale);
 torch::Tensor huge_page_empty(int64_t nbytes);

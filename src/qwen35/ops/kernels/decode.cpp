@@ -84,7 +84,7 @@ torch::Tensor DecodePlan::run(torch::Tensor x, const torch::Tensor& cos, const t
     if (!l.attention) {
       auto conv = state[2 * i], rec = state[2 * i + 1];
       o = deltanet_decode(l.mix[0](u), l.mix[1](u), l.mix[2](u), l.mix[3](u), conv, l.conv_w, l.A_log,
-                          l.dt_bias, rec, l.mix_norm, eps_);
+                          l.dt_bias, rec, std::nullopt, l.mix_norm, eps_);
     } else {
       const int64_t hd = l.head_dim, len = lengths[i];
       const auto qg = l.mix[0](u).view({B, l.heads, 2 * hd});  // per head: [query | gate]

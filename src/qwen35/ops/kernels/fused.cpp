@@ -30,11 +30,14 @@ inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
 // One decode token of a Gated DeltaNet layer for B sequences, between the input projections and out_proj:
 // short conv (state updated in place) + SiLU, L2-normalised q/k, beta and decay, the delta-rule update of the
-// fp32 state (in place), and the gated RMSNorm with z. Rounds to bf16 where the unfused PyTorch path does.
+// fp32 state (in place, or into `state_out` when given: `state` is then kept, as a speculative verify pass
+// needs, at no extra memory traffic), and the gated RMSNorm with z. Rounds to bf16 where the
+// unfused PyTorch path does.
 torch::Tensor deltanet_decode(const torch::Tensor& qkv, const torch::Tensor& z, const torch::Tensor& b,
                               const torch::Tensor& a, torch::Tensor conv_state, const torch::Tensor& conv_w,
                               const torch::Tensor& A_log, const torch::Tensor& dt_bias, torch::Tensor state,
-                              const torch::Tensor& norm_w, double eps) {
+                              const std::optional<torch::Tensor>& state_out, const torch::Tensor& norm_w,
+                              double eps) {
   check(qkv, at::kBFloat16, 2, "qkv");
   check(z, at::kBFloat16, 2, "z");
   check(b, at::kBFloat16, 2, "b");
@@ -42,6 +45,11 @@ torch::Tensor deltanet_decode(const torch::Tensor& qkv, const torch::Tensor& z, 
   check(conv_state, at::kBFloat16, 3, "conv_state");
   check(conv_w, at::kBFloat16, 2, "conv_w");
   check(state, at::kFloat, 4, "state");
+  if (state_out) {
+    check(*state_out, at::kFloat, 4, "state_out");
+    TORCH_CHECK(state_out->sizes() == state.sizes() && !state_out->is_same(state),
+                "state_out must be a separate buffer of the state's shape");
+  }
   check(norm_w, at::kBFloat16, 1, "norm_w");
   const int64_t B = qkv.size(0), C = qkv.size(1), W = conv_w.size(1);
   const int64_t Hv = state.size(1), dk = state.size(2), dv = state.size(3), Hk = (C - Hv * dv) / (2 * dk);
@@ -56,7 +64,8 @@ torch::Tensor deltanet_decode(const torch::Tensor& qkv, const torch::Tensor& z, 
   bf16* cs = conv_state.data_ptr<at::BFloat16>();
   const bf16 *zp = z.data_ptr<at::BFloat16>(), *bp = b.data_ptr<at::BFloat16>(), *ap = a.data_ptr<at::BFloat16>();
   const bf16* nw = norm_w.data_ptr<at::BFloat16>();
-  float* sp = state.data_ptr<float>();
+  const float* sp = state.data_ptr<float>();
+  float* so = state_out ? state_out->data_ptr<float>() : state.data_ptr<float>();
   auto out = torch::empty({B, Hv * dv}, qkv.options());
   bf16* op = out.data_ptr<at::BFloat16>();
   const int64_t group = Hv / Hk;
@@ -99,7 +108,8 @@ torch::Tensor deltanet_decode(const torch::Tensor& qkv, const torch::Tensor& z, 
         const float x = static_cast<float>(ap[i]) + dtp[h];
         const float softplus = x > 20.0f ? x : std::log1p(std::exp(x));
         const float decay = std::exp(-std::exp(Ap[h]) * softplus);
-        float* S = sp + i * dk * dv;
+        const float* S = sp + i * dk * dv;
+        float* S_out = so + i * dk * dv;
         std::fill(pred.begin(), pred.end(), 0.f);
         for (int64_t r = 0; r < dk; ++r)
           for (int64_t c = 0; c < dv; ++c) pred[c] += k[r] * (S[r * dv + c] * decay);
@@ -108,7 +118,7 @@ torch::Tensor deltanet_decode(const torch::Tensor& qkv, const torch::Tensor& z, 
         for (int64_t r = 0; r < dk; ++r)
           for (int64_t c = 0; c < dv; ++c) {
             const float s = S[r * dv + c] * decay + k[r] * pred[c];
-            S[r * dv + c] = s;
+            S_out[r * dv + c] = s;
             o[c] += q[r] * s;
           }
         float ss = 0.f;
