@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from importlib import resources
@@ -27,7 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shape_true import write_checkpoint  # noqa: E402
+from cpu_engines import QUANTIZE  # noqa: E402
+from shape_true import quantized  # noqa: E402
 
 from qwen35.api import load  # noqa: E402
 from qwen35.runtime import Engine, Request, Scheduler  # noqa: E402
@@ -93,15 +93,7 @@ def nano(args: argparse.Namespace) -> list[dict]:
 
 
 def shape_true(size: str, fmt: str, cache: Path) -> Path:
-    src = write_checkpoint(size, cache / f"{size}-mtp", mtp=True)
-    if fmt == "bf16":
-        return src
-    out = cache / f"{size}-mtp-int4"
-    if not (out / "config.json").exists():
-        print(f"  quantizing {size} to int4 …", flush=True)
-        subprocess.run([sys.executable, "-m", "qwen35", "quantize", str(src), str(out), "--bits", "4",
-                        "--group-size", "64", "--head"], check=True)  # as the README quantizes
-    return out
+    return quantized(size, fmt, cache, QUANTIZE.get(fmt, []), mtp=True)
 
 
 def interleaved(parts: dict, repeat: int) -> dict[str, float]:

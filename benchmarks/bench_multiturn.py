@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_server import free_port  # noqa: E402
 from cpu_engines import QUANTIZE, gguf_file, llama_source  # noqa: E402
-from shape_true import write_checkpoint  # noqa: E402
+from shape_true import quantized, write_checkpoint  # noqa: E402
 
 ENGINES = ["qwen35", "qwen35-nocache", "llama-server"]
 GGUF = {"bf16": "F16", "int4": "Q4_0"}  # the llama.cpp peer of each qwen35 variant
@@ -85,15 +85,7 @@ def conversation(seed: int, turns: int, tok, system_tokens: int = 1100) -> tuple
 
 def qwen35_dir(size: str, variant: str, cache: Path) -> Path:
     """The qwen35 checkpoint of a variant: the shape-true bf16 one, or its `qwen35 quantize` copy (as bench_cpu)."""
-    ckpt = write_checkpoint(size, cache / size)  # skipped when written
-    if variant == "bf16":
-        return ckpt
-    out = cache / f"{size}-{variant}"
-    if not (out / "config.json").exists():
-        print(f"  quantizing {size} to {variant} …", flush=True)
-        subprocess.run([sys.executable, "-m", "qwen35", "quantize", str(ckpt), str(out), "--group-size", "64",
-                        *QUANTIZE[variant]], check=True)
-    return out
+    return quantized(size, variant, cache, QUANTIZE.get(variant, []))
 
 
 def gguf(size: str, quant: str, args: argparse.Namespace) -> Path:

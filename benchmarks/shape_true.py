@@ -11,6 +11,7 @@ memory), with `model.safetensors.index.json` as the released checkpoints have it
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -119,3 +120,18 @@ def write_checkpoint(size: str, out: Path, seed: int = 0, mtp: bool = False) -> 
 
 if __name__ == "__main__":
     print(write_checkpoint(sys.argv[1], Path(sys.argv[2]).expanduser()))
+
+
+def quantized(size: str, variant: str, cache: Path, flags: list[str], mtp: bool = False) -> Path:
+    """`size` in `cache`: the shape-true bf16 checkpoint (written when missing) for variant "bf16", else its
+    `qwen35 quantize --group-size 64 FLAGS` copy named by the variant, as the README quantizes."""
+    tag = f"{size}-mtp" if mtp else size
+    ckpt = write_checkpoint(size, cache / tag, mtp=mtp)
+    if variant == "bf16":
+        return ckpt
+    out = cache / f"{tag}-{variant}"
+    if not (out / "config.json").exists():
+        print(f"  quantizing {size} to {variant} …", flush=True)
+        subprocess.run([sys.executable, "-m", "qwen35", "quantize", str(ckpt), str(out), "--group-size", "64",
+                        *flags], check=True)
+    return out
