@@ -78,8 +78,9 @@ class GGUFFile:
         return value
 
 
-def open_gguf(path: str | Path) -> GGUFFile:
-    """Parse and check the header of a GGUF file (nothing else is read); errors name the file and the problem."""
+def open_gguf(path: str | Path, projector: bool = False) -> GGUFFile:
+    """Parse and check the header of a GGUF file (nothing else is read); errors name the file and the problem.
+    `projector`: the file must be a vision projector (mmproj, architecture `clip`) rather than a Qwen3.5 model."""
     path = Path(path).expanduser()
     if not regular_file_exists(path):
         raise FileNotFoundError(f"{path}: no such GGUF file")
@@ -106,7 +107,7 @@ def open_gguf(path: str | Path) -> GGUFFile:
             raise CheckpointError(f"{path}: tensor '{t.name}' needs bytes {t.data_offset}..{t.data_offset + t.n_bytes}"
                                   f" but the file has {size}; it is truncated: download it again")
         tensors[t.name] = t
-    arch = _architecture(path, reader)
+    arch = _architecture(path, reader, projector)
     return GGUFFile(path, reader, arch, tensors)
 
 
@@ -154,12 +155,17 @@ def _reader(path: Path) -> Any:
     return Reader(path, "r")
 
 
-def _architecture(path: Path, reader: Any) -> str:
+def _architecture(path: Path, reader: Any, projector: bool) -> str:
     field = reader.fields.get("general.architecture")
     try:
         arch = field.contents() if field is not None else None
     except (ValueError, IndexError, UnicodeDecodeError, TypeError):
         arch = None
+    if projector and arch != "clip":
+        raise CheckpointError(f"{path}: architecture {arch!r}, not a vision projector (mmproj, architecture 'clip');"
+                              " pass the model's mmproj-*.gguf as --mmproj")
+    if projector:
+        return arch
     if arch == "clip":
         raise CheckpointError(f"{path}: a vision projector (mmproj) file, not a language model; pass the model's "
                               "GGUF as the model and this file as --mmproj")

@@ -61,6 +61,8 @@ def load_gguf_model(f: GGUFFile, dtype: torch.dtype = torch.bfloat16, device: st
                 groups[ours.removesuffix(".weight")] = parts
             else:
                 w = from_gguf(ours, dense(t), config)
+                if ours in expected and [d for d in w.shape if d != 1] == [d for d in expected[ours] if d != 1]:
+                    w = w.reshape(expected[ours])  # llama.cpp drops trailing 1s: (1, H) is stored as (H,)
                 if ours in expected and tuple(w.shape) != tuple(expected[ours]):
                     raise CheckpointError(f"tensor '{name}' has shape {tuple(w.shape)} (as ours), the metadata "
                                           f"imply {tuple(expected[ours])}")

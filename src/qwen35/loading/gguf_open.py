@@ -40,4 +40,6 @@ def load_gguf(path: Path, dtype: torch.dtype | str, device: str, progress: Calla
     projector = find_mmproj(path, mmproj)
     if projector is None:
         return tokenizer, model, defaults, None, None
-    raise CheckpointError(f"{projector}: vision projector (mmproj) files are not read yet; load without it")
+    open_gguf(projector, projector=True)  # a wrong file is named as such
+    raise CheckpointError(f"{projector}: vision projector (mmproj) files are not read yet; load the model without "
+                          "it (move it away or pass another --mmproj) for text")
