@@ -159,7 +159,10 @@ def test_reply_streams_with_stats_and_survives_reload(driver, nano):
     assert len(first.find_element("css selector", ".content").text) > 10
     assert js(d, "return window.__updates") > 3, "the reply arrived in one piece, not streamed"
     stats = first.find_element("css selector", ".stats").text
-    assert re.fullmatch(r"48 tokens · [\d.]+ tok/s · TTFT [\d.]+ s · prefix cache 0/\d+ prompt tokens reused", stats)
+    # the first turn may reuse the chat template's opening, cached by an earlier conversation with this server
+    m = re.fullmatch(r"48 tokens · [\d.]+ tok/s · TTFT [\d.]+ s · prefix cache (\d+)/(\d+) prompt tokens reused",
+                     stats)
+    assert m and int(m[1]) < int(m[2]), stats
     send(d, "Tell me more.")
     second = wait_reply(d, 2)
     reused, prompt = map(int, re.search(r"prefix cache (\d+)/(\d+)", second.text).groups())
