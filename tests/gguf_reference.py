@@ -57,11 +57,11 @@ def real_vocab_checkpoint(name: str, path: Path, tokenizer_dir: Path):
     return ref
 
 
-def convert(ckpt: Path, out: Path, outtype: str = "f16") -> Path:
-    """llama.cpp's own `convert_hf_to_gguf.py` on a checkpoint directory."""
+def convert(ckpt: Path, out: Path, outtype: str = "f16", mmproj: bool = False) -> Path:
+    """llama.cpp's own `convert_hf_to_gguf.py` on a checkpoint directory (`mmproj`: its vision projector)."""
     src = llama_source()
     done = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", outtype,
-                           "--outfile", str(out)], capture_output=True, text=True,
+                           "--outfile", str(out)] + ["--mmproj"] * mmproj, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(src / "gguf-py")})
     assert done.returncode == 0, done.stderr[-3000:]
     return out

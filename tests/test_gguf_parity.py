@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import gguf
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 
 import qwen35
 from gguf_reference import convert, llama_quantize, real_vocab_checkpoint
-from qwen35.files import checkpoint_name
+from qwen35.files import CheckpointError, checkpoint_name
 from qwen35.loading.gguf import gguf_config, open_gguf
 from qwen35.loading.gguf_export import export_gguf
 from qwen35.loading.gguf_names import EXPERT_MARK, name_map
@@ -77,6 +78,26 @@ def test_converter_f16_file_matches_transformers(name, converted):
     assert ours.tokenizer.chat_template == direct.tokenizer.chat_template
     messages = [{"role": "user", "content": "Hi"}]
     assert ours.tokenizer.encode_chat(messages) == direct.tokenizer.encode_chat(messages)
+
+
+def test_mmproj_vision_tower(converted, tmp_path):
+    """llama.cpp's converter writes the vision projector; loaded beside the model (given, or found next to it) it
+    gives the tower of the original checkpoint: same processor, same image features within f16 rounding."""
+    ckpt, f16, _ = converted("dense-tied")
+    (ckpt / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                                                               "patch_size": 16, "merge_size": 2}))
+    mmproj = convert(ckpt, f16.parent / "mmproj-tiny.gguf", mmproj=True)
+    direct = qwen35.load(ckpt, dtype="float32", cache_ram=0)
+    found = qwen35.load(f16, dtype="float32", cache_ram=0)  # the only mmproj*.gguf beside it
+    given = qwen35.load(f16, dtype="float32", cache_ram=0, mmproj=mmproj)
+    assert found.processor == given.processor == direct.processor
+    grids = torch.tensor([[1, 4, 6]])
+    x = torch.randn(24, direct.vision.config.patch_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = direct.vision(x, grids), given.vision(x, grids)
+    assert (got - want).abs().max() < 1e-2 * want.abs().max()
+    with pytest.raises(CheckpointError, match="not a vision projector"):
+        qwen35.load(f16, dtype="float32", cache_ram=0, mmproj=f16)
 
 
 def _llama(path, n_ctx: int = 256):

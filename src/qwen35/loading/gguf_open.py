@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from qwen35.files import CheckpointError, release_freed_memory
+from qwen35.files import release_freed_memory
 from qwen35.loading.checkpoint import DTYPES
 from qwen35.loading.gguf import gguf_sampling, open_gguf
 from qwen35.loading.gguf_load import load_gguf_model
@@ -40,6 +40,7 @@ def load_gguf(path: Path, dtype: torch.dtype | str, device: str, progress: Calla
     projector = find_mmproj(path, mmproj)
     if projector is None:
         return tokenizer, model, defaults, None, None
-    open_gguf(projector, projector=True)  # a wrong file is named as such
-    raise CheckpointError(f"{projector}: vision projector (mmproj) files are not read yet; load the model without "
-                          "it (move it away or pass another --mmproj) for text")
+    from qwen35.loading.gguf_vision import open_mmproj
+
+    vision = open_mmproj(projector, model.config)  # checked now: a wrong file fails at load, not at the first image
+    return tokenizer, model, defaults, vision.tower_loader(dtype, device), vision.processor(max_image_tokens)
