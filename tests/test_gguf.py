@@ -147,3 +147,13 @@ def test_export_command_writes_each_type(tmp_path):
     assert done.returncode == 0, done.stderr
     types = {t.tensor_type.name for t in open_gguf(out).tensors.values()}
     assert types == {"F32", "F16", "Q8_0"}
+
+
+def test_export_of_a_quantized_model(tmp_path):
+    """Our int4 checkpoint (g32, int8 head) exported as F16: the file holds its dequantized weights, so the model
+    loaded back computes what the quantized one computes."""
+    q = qwen35.quantize(qwen35.load(None, dtype="bfloat16", cache_ram=0), bits=4, group_size=32, head=8)
+    g = qwen35.load(export_gguf(q.model, q.tokenizer, tmp_path / "int4.gguf", "f16"), dtype="bfloat16", cache_ram=0)
+    ours, theirs = forward(g).float(), forward(q).float()
+    assert (ours - theirs).abs().max() < 0.05 * (theirs.max() - theirs.min())
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.9

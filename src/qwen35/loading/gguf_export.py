@@ -18,7 +18,7 @@ import torch
 from qwen35.loading.gguf_names import EXPERT_MARK, name_map, to_gguf
 from qwen35.loading.gguf_tokenizer import CONTROL, NORMAL, PRE_TOKENIZERS, UNUSED, USER_DEFINED
 from qwen35.models import Qwen35Model
-from qwen35.quant.linear import Int4Linear, Int8Linear, StoredTable
+from qwen35.quant.linear import Int4Linear, Int8Linear
 from qwen35.quant.quantize import SMALL, QuantEmbedding, QuantExperts
 from qwen35.sampling import SamplingParams
 from qwen35.tokenizer import Tokenizer
@@ -96,7 +96,8 @@ def _metadata(w, config, arch: str, name: str, file_type: int, defaults: Samplin
         w.add_feed_forward_length(config.intermediate_size)
     w.add_quantization_version(2)
     if defaults is not None:
-        w.add_uint32("general.sampling.top_k", defaults.top_k) if defaults.top_k else None
+        if defaults.top_k:
+            w.add_uint32("general.sampling.top_k", defaults.top_k)
         for key, value in (("temp", defaults.temperature), ("top_p", defaults.top_p), ("min_p", defaults.min_p),
                            ("penalty_repeat", defaults.repetition_penalty)):
             w.add_float32(f"general.sampling.{key}", float(value))
@@ -174,7 +175,8 @@ def _weights(model: Qwen35Model) -> dict[str, Callable[[], torch.Tensor]]:
     out: dict[str, Callable[[], torch.Tensor]] = {}
     tied = model.config.tie_word_embeddings
     for name, module in model.named_modules():
-        if isinstance(module, (Int8Linear, Int4Linear)) and not (name == "lm_head" and tied):
+        if isinstance(module, (Int8Linear, Int4Linear)) and not (name == "lm_head" and tied) and \
+                not name.startswith("embed_tokens."):  # a tied table is reached first as the embedding's
             out[f"{name}.weight"] = lambda m=module: m.rows(slice(None)).float()
         elif isinstance(module, QuantExperts):
             out[f"{name}.gate_up_proj"] = lambda m=module: torch.stack([e.rows(slice(None)).float()
@@ -182,8 +184,7 @@ def _weights(model: Qwen35Model) -> dict[str, Callable[[], torch.Tensor]]:
             out[f"{name}.down_proj"] = lambda m=module: torch.stack([e.rows(slice(None)).float() for e in m.down])
         elif isinstance(module, QuantEmbedding):
             table = module.table
-            out["embed_tokens.weight"] = lambda t=table: (t.rows(slice(None)) if isinstance(t, StoredTable)
-                                                          else t.rows(slice(None))).float()
+            out["embed_tokens.weight"] = lambda t=table: t.rows(slice(None)).float()  # StoredTable or tied head
     for name, p in model.named_parameters():
         if name not in out:
             out[name] = lambda p=p: p.detach().float()

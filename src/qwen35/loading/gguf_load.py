@@ -54,8 +54,6 @@ def load_gguf_model(f: GGUFFile, dtype: torch.dtype = torch.bfloat16, device: st
                     experts[prefix][part] = dense(t)
                 else:
                     groups.update(_expert_parts(t, prefix, part, dtype))
-            elif ours not in expected and ours != "lm_head.weight":
-                continue  # the MTP head of a file whose config this model drops (never: kept for safety)
             elif t.tensor_type.name not in DENSE and ours in quantizable and (parts := _parts(t, ours, config,
                                                                                                dtype)):
                 groups[ours.removesuffix(".weight")] = parts
