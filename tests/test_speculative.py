@@ -13,6 +13,7 @@ from scipy.stats import chisquare
 
 from conftest import VOCAB, randomize_
 from qwen35.loading import load_model
+from qwen35.ops import cpu
 from qwen35.models.qwen3_5 import MultiTokenPredictor, _attention_mask, rotary_cos_sin
 from qwen35.quant import quantize
 from qwen35.runtime import Engine, PrefixCache, Request, Scheduler, run
@@ -248,10 +249,14 @@ def test_bad_settings_are_refused_with_what_to_do(reference_checkpoint):
     assert make_speculator(bare, "nowhere", None, None) is None  # the default: off without a head
 
 
-def test_the_default_drafts_only_where_it_was_measured_to_pay(reference_checkpoint):
+def test_the_default_drafts_only_where_it_was_measured_to_pay(reference_checkpoint, monkeypatch):
+    monkeypatch.setattr(cpu, "has_kernels", lambda: True)
     model = load_model(reference_checkpoint("dense-tied")[0], dtype=torch.bfloat16)
     assert model.mtp is not None and not pays_by_default(model)  # a width no official size has
     model.config = dataclasses.replace(model.config, hidden_size=1024)  # as the 0.8B's
     assert pays_by_default(model)
+    monkeypatch.setattr(cpu, "has_kernels", lambda: False)
+    assert not pays_by_default(model)  # PyTorch's kernels, bf16 emulated on AVX2: verify passes cost too much
+    monkeypatch.setattr(cpu, "has_kernels", lambda: True)
     assert not pays_by_default(quantize(model, bits=4, group_size=32))  # compute-bound kernels: off
     assert not pays_by_default(load_model(reference_checkpoint("dense-tied")[0], dtype=torch.float32))

@@ -109,8 +109,8 @@ def model_args(p: argparse.ArgumentParser, sampling: bool = True, compile: bool 
                        help="K/V precision: 8 halves its memory (int8, a scale per token and head)")
         p.add_argument("--draft", type=int, choices=range(5), default=None, metavar="K",
                        help="speculative decoding with the model's MTP head: draft K (1-4) tokens per step, "
-                            "verified in one forward; same output (default: 2 for bf16 models of 0.8B and up, "
-                            "off for int8/int4 where it does not pay on a CPU; 0: off; docs/speculative.md)")
+                            "verified in one forward; same output (default: 2 for bf16 models of 0.8B and up on a CPU "
+                            "with qwen35's kernels, else off, where it does not pay; 0: off; docs/speculative.md)")
         p.add_argument("--draft-vocab", dest="draft_vocab", type=int, default=None, metavar="N",
                        help="draft over the N most frequent tokens only (cheaper; 0: all; default 16384)")
     if sampling:

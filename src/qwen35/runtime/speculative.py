@@ -24,6 +24,7 @@ import torch
 
 from qwen35.cache import ModelCache
 from qwen35.models import Qwen35Model
+from qwen35.ops import cpu
 from qwen35.ops.cpu import GEMV_ROWS
 from qwen35.quant.linear import Int4Linear, Int8Linear
 from qwen35.runtime.draft_vocab import DraftHead, draft_vocabulary
@@ -38,7 +39,8 @@ MAX_DRAFT = 4
 # a plain step at 0.8B; 2 drafts over 16,384 tokens then give 1.37x / 1.53x at acceptance 0.6 / 0.7 (4B bf16:
 # 1.16x / 1.29x, its verify passes costing more). int8/int4 weights run compute-bound kernels there (a verify
 # pass of 2 tokens cost 1.5-1.7x a step): off, as for the built-in nano, whose steps are Python overhead
-# (0.3-0.4x measured), and where it was not measured (GPU, fp32).
+# (0.3-0.4x measured), without qwen35's kernels (AVX2: a verify pass of 2 tokens cost 2.5x a step), and
+# where it was not measured (GPU, fp32).
 DEFAULT_DRAFT, DEFAULT_DRAFT_VOCAB = 2, 16384
 Sampler = Callable[[Sequence, torch.Tensor], "Event"]
 
@@ -138,8 +140,10 @@ def make_speculator(model: Qwen35Model, tokenizer: object, draft: int | None = N
 
 
 def pays_by_default(model: Qwen35Model) -> bool:
-    """A head, bf16 weights not quantized, an official size (hidden 1024 and up), on the CPU: see DEFAULT_DRAFT."""
+    """A head, bf16 weights not quantized, an official size (hidden 1024 and up), on a CPU where qwen35's kernels
+    run: see DEFAULT_DRAFT. Without them (AVX2: bf16 emulated by PyTorch) a 0.8B verify pass of 2 tokens cost
+    2.5x a plain step (8.1 s against 3.2 s, a loaded 2-core EPYC), so drafting never pays there."""
     weight = model.embed_tokens.weight
     quantized = any(isinstance(m, (Int4Linear, Int8Linear)) for m in model.modules())
     return (model.mtp is not None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-            and not quantized and model.config.hidden_size >= 1024)
+            and not quantized and model.config.hidden_size >= 1024 and cpu.has_kernels())
