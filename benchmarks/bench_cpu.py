@@ -12,7 +12,8 @@ the same minutes of the machine.
 Engines: qwen35 bf16 / int8 / int4 (g64, int8 head) / int4h4 (int4 head too) / int4g128h4 (groups of 128,
 int4 head; only when named), transformers bf16 (same checkpoint), and llama.cpp through llama-cpp-python
 (`make bench` builds it from source) on the same checkpoint converted by llama.cpp's own converter to F16, then
-quantized to Q8_0 / Q4_0. Same thread count everywhere. Prints a table, then one JSON line.
+quantized to Q8_0 / Q4_0; and qwen35 on those same GGUF files (gguf-Q8_0 / gguf-Q4_0). Same thread count
+everywhere. Prints a table, then one JSON line.
 
     python benchmarks/bench_cpu.py --sizes 0.8B --engines all [--turns]
 """
@@ -34,7 +35,7 @@ from cpu_engines import engine_hooks, prepared
 
 HERE = Path(__file__).resolve().parent
 ENGINES = ["qwen35-bf16", "qwen35-int8", "qwen35-int4", "qwen35-int4h4", "transformers-bf16", "llama-F16",
-           "llama-Q8_0", "llama-Q4_0"]  # `--engines all`; qwen35-int4g128h4 runs when named
+           "llama-Q8_0", "llama-Q4_0", "gguf-Q8_0", "gguf-Q4_0"]  # `--engines all`; qwen35-int4g128h4 when named
 
 
 PROBE_EVERY = 16  # decode steps between two read-bandwidth probes
@@ -245,9 +246,9 @@ def main() -> None:
 def peer_ratios(engine: str, results: dict[str, dict], args: argparse.Namespace) -> dict:
     """A qwen35 engine's decode over llama.cpp's at the same width, and its first prefill over transformers'."""
     family, variant = engine.split("-", 1)
-    peer = "llama-" + {"bf16": "F16", "int8": "Q8_0"}.get(variant, "Q4_0")
+    peer = "llama-" + (variant if family == "gguf" else {"bf16": "F16", "int8": "Q8_0"}.get(variant, "Q4_0"))
     ours, out = results[engine], {}
-    if family != "qwen35" or "error" in ours:
+    if family not in ("qwen35", "gguf") or "error" in ours:
         return out
     if "error" not in results.get(peer, {"error": ""}):
         out["decode_vs_llama"] = ours["decode"] / results[peer]["decode"]

@@ -26,6 +26,8 @@ def engine_hooks(engine: str, size: str, args: argparse.Namespace) -> Hooks:
     family, variant = engine.split("-", 1)
     if family == "qwen35":
         return qwen35_hooks(ckpt, variant, args)
+    if family == "gguf":  # qwen35 running llama.cpp's own GGUF file, the one llama-<variant> runs
+        return qwen35_hooks(gguf_file(ckpt, variant, args), "gguf", args)
     if family == "transformers":
         return transformers_hooks(ckpt, args)
     return llama_hooks(ckpt, variant, args)
@@ -36,7 +38,7 @@ def prepared(engine: str, size: str, cache: Path) -> bool:
     family, variant = engine.split("-", 1)
     if family == "qwen35" and variant != "bf16":
         return (cache / f"{size}-{variant}" / "config.json").exists()
-    return family == "llama" and (cache / f"{size}-{variant}.gguf").exists()
+    return family in ("llama", "gguf") and (cache / f"{size}-{variant}.gguf").exists()
 
 
 def qwen35_hooks(ckpt: Path, variant: str, args: argparse.Namespace) -> Hooks:
@@ -47,7 +49,7 @@ def qwen35_hooks(ckpt: Path, variant: str, args: argparse.Namespace) -> Hooks:
     from qwen35.runtime.prefill import prefill
     from qwen35.sampling import greedy
 
-    if variant != "bf16":  # the quantized checkpoint is its own artifact, made once by `qwen35 quantize`
+    if variant not in ("bf16", "gguf"):  # the quantized checkpoint is its own artifact, made by `qwen35 quantize`
         qdir = Path(args.cache) / f"{ckpt.name}-{variant}"
         if not (qdir / "config.json").exists():  # in its own process: its memory is not this one's peak
             subprocess.run([sys.executable, "-m", "qwen35", "quantize", str(ckpt), str(qdir), "--group-size", "64",

@@ -16,7 +16,8 @@ import torch
 
 from qwen35.files import MTP_PREFIX, CheckpointError, release_freed_memory
 from qwen35.loading.gguf import GGUFFile, gguf_config
-from qwen35.loading.gguf_names import EXPERT_MARK, from_gguf, large_linears, name_map, v_permutation
+from qwen35.loading.gguf_names import (EXPERT_MARK, from_gguf, is_offset_norm, large_linears, name_map,
+                                       v_permutation)
 from qwen35.loading.gguf_quant import DENSE, GROUP, dense, permute_blocks, quant_parts
 from qwen35.models import Qwen35Model
 from qwen35.quant.checkpoint import build_quantized
@@ -51,14 +52,15 @@ def load_gguf_model(f: GGUFFile, dtype: torch.dtype = torch.bfloat16, device: st
             if EXPERT_MARK in ours:
                 prefix, part = ours.split(EXPERT_MARK)
                 if t.tensor_type.name in DENSE:
-                    experts[prefix][part] = dense(t)
+                    experts[prefix][part] = dense(t, dtype)
                 else:
                     groups.update(_expert_parts(t, prefix, part, dtype))
             elif t.tensor_type.name not in DENSE and ours in quantizable and (parts := _parts(t, ours, config,
                                                                                                dtype)):
                 groups[ours.removesuffix(".weight")] = parts
             else:
-                w = from_gguf(ours, dense(t), config)
+                exact = is_offset_norm(ours) or ours.endswith("A_log")  # transformed in fp32, then cast
+                w = from_gguf(ours, dense(t, torch.float32 if exact else dtype), config)
                 if ours in expected and [d for d in w.shape if d != 1] == [d for d in expected[ours] if d != 1]:
                     w = w.reshape(expected[ours])  # llama.cpp drops trailing 1s: (1, H) is stored as (H,)
                 if ours in expected and tuple(w.shape) != tuple(expected[ours]):

@@ -24,21 +24,31 @@ from qwen35.quant.linear import Int4Linear, int4_quantize, int8_quantize, pack_n
 GROUP = 32  # int4 group size of every GGUF-born layer: Q4_0/Q4_1's block, and the finest our kernels take
 DENSE = {"F32", "F16", "BF16"}
 EXACT_INT4 = {"Q4_0", "Q4_1"}
+CHUNK_ROWS = 16384  # rows converted at once: 64 MB of fp32 at width 1024
 INT8_TYPES = {"Q8_0", "Q8_1", "Q8_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"}  # more than 4 bits a weight: int8
 
 
-def dense(t) -> torch.Tensor:
-    """A reader tensor's values as fp32, in numpy order (rows first), one tensor at a time."""
+def dense(t, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A reader tensor's values in `dtype`, numpy order (rows first), converted CHUNK_ROWS rows at a time into
+    the final buffer: a whole 248k-row table in fp32 at once cost 1-3 GB beyond the loaded model."""
+    shape = tuple(int(d) for d in reversed(t.shape))
+    data = t.data.reshape(-1, t.data.shape[-1])
+    out = torch.empty((data.shape[0], shape[-1]), dtype=dtype)
+    for start in range(0, data.shape[0], CHUNK_ROWS):
+        out[start:start + CHUNK_ROWS] = _dense_rows(t, data[start:start + CHUNK_ROWS])
+    return out.reshape(shape)
+
+
+def _dense_rows(t, data: np.ndarray) -> torch.Tensor:
     kind = t.tensor_type.name
     if kind in ("F32", "F16"):
-        return torch.from_numpy(np.array(t.data, dtype=np.float32))
+        return torch.from_numpy(np.array(data, dtype=np.float32))
     if kind == "BF16":
-        raw = np.array(t.data).view(np.int16)
-        return torch.from_numpy(raw).view(torch.bfloat16).float()
+        return torch.from_numpy(np.array(data).view(np.int16)).view(torch.bfloat16).float()
     import gguf
 
     try:
-        values = gguf.quants.dequantize(t.data, t.tensor_type)
+        values = gguf.quants.dequantize(data, t.tensor_type)
     except NotImplementedError:
         raise CheckpointError(f"tensor '{t.name}' is of type {kind}, which the gguf package cannot dequantize; "
                               "re-quantize the model to a common type (Q4_K_M, Q8_0, ...)") from None
@@ -47,19 +57,19 @@ def dense(t) -> torch.Tensor:
 
 def quant_parts(t, data: np.ndarray, dtype: torch.dtype, bits: int | None = None) -> dict[str, torch.Tensor]:
     """Stored int8/int4 parts for one (rows, cols) quantized matrix; `data` is its block bytes (rows, row bytes),
-    already permuted if the tensor needed it. `bits` forces int8 (8) where int4 cannot hold the shape."""
-    kind = t.tensor_type.name
+    already permuted if the tensor needed it. `bits` forces int8 (8) where int4 cannot hold the shape. Rows are
+    converted CHUNK_ROWS at a time (each format is row-local), so no whole fp32 copy exists."""
     rows, cols = data.shape[0], int(t.shape[0])
     int4_ok = Int4Linear.supports(rows, cols, GROUP) and bits != 8
-    if kind in EXACT_INT4 and int4_ok:
-        return _q4_parts(kind, torch.from_numpy(np.array(data)), rows, cols, dtype)
-    import gguf
+    pieces = [_parts_rows(t, data[a:a + CHUNK_ROWS], cols, dtype, int4_ok) for a in range(0, rows, CHUNK_ROWS)]
+    return pieces[0] if len(pieces) == 1 else {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
 
-    try:
-        w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32))
-    except NotImplementedError:
-        raise CheckpointError(f"tensor '{t.name}' is of type {kind}, which the gguf package cannot dequantize; "
-                              "re-quantize the model to a common type (Q4_K_M, Q8_0, ...)") from None
+
+def _parts_rows(t, data: np.ndarray, cols: int, dtype: torch.dtype, int4_ok: bool) -> dict[str, torch.Tensor]:
+    kind = t.tensor_type.name
+    if kind in EXACT_INT4 and int4_ok:
+        return _q4_parts(kind, torch.from_numpy(np.array(data)), data.shape[0], cols, dtype)
+    w = _dense_rows(t, data)
     if kind in INT8_TYPES or not int4_ok:
         return int8_quantize(w, dtype)
     return int4_quantize(w, GROUP, dtype)
