@@ -9,6 +9,7 @@ unexpected, missing or wrong-shape tensor is an error naming it and the file.
 from __future__ import annotations
 
 import logging
+import mmap
 from collections import defaultdict
 from typing import Callable
 
@@ -69,6 +70,7 @@ def load_gguf_model(f: GGUFFile, dtype: torch.dtype = torch.bfloat16, device: st
                 loaded[ours] = w.to(dtype)
         except CheckpointError as e:
             raise CheckpointError(f"{f.path}: {e}") from None
+        _drop_pages(f, t)
         if progress:
             progress(i + 1, len(f.tensors))
     for prefix, parts in experts.items():
@@ -96,6 +98,16 @@ def load_gguf_model(f: GGUFFile, dtype: torch.dtype = torch.bfloat16, device: st
     if groups:
         gather_on_huge_pages(model)
     return model
+
+
+def _drop_pages(f: GGUFFile, t) -> None:
+    """Return a converted tensor's pages of the mapped file (every conversion copies): read pages of a mapping
+    count in the process's RSS until unmapped, which made a 0.8B Q8_0 load peak at 3.3 GB for a 1.4 GB model."""
+    buffer = getattr(f.reader.data, "_mmap", None)
+    if buffer is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+    buffer.madvise(mmap.MADV_DONTNEED, start, t.data_offset + int(t.n_bytes) - start)
 
 
 def _parts(t, ours: str, config, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
