@@ -12,8 +12,14 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import BPE
 
 from conftest import make_reference, write_mtp
+from qwen35.loading.gguf_tokenizer import PRE_TOKENIZERS
+from qwen35.tokenizer import Tokenizer
+from qwen35.tokenizer.vocab import SPECIAL_TOKENS, bytes_to_unicode
 
 LLAMA_SRC = "llama-cpp-python==0.3.36"
 CACHE = Path(os.environ.get("QWEN35_LLAMA_SRC", Path.home() / ".cache" / "qwen35-bench" / "src"))
@@ -75,3 +81,15 @@ def llama_quantize(f16: Path, out: Path, ftype: str) -> Path:
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     assert llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params) == 0, ftype
     return out
+
+
+def tiny_tokenizer() -> Tokenizer:
+    """Byte-level BPE over the 256 bytes (no merges) with Qwen3.5's pre-tokenizer and special tokens."""
+    hf = HFTokenizer(BPE({c: b for b, c in bytes_to_unicode().items()}, []))
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRE_TOKENIZERS["qwen35"]), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return Tokenizer(hf, "{% for m in messages %}{{ m.content }}{% endfor %}", [256])

@@ -16,37 +16,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers.models import BPE
-
 import qwen35
+from gguf_reference import tiny_tokenizer
 from qwen35.config import ModelConfig
 from qwen35.files import CheckpointError
 from qwen35.loading.gguf import open_gguf
 from qwen35.loading.gguf_export import export_gguf
-from qwen35.loading.gguf_tokenizer import PRE_TOKENIZERS
 from qwen35.models import Qwen35Model
-from qwen35.tokenizer import Tokenizer
-from qwen35.tokenizer.vocab import SPECIAL_TOKENS, bytes_to_unicode
 
 CONFIG = dict(model_type="qwen3_5_text", vocab_size=320, hidden_size=32, num_hidden_layers=4,
               layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=2, num_key_value_heads=1,
               head_dim=32, linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=16,
               linear_value_head_dim=16, intermediate_size=64, tie_word_embeddings=True,
               rope_parameters={"rope_theta": 1e7, "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1]})
-
-
-def tiny_tokenizer() -> Tokenizer:
-    """Byte-level BPE over the 256 bytes (no merges) with Qwen3.5's pre-tokenizer and special tokens."""
-    hf = HFTokenizer(BPE({c: b for b, c in bytes_to_unicode().items()}, []))
-    hf.normalizer = normalizers.NFC()
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRE_TOKENIZERS["qwen35"]), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
-    hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return Tokenizer(hf, "{% for m in messages %}{{ m.content }}{% endfor %}", [256])
 
 
 @pytest.fixture(scope="module")

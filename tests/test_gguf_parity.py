@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import gguf
 import numpy as np
@@ -19,13 +20,15 @@ import pytest
 import torch
 
 import qwen35
-from gguf_reference import convert, llama_quantize, real_vocab_checkpoint
+from gguf_reference import convert, llama_quantize, real_vocab_checkpoint, tiny_tokenizer
 from qwen35.files import CheckpointError, checkpoint_name
+from qwen35.loading import load_model, load_vision, preprocessor_config
 from qwen35.loading.gguf import gguf_config, open_gguf
 from qwen35.loading.gguf_export import export_gguf
 from qwen35.loading.gguf_names import EXPERT_MARK, name_map
 from qwen35.models import Qwen35Model
 from qwen35.tokenizer import Tokenizer, build_qwen35_tokenizer
+from qwen35.vision import ImageProcessor
 
 PROMPT = "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\n"
 TEXTS = [PROMPT, "Hello world! 你好 café cafe\u0301", "def f(x):\n\treturn x ** 2\r\n", "👨‍👩‍👧‍👦 ２０２４年 'll 'D",
@@ -80,24 +83,28 @@ def test_converter_f16_file_matches_transformers(name, converted):
     assert ours.tokenizer.encode_chat(messages) == direct.tokenizer.encode_chat(messages)
 
 
-def test_mmproj_vision_tower(converted, tmp_path):
-    """llama.cpp's converter writes the vision projector; loaded beside the model (given, or found next to it) it
-    gives the tower of the original checkpoint: same processor, same image features within f16 rounding."""
-    ckpt, f16, _ = converted("dense-tied")
+def test_mmproj_vision_tower(reference_checkpoint, tmp_path):
+    """llama.cpp's converter writes the vision projector of a tiny checkpoint; loaded beside a GGUF of its text
+    model (given, or found next to it) it gives the checkpoint's own tower: same processor, same image features
+    within f16 rounding."""
+    source, _ = reference_checkpoint("dense-tied")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(source, ckpt)
     (ckpt / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3,
                                                                "patch_size": 16, "merge_size": 2}))
-    mmproj = convert(ckpt, f16.parent / "mmproj-tiny.gguf", mmproj=True)
-    direct = qwen35.load(ckpt, dtype="float32", cache_ram=0)
-    found = qwen35.load(f16, dtype="float32", cache_ram=0)  # the only mmproj*.gguf beside it
-    given = qwen35.load(f16, dtype="float32", cache_ram=0, mmproj=mmproj)
-    assert found.processor == given.processor == direct.processor
+    mmproj = convert(ckpt, tmp_path / "mmproj-tiny.gguf", mmproj=True)
+    text = export_gguf(load_model(ckpt, dtype=torch.float32), tiny_tokenizer(), tmp_path / "tiny.gguf", "f16")
+    found = qwen35.load(text, dtype="float32", cache_ram=0)  # the only mmproj*.gguf beside it
+    given = qwen35.load(text, dtype="float32", cache_ram=0, mmproj=mmproj)
+    vision = load_vision(ckpt, dtype=torch.float32)
+    assert found.processor == given.processor == ImageProcessor.from_config(preprocessor_config(ckpt), vision.config)
     grids = torch.tensor([[1, 4, 6]])
-    x = torch.randn(24, direct.vision.config.patch_dim, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(24, vision.config.patch_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want, got = direct.vision(x, grids), given.vision(x, grids)
+        want, got = vision(x, grids), given.vision(x, grids)
     assert (got - want).abs().max() < 1e-2 * want.abs().max()
     with pytest.raises(CheckpointError, match="not a vision projector"):
-        qwen35.load(f16, dtype="float32", cache_ram=0, mmproj=f16)
+        qwen35.load(text, dtype="float32", cache_ram=0, mmproj=text)
 
 
 def _llama(path, n_ctx: int = 256):
