@@ -21,6 +21,7 @@ from qwen35.train.data import (
     DataStats,
     SourceStats,
     batches_sft,
+    sft_batch_source,
     clean_text,
     is_english,
     iter_json_array,
@@ -257,3 +258,16 @@ def test_train_bpe_refuses_a_vocab_the_text_cannot_fill(tmp_path: Path) -> None:
         train_bpe(["tiny text"] * 5, 2048, tmp_path)
     with pytest.raises(ValueError, match="at least"):
         train_bpe(english_corpus(10), 100, tmp_path)
+
+
+def test_sft_batch_source_walks_each_epoch_then_reshuffles() -> None:
+    """Micro-batches 0..n-1 of step 0 are epoch 0's batches in order (seed), n..2n-1 epoch 1's (seed + 1); ranks
+    interleave; a step spans 64 micro-batches."""
+    examples = [([1] * (3 + i % 5) + [2, 3], [0] * (3 + i % 5) + [1, 1]) for i in range(10)]
+    source = sft_batch_source(examples, batch_size=4, seed=5)
+    epoch0, epoch1 = (list(batches_sft(examples, 4, seed)) for seed in (5, 6))
+    got = [source(0, micro, 0, 1) for micro in range(6)]
+    for (x, y), (ex, ey) in zip(got, epoch0 + epoch1):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+    assert torch.equal(source(0, 1, 1, 2)[0], epoch1[0][0])  # rank 1 of 2, micro-batch 1: index 3
+    assert torch.equal(source(1, 0, 0, 1)[0], list(batches_sft(examples, 4, 5 + 64 // 3))[64 % 3][0])

@@ -17,7 +17,7 @@ import re
 import unicodedata
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -392,3 +392,21 @@ def batches_sft(examples: Sequence[tuple[list[int], list[int]]], batch_size: int
             inputs[row, :n] = torch.tensor(ids[:-1])
             targets[row, :n] = torch.where(torch.tensor(mask[1:], dtype=torch.bool), torch.tensor(ids[1:]), -100)
         yield inputs, targets
+
+
+def sft_batch_source(examples: Sequence[tuple[list[int], list[int]]], batch_size: int,
+                     seed: int) -> Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """`train`'s batch function over `examples`: (step, micro, rank, world) -> a batch of `batches_sft`, the
+    examples reshuffled each epoch (seed + epoch), one epoch's batches held at a time."""
+    per_epoch = (len(examples) + batch_size - 1) // batch_size
+    held: dict[int, list] = {}
+
+    def batch(step: int, micro: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = (step * 64 + micro) * world + rank
+        epoch = index // per_epoch
+        if epoch not in held:
+            held.clear()
+            held[epoch] = list(batches_sft(examples, batch_size, seed + epoch))
+        return held[epoch][index % per_epoch]
+
+    return batch

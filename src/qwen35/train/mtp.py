@@ -275,15 +275,7 @@ def train_head(model_dir: Path, out: Path, work: Path, recipe: HeadRecipe = Head
         f"{sum(v.numel() for v in body_before.values()) / 1e6:.2f}M-parameter body")
 
     per_epoch = (len(examples) + recipe.batch_size - 1) // recipe.batch_size
-    epochs: dict[int, list] = {}
-
-    def batch(step: int, micro: int, rank: int, world: int):
-        index = (step * 64 + micro) * world + rank
-        epoch = index // per_epoch
-        if epoch not in epochs:
-            epochs.clear()
-            epochs[epoch] = list(data.batches_sft(examples, recipe.batch_size, recipe.seed + epoch))
-        return epochs[epoch][index % per_epoch]
+    batch = data.sft_batch_source(examples, recipe.batch_size, recipe.seed)
 
     objective = head_objective(recipe.target)
     step_s = _step_seconds(model, batch, objective, per_epoch)

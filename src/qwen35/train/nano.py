@@ -160,16 +160,8 @@ def run_nano(out: Path, work: Path, recipe: NanoRecipe = NanoRecipe(), log=print
     examples = data.sft_examples(pairs_train, tokenizer, 512, stats, seed=recipe.seed)
     val_examples = data.sft_examples(pairs_val, tokenizer, 512, seed=recipe.seed)
     sft_val = list(data.batches_sft(val_examples[:128], 16, recipe.seed))
-    epochs: dict[int, list] = {}
     per_epoch = (len(examples) + recipe.batch_size - 1) // recipe.batch_size
-
-    def sft_batch(step: int, micro: int, rank: int, world: int):
-        index = (step * 64 + micro) * world + rank
-        epoch = index // per_epoch
-        if epoch not in epochs:
-            epochs.clear()
-            epochs[epoch] = list(data.batches_sft(examples, recipe.batch_size, recipe.seed + epoch))
-        return epochs[epoch][index % per_epoch]
+    sft_batch = data.sft_batch_source(examples, recipe.batch_size, recipe.seed)
 
     remaining = budget - (time.time() - started)
     steps = _agree(_steps_for(max(remaining, 60) * 0.92, model, sft_batch, base), world, device)
