@@ -22,10 +22,11 @@ peaks above its loaded size) and the run's own (VmHWM reset after loading and wa
   = decode steps after the first token over their time, the same definition as qwen35's), peak RSS from VmHWM.
 
 The decode limit of a row is read bandwidth ÷ (weight bytes read per token + K/V bytes at that depth): the
-bandwidth is measured by the driver right before each row (PyTorch sum over 1 GiB with --threads threads, best of
-3; this shared machine drifts by tens of percent within minutes). The planner's prediction is
-`qwen35.memory.plan(config, context, quant=..., kv_bits=...)` with no snapshot budget (cache_ram=0), against the
-measured peak. The machine is shared, so each row also reports the cores other processes used while it ran
+bandwidth is measured by the driver right before each row (`bandwidth.ReadProbe`: the fastest PyTorch sum over
+512 MB with --threads threads, best of 3; this shared machine drifts by tens of percent within minutes). The
+planner's prediction is `qwen35.memory.plan(config, context, quant=..., kv_bits=...)` with no snapshot budget
+(cache_ram=0), against the measured peak. The machine is shared, so each row also reports the cores other
+processes used while it ran
 (the machine's busy CPU time less this driver's and its children's), and `--quiet-wait M` waits up to M minutes
 before each row for the others to leave the CPU. The prompt is capped at the model's 262,144 positions less the
 reply (262K: 262,127 tokens).
@@ -222,19 +223,6 @@ def run_llama(gguf_path: Path, row: dict, args: argparse.Namespace) -> dict:
 
 # -- the driver -----------------------------------------------------------------------------------------------------
 
-def read_bandwidth(data, threads: int, passes: int = 3) -> float:
-    """GB/s of one PyTorch sum over `data` (1 GiB) on `threads` threads, best of `passes`."""
-    import torch
-
-    torch.set_num_threads(threads)
-    best = float("inf")
-    for _ in range(passes):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return data.numel() * data.element_size() / best / 1e9
-
-
 def first_special(tokenizer_json: Path) -> int:
     """The lowest added (special) token id: prompts draw below it."""
     added = json.loads(tokenizer_json.read_text())["added_tokens"]
@@ -366,7 +354,7 @@ def measure(row: dict, args: argparse.Namespace, probe) -> None:
             print(f"    skipped: {row['skipped']}", flush=True)
             return
         wait_quiet(args)
-        row["read_bw_gbs"] = read_bandwidth(probe, args.threads)
+        row["read_bw_gbs"] = probe(passes=3)
         others = Others().start()
         row.update(run_qwen35(path, row, args) if row["engine"] == "qwen35" else run_llama(path, row, args))
         row["others_cores"] = round(others.cores(), 2)
@@ -514,7 +502,7 @@ def plot(rows: list[dict], path: str, args: argparse.Namespace) -> None:
 
 
 def drive(args: argparse.Namespace) -> None:
-    import torch
+    from bandwidth import ReadProbe
     from bench_cpu import cpu_name
     from shape_true import official_config, write_checkpoint
 
@@ -528,9 +516,9 @@ def drive(args: argparse.Namespace) -> None:
     args.cpu = cpu_name()
     cache = Path(args.cache)
     args.vocab = first_special(write_checkpoint(args.sizes[0], cache / args.sizes[0]) / "tokenizer.json")
-    probe = torch.ones(1 << 27, dtype=torch.int64)  # 1 GiB, held by this driver only
-    bandwidth = read_bandwidth(probe, args.threads)
-    print(f"read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads); cpu: {args.cpu}; prompts: random ids "
+    probe = ReadProbe(args.threads)  # 512 MB, held by this driver only
+    bandwidth = probe(passes=3)
+    print(f"read bandwidth: {bandwidth:.1f} GB/s ({probe.describe()}); cpu: {args.cpu}; prompts: random ids "
           f"below {args.vocab}; qwen35 load(kv_bits=): {'yes' if args.load_kv_bits else 'no'}", flush=True)
     rows, skipped = rows_to_run(args)
     for r in skipped:
@@ -550,7 +538,7 @@ def drive(args: argparse.Namespace) -> None:
     if args.plot:
         plot(rows, args.plot, args)
     print(json.dumps({"benchmark": "context", "threads": args.threads, "decode_tokens": args.decode_tokens,
-                      "cpu": args.cpu, "read_bandwidth_gbs": round(bandwidth, 2),
+                      "cpu": args.cpu, "read_bandwidth_gbs": round(bandwidth, 2), "probe": probe.describe(),
                       "qwen35_load_kv_bits": args.load_kv_bits, "minutes": round((time.perf_counter() - start) / 60, 1),
                       "rows": rows, "skipped": skipped, "checks": verdicts}))
 

@@ -4,9 +4,10 @@ For each size (the real 0.8B/2B/4B/9B configs, random weights, official layout, 
 --cache by `shape_true.py`) and each engine, a fresh process measures: prefill tok/s (512 and 4096 tokens), time
 to first token of a 512-token prompt, decode tok/s over 128 tokens (EOS ignored), peak RSS (whole run, and while
 generating: the 512-token prompt and its 128 tokens, run first after loading), and achieved weight
-bandwidth (weight bytes read per token x decode tok/s) as a share of the read bandwidth measured between blocks
-of 16 decode steps, outside their timing (the median of those probes: this machine's bandwidth drifts by tens of
-percent within minutes, so the two figures are taken seconds apart). With --turns, the engines of a size run at
+bandwidth (weight bytes read per token x decode tok/s) as a share of the read bandwidth (`bandwidth.ReadProbe`:
+the fastest PyTorch sum this machine does, stated in the output) measured between blocks of 16 decode steps,
+outside their timing (the median of those probes: this machine's bandwidth drifts by tens of percent within
+minutes, so the two figures are taken seconds apart). With --turns, the engines of a size run at
 once and take turns, block by block and prefill by prefill, so the ratios to the peers (last two columns) compare
 the same minutes of the machine.
 Engines: qwen35 bf16 / int8 / int4 (g64, int8 head) / int4h4 (int4 head too) / int4g128h4 (groups of 128,
@@ -39,26 +40,6 @@ ENGINES = ["qwen35-bf16", "qwen35-int8", "qwen35-int4", "qwen35-int4h4", "transf
 
 
 PROBE_EVERY = 16  # decode steps between two read-bandwidth probes
-
-
-def probe_data():
-    import torch
-
-    return torch.ones(64 << 20, dtype=torch.int64)
-
-
-def read_bandwidth(threads: int, data, passes: int = 5) -> float:
-    """GB/s of one pass over `data` (512 MB, `probe_data`) with PyTorch, best of `passes`: the ceiling decode is
-    held against."""
-    import torch
-
-    torch.set_num_threads(threads)
-    best = float("inf")
-    for _ in range(passes):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return data.numel() * 8 / best / 1e9
 
 
 # -- worker: one engine (cpu_engines.py), one size, in a fresh process, so its peak RSS is its own ----------------
@@ -158,7 +139,7 @@ class Worker:
 def run_group(engines: list[str], size: str, args: argparse.Namespace, probe) -> dict[str, dict]:
     """Measure `engines` on `size` taking turns: every block of decode steps and every prefill runs each engine
     once, in a rotating order, so all see the same minutes of this shared machine (one engine: a plain run).
-    The read bandwidth is probed on `probe` (a 512 MB tensor) between rounds, while every engine waits."""
+    The read bandwidth is probed (`bandwidth.ReadProbe`) between rounds, while every engine waits."""
     results: dict[str, dict] = {}
     workers: list[Worker] = []
     for engine in engines:  # one at a time: loading, converting and quantizing do not overlap
@@ -184,7 +165,7 @@ def run_group(engines: list[str], size: str, args: argparse.Namespace, probe) ->
     for r, done in enumerate(range(0, args.decode, PROBE_EVERY)):
         turns(f"decode {min(PROBE_EVERY, args.decode - done)}", "decode", r)
         time.sleep(0.01)
-        bandwidths.append(read_bandwidth(args.threads, probe, passes=3))
+        bandwidths.append(probe(passes=3))
     turns("rss", "generate")
     for n in args.prefill:
         for r in range(1 if n > 1024 else 2):
@@ -218,12 +199,13 @@ def main() -> None:
     if args.worker:
         return worker(args)
     sys.path.insert(0, str(HERE))
+    from bandwidth import ReadProbe
     from shape_true import write_checkpoint
 
     engines = ENGINES if args.engines == "all" else args.engines.split(",")
-    probe = probe_data()
-    bandwidth = read_bandwidth(args.threads, probe)
-    print(f"read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads); cpu: {cpu_name()}", flush=True)
+    probe = ReadProbe(args.threads)
+    bandwidth = probe()
+    print(f"read bandwidth: {bandwidth:.1f} GB/s ({probe.describe()}); cpu: {cpu_name()}", flush=True)
     rows = []
     for size in args.sizes.split(","):
         if not all(prepared(engine, size, Path(args.cache)) for engine in engines):
@@ -240,7 +222,8 @@ def main() -> None:
             rows.append({"size": size, "engine": engine, **r, **peer_ratios(engine, results, args)})
     print_table(rows, args)
     print(json.dumps({"benchmark": "cpu", "threads": args.threads, "turns": args.turns,
-                      "read_bandwidth_gbs": round(bandwidth, 2), "cpu": cpu_name(), "results": rows}))
+                      "read_bandwidth_gbs": round(bandwidth, 2), "probe": probe.describe(), "cpu": cpu_name(),
+                      "results": rows}))
 
 
 def peer_ratios(engine: str, results: dict[str, dict], args: argparse.Namespace) -> dict:
