@@ -21,8 +21,7 @@ from qwen35.runtime.speculative import Speculator, make_speculator
 from qwen35.runtime.steering import Steering
 from qwen35.memory import MemoryPlan, available_memory, fitting_context, gib, plan
 from qwen35.loading import (available_vision, load_model, load_vision, preprocessor_config, release_freed_memory,
-                            resolve_checkpoint)
-from qwen35.loading.gguf import is_gguf
+                            resolve_model)
 from qwen35.models import Qwen35Model
 from qwen35.ops.cpu import kernels
 from qwen35.models.vision import ImageInputs, VisionModel
@@ -285,12 +284,11 @@ def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfl
     qwen35's CPU kernels cannot run (PyTorch's kernels: +25-39% decode at 0.8B), not beside them
     (docs/benchmarks.md). A batch of several or padded sequences compiles a second graph when first seen.
     """
-    gguf = path_or_repo is not None and is_gguf(path_or_repo)
     if path_or_repo is None:
         from qwen35.default_model import default_model_path
-        path = default_model_path()
+        path, gguf = default_model_path(), False
     else:
-        path = Path(path_or_repo).expanduser() if gguf else resolve_checkpoint(path_or_repo)
+        path, gguf = resolve_model(path_or_repo)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")

@@ -6,15 +6,14 @@ import argparse
 import itertools
 import json
 from collections import Counter
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from qwen35.config import ModelConfig, load_config
-from qwen35.loading import resolve_checkpoint
-from qwen35.loading.gguf import gguf_config, is_gguf, open_gguf
+from qwen35.loading import resolve_checkpoint, resolve_model
+from qwen35.loading.gguf import gguf_config, open_gguf
 from qwen35.memory import gib, kv_bytes_per_token, plan, state_bytes
 from qwen35.models import Qwen35Model
 from qwen35.quant.quantize import QuantConfig
@@ -44,9 +43,7 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
 def run_info(args: argparse.Namespace, console: Console) -> None:
     from qwen35.default_model import default_model_path
 
-    gguf = bool(args.model) and is_gguf(args.model)
-    path = (Path(args.model).expanduser() if gguf else resolve_checkpoint(args.model)) if args.model else \
-        default_model_path()
+    path, gguf = resolve_model(args.model) if args.model else (default_model_path(), False)
     source = open_gguf(path) if gguf else None
     config = gguf_config(source) if source else load_config(path)
     counts = parameter_counts(config)

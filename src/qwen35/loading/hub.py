@@ -5,8 +5,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from qwen35.loading.gguf import is_gguf
+
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]  # never pickles
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_model(path_or_repo: str | Path) -> tuple[Path, bool]:
+    """(path, whether it is GGUF): a GGUF file as it is, anything else `resolve_checkpoint`."""
+    if is_gguf(path_or_repo):
+        return Path(path_or_repo).expanduser(), True
+    return resolve_checkpoint(path_or_repo), False
 
 
 def resolve_checkpoint(path_or_repo: str | Path) -> Path:

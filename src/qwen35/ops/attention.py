@@ -41,8 +41,8 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     rows = []
     for r in range(q.shape[0]):
         valid = mask[r].reshape(-1).nonzero().flatten()
-        first, n = int(valid[0]) if len(valid) else 0, len(valid)
-        keys = slice(first, first + n) if int(valid[-1] if n else -1) == first + n - 1 else valid
+        span = len(valid) > 0 and int(valid[-1]) - int(valid[0]) + 1 == len(valid)  # left pads only: a slice
+        keys = slice(int(valid[0]), int(valid[-1]) + 1) if span else valid
         rows.append(F.scaled_dot_product_attention(q[r:r + 1], k[r:r + 1, :, keys], v[r:r + 1, :, keys],
                                                    enable_gqa=True))
     return torch.cat(rows)

@@ -42,12 +42,10 @@ def deltanet_decode(k: ModuleType, qkv: torch.Tensor, z: torch.Tensor, b: torch.
         cache.conv = cache.conv.contiguous()
     if not cache.state.is_contiguous():
         cache.state = cache.state.contiguous()
-    if not keep:
-        return k.deltanet_decode(qkv, z, b, a, cache.conv, conv_weight, A_log, dt_bias, cache.state, None,
-                                 norm_weight, eps)
-    state = torch.empty_like(cache.state)
-    cache.trail.append((cache.conv.clone(), cache.state))
-    o = k.deltanet_decode(qkv, z, b, a, cache.conv, conv_weight, A_log, dt_bias, cache.state, state, norm_weight,
-                          eps)
-    cache.state = state
+    new = torch.empty_like(cache.state) if keep else None  # None: the state is updated in place
+    if keep:
+        cache.trail.append((cache.conv.clone(), cache.state))
+    o = k.deltanet_decode(qkv, z, b, a, cache.conv, conv_weight, A_log, dt_bias, cache.state, new, norm_weight, eps)
+    if new is not None:
+        cache.state = new
     return o
