@@ -186,6 +186,47 @@ def test_decode_plan_is_bit_identical_to_layer_by_layer(bits, monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [None, 8, 4])
+def test_a_verify_pass_on_the_plan_is_bit_identical_to_layer_by_layer(bits, monkeypatch):
+    """A speculative verify pass (3 tokens a sequence, a batch of 2 with a left-padded row) through the native plan
+    against the model's own layers: equal hidden states, K/V, and DeltaNet states after every token (the trail the
+    rollback picks from); then rolled back to different lengths, the next decode step equal too. The Python
+    layers never ran on the plan's side."""
+    model = qwen35.load(None, dtype="bfloat16", device="cpu").model
+    if bits:
+        qwen35.quantize(model, bits=bits, group_size=32)
+    g = torch.Generator().manual_seed(6)
+    ids, fed = torch.randint(0, 1000, (2, 9), generator=g), torch.randint(0, 1000, (2, 3), generator=g)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.inference_mode():
+        start = make_cache(model.config, 2)
+        model(ids, start, attention_mask=mask)
+
+    def verify(python: bool) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        cache, layers = copy.deepcopy(start), model.run_layers
+        calls = []
+        monkeypatch.setattr(model, "run_layers", lambda x, *a: calls.append(x.shape[1]) or layers(x, *a))
+        if python:
+            monkeypatch.setattr(model, "decode_step", model.run_layers)
+        with torch.inference_mode():
+            cache.track()
+            hidden = model.features(fed, cache)
+            states = [t for layer in cache.layers for t in (
+                [layer.k[:, :, :layer.length], layer.v[:, :, :layer.length]] if hasattr(layer, "k")
+                else [x for pair in layer.trail + [(layer.conv, layer.state)] for x in pair])]
+            cache.rollback([3, 1], 3)
+            after = model(fed[:, :1], cache)
+        monkeypatch.undo()
+        assert python or calls == []
+        return hidden, states, after
+
+    (native, native_states, native_after), (plain, plain_states, plain_after) = verify(False), verify(True)
+    assert torch.equal(native, plain) and torch.equal(native_after, plain_after)
+    assert len(native_states) == len(plain_states)
+    assert all(torch.equal(a, b) for a, b in zip(native_states, plain_states))
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
 def test_decode_batch_above_gemv_rows_equals_each_sequence_alone(bits):
     """Batch invariance at any batch size: sequences decoded together (more than GEMV_ROWS, and more query-head
     rows than NORM_ROWS: 72 x 4 heads in the nano model) give each the logits it gets alone, bit for bit; GEMM above

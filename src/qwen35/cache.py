@@ -127,6 +127,7 @@ class ModelCache:
     draft: list[KVCache] = field(default_factory=list)  # the MTP head's K/V (speculative decoding): one slot behind
     hidden: torch.Tensor | None = None  # (B, H) each sequence's last final hidden state, whose MTP slot waits for
     # the token after it
+    verifying: bool = False  # between `track` and `rollback`
 
     @property
     def length(self) -> int:
@@ -145,6 +146,7 @@ class ModelCache:
 
     def track(self) -> None:
         """Start a verify pass: the next forward runs its tokens one by one and records the DeltaNet states."""
+        self.verifying = True
         for layer in self.layers:
             if isinstance(layer, KVCache):
                 layer.stepwise = True
@@ -156,6 +158,7 @@ class ModelCache:
         them; K/V trimmed to the longest kept, each sequence's kept slots moved to the end (its rejected ones
         before them become invalid slots, like left padding), so every sequence's last token is the last slot."""
         rows, longest, start = range(len(keep)), max(keep), self.length - t
+        self.verifying = False
         for layer in self.layers:
             if isinstance(layer, DeltaCache):
                 steps = layer.trail + [(layer.conv, layer.state)]

@@ -374,9 +374,9 @@ class Qwen35Model(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         rope = rotary_cos_sin(self.config, position_ids, x.dtype)
         run = self.run_layers
-        if t == 1 and cache is not None:  # grown here, not inside a compiled decode step
+        if cache is not None and (t == 1 or cache.verifying):  # grown here, not inside a compiled decode step
             cache.reserve(t, self.empty_key(b, x))
-            run = self.decode_layers
+            run = self.decode_layers if t == 1 else self.decode_step  # a verify pass: natively where it can
         x = run(x, rope, attn_mask, pad_mask, cache)
         if cache is not None:
             cache.seen = seen + real.sum(1)

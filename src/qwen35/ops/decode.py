@@ -1,4 +1,5 @@
-"""A decode token through all layers in one native call (`kernels/decode.cpp`), where the CPU kernels run.
+"""A decode token through all layers in one native call (`kernels/decode.cpp`), where the CPU kernels run; also
+a speculative verify pass of a few tokens per sequence (their linears on all rows at once, the mixers token by token).
 
 The plan holds each layer's weights (the same tensors as the model: in-place updates are seen). It covers the
 dense models whose linears all run on qwen35's decode kernels; anything else, and any step it cannot take (an
@@ -92,27 +93,37 @@ def _operands(linear: nn.Module) -> tuple[int, int, list[torch.Tensor]] | None:
 
 def run_plan(plan, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn_mask: torch.Tensor | None,
              cache: ModelCache) -> torch.Tensor | None:
-    """x (B, 1, H) -> the last layer's output (B, 1, H), the cache advanced by one token; None (nothing done)
-    when this step is not one the plan takes."""
-    b = x.shape[0]
-    if b > GEMV_ROWS:
+    """x (B, T, H) -> the last layer's output (B, T, H), the cache advanced by T tokens; None (nothing done) when
+    this step is not one the plan takes. T > 1 only in a verify pass (`ModelCache.track`): each DeltaNet layer's
+    trail gets its states before tokens 1..T-1, as the layer-by-layer path records them."""
+    b, t = x.shape[:2]
+    if b * t > GEMV_ROWS:
         return None
-    state, lengths, kv = [], [], []
+    state, lengths, kv, delta = [], [], [], []
     for layer in cache.layers:
         if isinstance(layer, KVCache):
             if layer.bits != 16:  # the native plan reads 16-bit K/V only
                 return None
+            if t > 1 and not layer.stepwise:
+                return None
             state += [layer.k, layer.v]
             lengths.append(layer.length)
             kv.append(layer)
-        elif layer.state is None:  # a sequence starts here: the prefill path sets the state up
+        elif layer.state is None or (t > 1 and layer.trail is None):  # a sequence starts here: prefill sets it up
             return None
         else:
             layer.conv, layer.state = layer.conv.contiguous(), layer.state.contiguous()  # updated in place
             state += [layer.conv, layer.state]
             lengths.append(0)
-    valid = None if attn_mask is None else attn_mask.reshape(b, -1).contiguous()
-    out = plan.run(x.reshape(b, -1), *rope, valid, state, lengths)
+            delta.append(layer)
+    valid = None if attn_mask is None else attn_mask.reshape(b, t, -1).contiguous()
+    out, kept = plan.run(x.reshape(b * t, -1), *rope, valid, state, lengths)
     for layer in kv:
-        layer.length += 1
-    return out.view(b, 1, -1)
+        layer.length += t
+    if t > 1:
+        per_layer = 2 * (t - 1) + 1
+        for i, layer in enumerate(delta):
+            mine = kept[i * per_layer:(i + 1) * per_layer]
+            layer.trail += list(zip(mine[0:-1:2], mine[1:-1:2]))
+            layer.state = mine[-1]
+    return out.view(b, t, -1)

@@ -65,46 +65,77 @@ void DecodePlan::add_attention(const TensorMap& w, const LinearMap& lin, int64_t
   layers_.push_back(std::move(l));
 }
 
-// x (B, H) the embedded tokens; cos/sin (B, 1, rotary_dim); valid (B, S+1) the real slots after this token, or
-// None; state: per layer two tensors, DeltaNet (conv history, recurrent state) updated in place, attention
-// (K buffer, V buffer) with room at slot lengths[i], which this token's K/V fill. Returns the last hidden (B, H).
-torch::Tensor DecodePlan::run(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
-                              const std::optional<torch::Tensor>& valid, const std::vector<torch::Tensor>& state,
-                              const std::vector<int64_t>& lengths) const {
+// x (B*T, H) the embedded tokens, T per sequence (row b*T + j: sequence b's token j); cos/sin (B, T, rotary_dim);
+// valid (B, T, S+T) each token's real slots (its row of the causal mask), or None; state: per layer two tensors,
+// DeltaNet (conv history, recurrent state) updated in place, attention (K buffer, V buffer) with room at slots
+// lengths[i].. lengths[i]+T-1, which these tokens' K/V fill. T > 1 is a speculative verify pass: the linears
+// take all B*T rows at once (one read of the weights), the mixers and attention go token by token, exactly as T
+// decode steps, and each DeltaNet layer's state before tokens 1..T-1 is kept for the rollback. Returns the last
+// hidden (B*T, H) and, per DeltaNet layer in order, T-1 pairs (conv history copy, recurrent state) before tokens
+// 1..T-1 followed by the final recurrent state (a new buffer: the one before it is kept); empty for T = 1.
+std::tuple<torch::Tensor, std::vector<torch::Tensor>> DecodePlan::run(
+    torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin, const std::optional<torch::Tensor>& valid,
+    const std::vector<torch::Tensor>& state, const std::vector<int64_t>& lengths) const {
   const auto n = static_cast<int64_t>(layers_.size());
   TORCH_CHECK(static_cast<int64_t>(state.size()) == 2 * n && static_cast<int64_t>(lengths.size()) == n,
               "decode plan has ", n, " layers: needs ", 2 * n, " state tensors and ", n, " lengths");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16, "decode plan takes (B, H) with B <= 16, got ", x.sizes());
-  const auto c = cos.unsqueeze(1), s = sin.unsqueeze(1);  // (B, 1, 1, rd): broadcast over heads
-  const int64_t B = x.size(0);
+  TORCH_CHECK(cos.dim() == 3 && sin.sizes() == cos.sizes(), "cos/sin must be (B, T, rotary_dim), got ", cos.sizes());
+  const int64_t B = cos.size(0), T = cos.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == B * T && B * T <= 16, "decode plan takes (B*T, H) with B*T <= 16, got ",
+              x.sizes(), " for B=", B, " T=", T);
+  TORCH_CHECK(!valid || (valid->dim() == 3 && valid->size(0) == B && valid->size(1) == T),
+              "valid must be (B, T, S+T)");
+  const auto c = cos.unsqueeze(2), s = sin.unsqueeze(2);  // (B, T, 1, rd): broadcast over heads
+  std::vector<torch::Tensor> kept;
   for (int64_t i = 0; i < n; ++i) {
     const Layer& l = layers_[i];
     const auto u = rms_norm(x, l.in_norm, eps_, 1.0);
-    torch::Tensor o;
+    std::vector<torch::Tensor> out(T);
+    torch::Tensor gate;
     if (!l.attention) {
-      auto conv = state[2 * i], rec = state[2 * i + 1];
-      o = deltanet_decode(l.mix[0](u), l.mix[1](u), l.mix[2](u), l.mix[3](u), conv, l.conv_w, l.A_log,
-                          l.dt_bias, rec, std::nullopt, l.mix_norm, eps_);
+      const auto conv = state[2 * i];
+      auto rec = state[2 * i + 1];
+      std::vector<torch::Tensor> p;
+      for (const auto& proj : l.mix) p.push_back(proj(u).view({B, T, -1}));
+      for (int64_t j = 0; j < T; ++j) {
+        std::optional<torch::Tensor> next;
+        if (j > 0) {  // keep the state before this token: the new one goes to a new buffer
+          kept.push_back(conv.clone()), kept.push_back(rec);
+          next = torch::empty_like(rec);
+        }
+        const auto at = [&](int64_t k) { return p[k].select(1, j).contiguous(); };
+        out[j] = deltanet_decode(at(0), at(1), at(2), at(3), conv, l.conv_w, l.A_log, l.dt_bias, rec, next,
+                                 l.mix_norm, eps_);
+        if (next) rec = *next;
+      }
+      if (T > 1) kept.push_back(rec);
     } else {
       const int64_t hd = l.head_dim, len = lengths[i];
-      const auto qg = l.mix[0](u).view({B, l.heads, 2 * hd});  // per head: [query | gate]
+      const auto qg = l.mix[0](u).view({B * T, l.heads, 2 * hd});  // per head: [query | gate]
       const auto query = qg.narrow(-1, 0, hd).reshape({-1, hd}).contiguous();
-      auto q = rms_norm(query, l.q_norm, eps_, 1.0).view({B, l.heads, 1, hd});
-      auto k = rms_norm(l.mix[1](u).view({-1, hd}), l.k_norm, eps_, 1.0).view({B, l.kv_heads, 1, hd});
-      const auto v = l.mix[2](u).view({B, l.kv_heads, 1, hd});
+      auto q = rms_norm(query, l.q_norm, eps_, 1.0).view({B, T, l.heads, hd});
+      auto k = rms_norm(l.mix[1](u).view({-1, hd}), l.k_norm, eps_, 1.0).view({B, T, l.kv_heads, hd});
+      const auto v = l.mix[2](u).view({B, T, l.kv_heads, hd});
       q = rotate(q, c, s), k = rotate(k, c, s);
       const auto &kbuf = state[2 * i], &vbuf = state[2 * i + 1];
-      TORCH_CHECK(kbuf.dim() == 4 && kbuf.size(2) > len, "layer ", i, ": K/V buffer has no room at slot ", len);
-      kbuf.narrow(2, len, 1).copy_(k), vbuf.narrow(2, len, 1).copy_(v);
-      const auto att = attention_decode(q.reshape({B, l.heads, hd}).contiguous(), kbuf.narrow(2, 0, len + 1),
-                                        vbuf.narrow(2, 0, len + 1), valid, std::pow(static_cast<double>(hd), -0.5));
-      o = att.reshape({B, -1}) * at::sigmoid(qg.narrow(-1, hd, hd).reshape({B, -1}));
+      TORCH_CHECK(kbuf.dim() == 4 && kbuf.size(2) >= len + T, "layer ", i, ": K/V buffer has no room at slot ", len);
+      kbuf.narrow(2, len, T).copy_(k.transpose(1, 2)), vbuf.narrow(2, len, T).copy_(v.transpose(1, 2));
+      for (int64_t j = 0; j < T; ++j) {
+        std::optional<torch::Tensor> mask;
+        if (valid) mask = valid->select(1, j).narrow(1, 0, len + j + 1).contiguous();
+        out[j] = attention_decode(q.select(1, j).contiguous(), kbuf.narrow(2, 0, len + j + 1),
+                                  vbuf.narrow(2, 0, len + j + 1), mask, std::pow(static_cast<double>(hd), -0.5))
+                     .reshape({B, -1});
+      }
+      gate = at::sigmoid(qg.narrow(-1, hd, hd).reshape({B * T, -1}));
     }
+    auto o = T == 1 ? out[0] : at::stack(out, 1).reshape({B * T, -1});
+    if (gate.defined()) o = o * gate;
     x = x + l.out(o);
     const auto h = rms_norm(x, l.post_norm, eps_, 1.0);
     x = x + l.mlp[2](at::silu(l.mlp[0](h)) * l.mlp[1](h));
   }
-  return x;
+  return {x, kept};
 }
 
 }  // namespace qwen35

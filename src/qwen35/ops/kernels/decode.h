@@ -25,9 +25,9 @@ class DecodePlan {
   // Layers are added in order, named as in the model (`input_layernorm`, `in_proj_qkv`, `q_proj`, ...).
   void add_deltanet(const TensorMap& w, const LinearMap& lin);
   void add_attention(const TensorMap& w, const LinearMap& lin, int64_t heads, int64_t kv_heads, int64_t head_dim);
-  torch::Tensor run(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
-                    const std::optional<torch::Tensor>& valid, const std::vector<torch::Tensor>& state,
-                    const std::vector<int64_t>& lengths) const;
+  std::tuple<torch::Tensor, std::vector<torch::Tensor>> run(
+      torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin, const std::optional<torch::Tensor>& valid,
+      const std::vector<torch::Tensor>& state, const std::vector<int64_t>& lengths) const;
 
  private:
   struct Layer {
