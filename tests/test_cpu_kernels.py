@@ -16,7 +16,10 @@ import qwen35
 import qwen35.ops.cpu as cpu
 import qwen35.quant.linear as qlinear
 from qwen35.cache import make_cache
+from qwen35.runtime import Engine, Request, Scheduler
 from qwen35.runtime.prefill import prefill
+from qwen35.runtime.speculative import Speculator
+from qwen35.sampling import SamplingParams
 from qwen35.ops.attention import attention_decode
 from qwen35.ops.build import build_dir
 from qwen35.quant.linear import dequantize, int4_quantize, int8_activations, int8_quantize, make_linear
@@ -224,6 +227,38 @@ def test_a_verify_pass_on_the_plan_is_bit_identical_to_layer_by_layer(bits, monk
     assert torch.equal(native, plain) and torch.equal(native_after, plain_after)
     assert len(native_states) == len(plain_states)
     assert all(torch.equal(a, b) for a, b in zip(native_states, plain_states))
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_speculative_decoding_on_the_plan_is_the_plain_output(bits, monkeypatch):
+    """The nano model (its trained MTP head) drafting 2 tokens a step, a batch of 2: verify passes, drafts and
+    catch-ups all on native plans (no layer ran in Python on 3 tokens or fewer: only prompts did), the greedy
+    replies those of plain decoding token for token, and drafts accepted."""
+    qwen = qwen35.load(None, dtype="bfloat16", device="cpu", cache_ram=0, draft=0)
+    model = qwen.model
+    if bits:
+        qwen35.quantize(model, bits=bits, group_size=32)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = [qwen.prepare_chat([{"role": "user", "content": text}]).ids for text in ("Hello!", "Name a color.")]
+
+    def replies(speculator) -> tuple[list[list[int]], int]:
+        engine = Engine(model, scheduler=Scheduler(max_running=2), speculator=speculator)
+        for i, ids in enumerate(prompts):
+            engine.add(Request(str(i), ids, params))
+        out, steps = [[], []], 0
+        while engine.has_work():
+            for event in engine.step():
+                out[int(event.seq_id)].append(event.token)
+            steps += 1
+        return out, steps
+
+    calls: list[int] = []
+    for owner in (model, model.mtp):
+        layers = owner.run_layers
+        monkeypatch.setattr(owner, "run_layers", lambda x, *a, f=layers: calls.append(x.shape[1]) or f(x, *a))
+    plain, plain_steps = replies(None)
+    drafted, steps = replies(Speculator(model, 2))
+    assert [t for t in calls if t <= 3] == [] and drafted == plain and steps < plain_steps
 
 
 @pytest.mark.parametrize("bits", [None, 8, 4])

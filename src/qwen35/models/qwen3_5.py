@@ -275,13 +275,23 @@ class MultiTokenPredictor(nn.Module):
         self.fc = Linear(2 * h, h, bias=False)
         self.layers = nn.ModuleList(DecoderLayer(config, "full_attention") for _ in range(config.mtp_num_hidden_layers))
         self.norm = RMSNorm(h, eps)
+        self.config = config
+        self.decode_step = NativeDecode(self)  # drafts and catch-ups: its layer natively where it can
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, rope, attn_mask: torch.Tensor | None,
                 caches: list[KVCache] | None) -> torch.Tensor:
         x = self.fc(torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
+        run = self.run_layers if caches is None else self.decode_step
+        return self.norm(run(x, rope, attn_mask, None, caches))
+
+    def run_layers(self, x: torch.Tensor, rope, attn_mask, pad_mask, caches: list[KVCache] | None) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, attn_mask, None, caches[i] if caches is not None else None)
-        return self.norm(x)
+            x = layer(x, rope, attn_mask, pad_mask, caches[i] if caches is not None else None)
+        return x
+
+    def _apply(self, fn, recurse: bool = True):  # new tensors, which decode_step must see
+        self.decode_step.reset()
+        return super()._apply(fn, recurse)
 
 
 class Qwen35Model(nn.Module):

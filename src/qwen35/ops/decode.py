@@ -15,13 +15,14 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from qwen35.cache import KVCache, ModelCache
+from qwen35.cache import KVCache, LayerCache, ModelCache
 from qwen35.ops.cpu import GEMV_ROWS, fast_path
 
 
 class NativeDecode:
-    """A `Qwen35Model`'s decode step (its `decode_layers`): one token per sequence through every layer in one
-    native call where the CPU kernels take it, else `model.run_layers`; bit-identical either way.
+    """A `Qwen35Model`'s decode step (its `decode_layers`, and its verify passes), or its MTP head's (drafts): one
+    token per sequence through every layer in one native call where the CPU kernels take it, else
+    `model.run_layers`; bit-identical either way.
 
     The plan is built on first use and holds the weight tensors: `reset` after the weights or modules change.
     It holds the model, which holds it: a cycle, which the garbage collector frees and `copy.deepcopy` of the
@@ -34,12 +35,13 @@ class NativeDecode:
         self.plan: object = None  # None until first built, False where none applies
 
     def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn_mask: torch.Tensor | None,
-                 pad_mask: torch.Tensor | None, cache: ModelCache) -> torch.Tensor:
+                 pad_mask: torch.Tensor | None, cache: ModelCache | list[LayerCache]) -> torch.Tensor:
         if pad_mask is None and (k := fast_path(x)) is not None and not torch.is_grad_enabled() \
                 and not torch.compiler.is_compiling():
             if self.plan is None:
                 self.plan = build_plan(k, self.model) or False
-            if self.plan and (out := run_plan(self.plan, x, rope, attn_mask, cache)) is not None:
+            layers = cache.layers if isinstance(cache, ModelCache) else cache
+            if self.plan and (out := run_plan(self.plan, x, rope, attn_mask, layers)) is not None:
                 return out
         return self.model.run_layers(x, rope, attn_mask, pad_mask, cache)
 
@@ -92,19 +94,18 @@ def _operands(linear: nn.Module) -> tuple[int, int, list[torch.Tensor]] | None:
 
 
 def run_plan(plan, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn_mask: torch.Tensor | None,
-             cache: ModelCache) -> torch.Tensor | None:
-    """x (B, T, H) -> the last layer's output (B, T, H), the cache advanced by T tokens; None (nothing done) when
-    this step is not one the plan takes. T > 1 only in a verify pass (`ModelCache.track`): each DeltaNet layer's
-    trail gets its states before tokens 1..T-1, as the layer-by-layer path records them."""
+             caches: list[LayerCache]) -> torch.Tensor | None:
+    """x (B, T, H) -> the last layer's output (B, T, H), the layers' caches advanced by T tokens; None (nothing
+    done) when this step is not one the plan takes. T > 1: a verify pass (`ModelCache.track`: each DeltaNet
+    layer's trail gets its states before tokens 1..T-1, as the layer-by-layer path records them) or the MTP
+    head's catch-up (attention only: each query against the keys up to its own)."""
     b, t = x.shape[:2]
     if b * t > GEMV_ROWS:
         return None
     state, lengths, kv, delta = [], [], [], []
-    for layer in cache.layers:
+    for layer in caches:
         if isinstance(layer, KVCache):
             if layer.bits != 16:  # the native plan reads 16-bit K/V only
-                return None
-            if t > 1 and not layer.stepwise:
                 return None
             state += [layer.k, layer.v]
             lengths.append(layer.length)

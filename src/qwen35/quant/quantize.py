@@ -125,4 +125,6 @@ def quantize(model, bits: int = 4, group_size: int = 64, head: int | bool = 0):
     model.quantization = cfg
     gather_on_huge_pages(model)
     model.decode_step.reset()
+    if model.mtp is not None:
+        model.mtp.decode_step.reset()
     return model
