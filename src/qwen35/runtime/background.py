@@ -7,6 +7,8 @@ import threading
 import weakref
 from collections.abc import Callable
 
+from qwen35.ops.cpu import release_thread_pool
+
 
 class Background:
     """One job at a time. `settle` waits for it; interpreter exit stops it between engine steps and waits (a
@@ -22,6 +24,7 @@ class Background:
         self.settle()
         thread = threading.Thread(target=work, args=(self._stop,), name="qwen35-warm-up", daemon=True)
         self._threads.append(thread)
+        release_thread_pool()  # the caller's, while it waits: the warm-up's is then libgomp's only one
         thread.start()
 
     def settle(self) -> None:

@@ -11,11 +11,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from qwen35.api import Qwen35
+from qwen35.ops.cpu import release_thread_pool
 from qwen35.runtime import Engine, Scheduler
 from qwen35.server.anthropic import CountTokensRequest, MessagesGeneration, MessagesRequest, chat_request
 from qwen35.server.errors import APIError, error_response, install_handlers
@@ -29,6 +31,20 @@ from qwen35.server.settings import ServerSettings
 from qwen35.server.web import install_web
 
 log = logging.getLogger("qwen35.server")
+T = TypeVar("T")
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) on a worker thread (loading, request preparation), which then frees its OpenMP pool: the pool
+    loading left on its thread made libgomp stop spin-waiting on the engine thread (`release_thread_pool`): a
+    1,907-token first request to a 0.8B int4 server took 18.7 s, 11.5 s with the pool freed."""
+    def run() -> T:
+        try:
+            return fn(*args)
+        finally:
+            release_thread_pool()
+
+    return await asyncio.to_thread(run)
 
 
 class ServerState:
@@ -43,8 +59,8 @@ class ServerState:
 
     async def load(self) -> None:
         try:
-            qwen = await asyncio.to_thread(self.load_fn)
-            await asyncio.to_thread(lambda: qwen.vision)  # the tower now, not in the first image request's path
+            qwen = await off_loop(self.load_fn)
+            await off_loop(lambda: qwen.vision)  # the tower now, not in the first image request's path
         except Exception as e:  # noqa: BLE001 - reported on /health and by `qwen35 serve`
             log.exception("the model failed to load")
             self.load_error = f"{type(e).__name__}: {e}"
@@ -131,7 +147,7 @@ def create_app(settings: ServerSettings, load: Callable[[], Qwen35]) -> FastAPI:
     async def count_tokens(request: Request) -> JSONResponse:
         qwen, _ = state.ready()
         raw = await request.body()
-        job = await asyncio.to_thread(lambda: prepare_chat(chat_request(parse_body(raw, CountTokensRequest)), qwen,
+        job = await off_loop(lambda: prepare_chat(chat_request(parse_body(raw, CountTokensRequest)), qwen,
                                                            settings))
         return JSONResponse({"input_tokens": len(job.prompt_ids)})
 
@@ -150,12 +166,12 @@ async def _serve(request: Request, kind: str, state: ServerState) -> Response:
             raise APIError(503, "the server is shutting down and takes no new requests", headers={"Retry-After": "5"})
         raw = await request.body()
         if kind == "chat":
-            job = await asyncio.to_thread(prepare_chat, parse_body(raw, ChatRequest), qwen, state.settings)
+            job = await off_loop(prepare_chat, parse_body(raw, ChatRequest), qwen, state.settings)
         elif kind == "messages":  # Anthropic's Messages API: the equivalent chat request, then the same path
-            job = await asyncio.to_thread(lambda: prepare_chat(chat_request(parse_body(raw, MessagesRequest)), qwen,
+            job = await off_loop(lambda: prepare_chat(chat_request(parse_body(raw, MessagesRequest)), qwen,
                                                                state.settings))
         else:
-            job = await asyncio.to_thread(prepare_completion, parse_body(raw, CompletionRequest), qwen,
+            job = await off_loop(prepare_completion, parse_body(raw, CompletionRequest), qwen,
                                           state.settings)
         reply = MessagesGeneration if kind == "messages" else Generation
         response = await respond(reply(qwen, runner, state.metrics, job, state.settings.model_name), request)
