@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bandwidth import ReadProbe  # noqa: E402
 from cpu_engines import QUANTIZE  # noqa: E402
 from shape_true import quantized  # noqa: E402
 
@@ -196,10 +197,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = [] if args.skip_nano else nano(args)
     cost_rows = {}
+    probe = ReadProbe(args.threads) if args.sizes else None
     for size, fmt in ((size, fmt) for size in args.sizes for fmt in args.formats):
         cost = costs(size, fmt, args)
-        name = f"{size} {fmt}"
-        cost_rows[name] = {"ms": {k: round(v * 1e3, 2) for k, v in cost.items()},
+        name, bandwidth = f"{size} {fmt}", probe()  # the host's memory traffic moves the ratios: stated beside
+        print(f"read bandwidth after {name}: {bandwidth:.1f} GB/s ({probe.describe()})", flush=True)
+        cost_rows[name] = {"read_gbs": round(bandwidth, 1), "ms": {k: round(v * 1e3, 2) for k, v in cost.items()},
                            "speedup": {head: speedups(cost, head) for head in ("full", "trimmed")
                                        if f"draft1_{head}" in cost}}
         ms = cost_rows[name]["ms"]

@@ -258,5 +258,12 @@ def test_the_default_drafts_only_where_it_was_measured_to_pay(reference_checkpoi
     monkeypatch.setattr(cpu, "has_kernels", lambda: False)
     assert not pays_by_default(model)  # PyTorch's kernels, bf16 emulated on AVX2: verify passes cost too much
     monkeypatch.setattr(cpu, "has_kernels", lambda: True)
-    assert not pays_by_default(quantize(model, bits=4, group_size=32))  # compute-bound kernels: off
     assert not pays_by_default(load_model(reference_checkpoint("dense-tied")[0], dtype=torch.float32))
+    small, large = (dataclasses.replace(model.config, hidden_size=h) for h in (1024, 2560))  # the 0.8B's, the 4B's
+    for bits, head in ((4, 8), (4, 0), (8, 8)):
+        quantized = quantize(load_model(reference_checkpoint("dense-tied")[0], dtype=torch.bfloat16), bits=bits,
+                             group_size=32, head=head)
+        quantized.config = small
+        assert not pays_by_default(quantized)  # int4 below the 4B, int8: did not pay
+        quantized.config = large
+        assert pays_by_default(quantized) == (bits == 4), (bits, head)  # int4 from the 4B, whatever its head
