@@ -153,6 +153,8 @@ def test_states_that_are_not_finite_are_never_stored(model):
 def test_snapshot_points_cover_marks_every_and_the_end():
     assert snapshot_points(3000, (17, 2999, 5000), 0) == [17, EVERY, 2 * EVERY, 2999, 3000]
     assert snapshot_points(3000, (17,), 1500) == [2 * EVERY, 3000]
+    assert snapshot_points(2105, (2101,), 2010) == [2101, 2105]  # 2,048 is no point 38 tokens into the prefill
+    assert snapshot_points(2 * EVERY + 10, (), 0) == [EVERY, 2 * EVERY + 10]  # nor 10 tokens before its end
 
 
 def test_an_image_in_the_prefix_is_part_of_the_key(vl):  # noqa: F811

@@ -110,8 +110,8 @@ def run_plan(plan, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], att
             state += [layer.k, layer.v]
             lengths.append(layer.length)
             kv.append(layer)
-        elif layer.state is None or (t > 1 and layer.trail is None):  # a sequence starts here: prefill sets it up
-            return None
+        elif layer.state is None or (t > 1 and layer.trail is None):  # no state yet (prefill sets it up), or
+            return None  # several tokens outside a verify pass, whose states would have nowhere to go
         else:
             layer.conv, layer.state = layer.conv.contiguous(), layer.state.contiguous()  # updated in place
             state += [layer.conv, layer.state]

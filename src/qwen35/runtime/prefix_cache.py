@@ -128,6 +128,11 @@ class PrefixCache:
 
 def snapshot_points(length: int, marks: Sequence[int], start: int) -> list[int]:
     """Where a prompt of `length` tokens, prefilled from `start`, saves its state: the caller's marks (the chat's
-    stable points), every EVERY tokens, and its end."""
-    points = {p for p in marks if start < p < length} | set(range(EVERY, length, EVERY)) | {length}
+    stable points), every EVERY tokens at least EVERY // 4 from where the prefill starts and ends, and its end.
+    Each point cuts the prefill there, and a point a few tokens into a turn's new message saved almost nothing
+    while its extra forward cost a 95-token turn 0.4 s (0.8B int4 server, 2,010 tokens reused: 2,048 is a
+    multiple of EVERY)."""
+    gap = EVERY // 4
+    periodic = {p for p in range(EVERY, length, EVERY) if p - start >= gap and length - p >= gap}
+    points = {p for p in marks if start < p < length} | periodic | {length}
     return sorted(p for p in points if p > start)
