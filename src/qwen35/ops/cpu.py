@@ -33,11 +33,17 @@ def release_thread_pool() -> None:
     spin-waiting between regions: every region then wakes its workers from a futex. A 1,024-token 0.8B int4
     prefill on a thread started after loading on the main thread took 6.0-6.9 s, 4.6 s with the main thread's
     pool freed first (2-core Zen 4). A no-op where libgomp is not loaded."""
+    if (pause := _omp_pause()) is not None:
+        pause(1)  # omp_pause_soft: this thread's pool only; recreated on its next parallel region
+
+
+@functools.cache
+def _omp_pause() -> Callable[[int], int] | None:
+    """libgomp's omp_pause_resource_all, looked up once (every server request frees its worker's pool)."""
     try:
-        gomp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
-        gomp.omp_pause_resource_all(1)  # omp_pause_soft: this thread's pool only; recreated on its next region
+        return ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD).omp_pause_resource_all
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 @functools.cache

@@ -60,9 +60,6 @@ struct Int8Rows {
   std::vector<float> qsum;   // per row: the sum of its bsum, for the int8 weights' +128 offset
 };
 
-// 16 bf16 values to fp32 lanes.
-inline __m512 widen(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
-
 Int8Rows quantize_rows(const bf16* x, int64_t M, int64_t K) {
   Int8Rows r;
   const int64_t blocks = K / 32;
@@ -70,12 +67,10 @@ Int8Rows quantize_rows(const bf16* x, int64_t M, int64_t K) {
   r.scale.resize(M * blocks);
   r.bsum.resize(M * blocks);
   r.qsum.assign(M, 0.0f);
-  const auto* raw = reinterpret_cast<const uint16_t*>(x);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < blocks; ++b) {  // vectorised: the scalar loop cost ~20 us a row at K = 9216
       const int64_t k0 = m * K + b * 32;
-      const __m512i v = _mm512_loadu_si512(raw + k0);
-      const __m512 lo = widen(_mm512_castsi512_si256(v)), hi = widen(_mm512_extracti64x4_epi64(v, 1));
+      const __m512 lo = load_bf16_ps(x + k0, 16), hi = load_bf16_ps(x + k0 + 16, 16);
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
       const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
       const __m512 scale = _mm512_set1_ps(inv);  // x * inv rounded to nearest even, as std::nearbyint
