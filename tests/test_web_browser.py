@@ -10,7 +10,6 @@ import json
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -91,9 +90,12 @@ def sanitizer_parse(message: str) -> bool:
 
 # -- helpers -------------------------------------------------------------------------------------------------------
 def wait(d: Any, condition, timeout: float = 30.0, what: str = "") -> Any:
+    """Poll `condition`; a list the page was re-rendering (an element gone stale, or not there yet) is polled again."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(d, timeout, poll_frequency=0.05).until(condition, what)
+    return WebDriverWait(d, timeout, poll_frequency=0.05,
+                         ignored_exceptions=(StaleElementReferenceException, IndexError)).until(condition, what)
 
 
 def js(d: Any, script: str, *args: Any) -> Any:
