@@ -96,7 +96,7 @@ def model_args(p: argparse.ArgumentParser, sampling: bool = True, compile: bool 
     if compile:
         p.add_argument("--compile", action="store_true",
                        help="decode through torch.compile, compiled while loading (about a minute): +25-39%% "
-                            "decode speed where qwen35's CPU kernels cannot run (no AVX-512 BF16), no gain "
+                            "decode speed where qwen35's CPU kernels cannot run (no AVX2), no gain "
                             "beside them (docs/benchmarks.md)")
     if cache:
         p.add_argument("--cache-ram", dest="cache_ram", type=float, default=DEFAULT_CACHE_RAM, metavar="GB",

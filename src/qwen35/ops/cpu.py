@@ -2,8 +2,9 @@
 
 The extension is built once per machine with `-march=native` into ~/.cache/qwen35 by `make install`, or else on
 first use (a few minutes on 2 cores; needs a C++ compiler): see `qwen35.ops.build`. Where it cannot be used — no
-compiler, a CPU without AVX-512 BF16 and VNNI, or `QWEN35_KERNELS=0` — every caller falls back to PyTorch's own
-kernels (same math, equal up to bf16 rounding).
+compiler, a CPU without AVX2 and FMA, or `QWEN35_KERNELS=0` — every caller falls back to PyTorch's own kernels (same
+math, equal up to bf16 rounding). They are written for AVX-512 BF16 and VNNI (Zen 4, Sapphire Rapids on) and, on
+256-bit vectors, for AVX2 + FMA (Haswell, Zen 1 on): `kernel_isa` says which one runs.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def kernels() -> ModuleType | None:
         log.info("qwen35 CPU kernels are off (QWEN35_KERNELS=0); using PyTorch's kernels")
         return None
     if not cpu_supported():
-        log.info("qwen35 CPU kernels need AVX-512 BF16 and VNNI, which this CPU lacks; using PyTorch's kernels")
+        log.info("qwen35 CPU kernels need AVX2 and FMA, which this CPU lacks; using PyTorch's kernels")
         return None
     try:
         from qwen35.ops.build import load_or_build
@@ -63,7 +64,7 @@ def kernels() -> ModuleType | None:
         log.warning("qwen35 CPU kernels could not be built (%s); using PyTorch's kernels", e)
         return None
     if not module.available():
-        log.warning("qwen35 CPU kernels were compiled without AVX-512 BF16 (a compiler older than this CPU?); "
+        log.warning("qwen35 CPU kernels were compiled without AVX2 (a compiler older than this CPU?); "
                     "using PyTorch's kernels")
         return None
     _register_ops(module)
@@ -119,8 +120,15 @@ def _register_ops(module: ModuleType) -> None:
 
 
 def cpu_supported() -> bool:
-    """Whether this CPU has what the kernels are written for (AVX-512 BF16 and VNNI: Zen 4, Sapphire Rapids on)."""
-    return {"avx512_bf16", "avx512_vnni"} <= _cpu_flags()
+    """Whether this CPU has what the kernels are written for: AVX-512 BF16 and VNNI, or else AVX2 and FMA."""
+    return {"avx512_bf16", "avx512_vnni"} <= _cpu_flags() or {"avx2", "fma"} <= _cpu_flags()
+
+
+def kernel_isa() -> str | None:
+    """Which build of the kernels runs here: "avx512", "avx2", or None (PyTorch's kernels). Defaults measured
+    with one (speculative decoding's) say so."""
+    k = kernels()
+    return k.isa() if k is not None else None
 
 
 def native_bf16() -> bool:

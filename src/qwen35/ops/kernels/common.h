@@ -1,5 +1,6 @@
 // Shared by qwen35's CPU kernels (gemv.cpp, dequant.cpp, fused.cpp): compiled on the user's machine at first use
-// with -march=native. The AVX-512 code paths need BF16 and VNNI (Zen 4, Sapphire Rapids and later).
+// with -march=native. The AVX-512 code paths need BF16 and VNNI (Zen 4, Sapphire Rapids and later); CPUs with
+// AVX2 and FMA (Haswell, Zen 1 and later) get 256-bit versions of the same kernels.
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -8,10 +9,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
 #define QWEN35_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define QWEN35_AVX2 1  // the same kernels on 256-bit vectors (gemv_avx2.h): most laptops' CPUs
+#endif
+#if defined(QWEN35_AVX512) || defined(QWEN35_AVX2)
+#define QWEN35_KERNELS 1
 #endif
 
 namespace qwen35 {
@@ -79,8 +86,33 @@ void lane_sums(const __m512 (&v)[R], float* y) {
 }
 #endif
 
+#ifdef QWEN35_AVX2
+// 8 bf16 values to fp32 lanes.
+inline __m256 load8_bf16_ps(const bf16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+// 8 fp32 lanes to bf16 at p, rounded to nearest even as c10::BFloat16 (NaN to its quiet NaN).
+inline void store8_bf16(bf16* p, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // lanes 0 and 2: values 0-7
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+inline float lane_sum(__m256 v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+#endif
+
 // The kernels (one line each on what they compute; the .cpp files say how).
 bool available();
+std::string isa();
 torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales);
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,

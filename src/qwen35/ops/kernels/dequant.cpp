@@ -8,13 +8,13 @@
 namespace qwen35 {
 namespace {
 
-#ifdef QWEN35_AVX512
-
 // Row r's 4-byte pieces of a tile (one per 64-byte block) side by side in `row` (a 16-lane gather of them was
 // several times slower than these 4-byte copies).
 inline void row_pieces(const uint8_t* tile, int r, int64_t pieces, uint8_t* row) {
   for (int64_t i = 0; i < pieces; ++i) std::memcpy(row + 4 * i, tile + 64 * i + 4 * r, 4);
 }
+
+#ifdef QWEN35_AVX512
 
 // All 16 rows' pieces of a tile, row r's at rows + r * 4 * pieces, in one pass: 16 blocks at a time are a 16x16
 // matrix of 32-bit pieces (block, row), transposed in registers. Prefill reads whole tiles; row by row, tiles
@@ -107,6 +107,37 @@ void int8_row_to_bf16(const uint8_t* row, float scale, int64_t K, bf16* w) {
   }
 }
 
+#elif defined(QWEN35_KERNELS)  // AVX2: plain loops, for embedding lookups (prefill products take the kernels)
+
+template <typename Convert>
+void for_rows(const uint8_t* packed, int64_t tile_bytes, int64_t pieces, const int64_t* rp, int64_t n,
+              Convert&& convert) {
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    std::vector<uint8_t> buf(4 * pieces);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int r = static_cast<int>(rp[i] % 16);
+      row_pieces(packed + rp[i] / 16 * tile_bytes, r, pieces, buf.data());
+      convert(buf.data(), r, i);
+    }
+  });
+}
+
+// As the AVX-512 versions: a product then a sum, each rounded (no contraction into a fused multiply-add).
+__attribute__((optimize("fp-contract=off")))
+void int4_row_to_bf16(const uint8_t* row, const bf16* s, const bf16* z, int r, int64_t K, int64_t G, bf16* w) {
+  for (int64_t c = 0; c < K; ++c) {  // piece c / 8: byte j holds column j (low nibble) and 4 + j (high)
+    const uint8_t byte = row[c / 8 * 4 + c % 4];
+    const float q = static_cast<float>(c % 8 < 4 ? byte & 15 : byte >> 4);
+    const int64_t g = c / G;
+    const float scaled = (q - 8.0f) * static_cast<float>(s[g * 16 + r]);
+    w[c] = bf16(scaled + static_cast<float>(z[g * 16 + r]));
+  }
+}
+
+void int8_row_to_bf16(const uint8_t* row, float scale, int64_t K, bf16* w) {
+  for (int64_t k = 0; k < K; ++k) w[k] = bf16(static_cast<float>(static_cast<int>(row[k]) - 128) * scale);
+}
+
 #endif  // QWEN35_AVX512
 
 }  // namespace
@@ -127,7 +158,7 @@ torch::Tensor int4_dequantize(const torch::Tensor& packed, const torch::Tensor& 
   check_int4(packed, scales, zeros, K, G);
   check_rows(rows, N);
   auto w = torch::empty({rows.size(0), K}, scales.options());
-#ifdef QWEN35_AVX512
+#ifdef QWEN35_KERNELS
   const int64_t* rp = rows.data_ptr<int64_t>();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const bf16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
@@ -137,7 +168,7 @@ torch::Tensor int4_dequantize(const torch::Tensor& packed, const torch::Tensor& 
     int4_row_to_bf16(row, sp + t * groups * 16, zp + t * groups * 16, r, K, G, wp + i * K);
   });
 #else
-  TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16 and VNNI");
+  TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 or AVX2");
 #endif
   return w;
 }
@@ -148,7 +179,7 @@ torch::Tensor int8_dequantize(const torch::Tensor& packed, const torch::Tensor& 
   check_int8(packed, scales, K);
   check_rows(rows, N);
   auto w = torch::empty({rows.size(0), K}, scales.options());
-#ifdef QWEN35_AVX512
+#ifdef QWEN35_KERNELS
   const int64_t* rp = rows.data_ptr<int64_t>();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const bf16* sp = scales.data_ptr<at::BFloat16>();
@@ -157,7 +188,7 @@ torch::Tensor int8_dequantize(const torch::Tensor& packed, const torch::Tensor& 
     int8_row_to_bf16(row, static_cast<float>(sp[rp[i]]), K, wp + i * K);
   });
 #else
-  TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16 and VNNI");
+  TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 or AVX2");
 #endif
   return w;
 }

@@ -155,6 +155,16 @@ void dots4(const bf16* q, const bf16* k, int64_t D, int n, float* dots) {
     lane_sums<4>(acc, dots);
     return;
   }
+#elif defined(QWEN35_AVX2)
+  if (D % 8 == 0) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 kv = load8_bf16_ps(k + d);
+      for (int j = 0; j < n; ++j) acc[j] = _mm256_fmadd_ps(load8_bf16_ps(q + j * D + d), kv, acc[j]);
+    }
+    for (int j = 0; j < n; ++j) dots[j] = lane_sum(acc[j]);
+    return;
+  }
 #endif
   for (int j = 0; j < n; ++j) {
     float t = 0.0f;

@@ -10,6 +10,19 @@
 namespace qwen35 {
 namespace {
 
+#ifdef QWEN35_KERNELS
+// Activations for the integer kernels: each row (K a multiple of 32, as the tile kernels require) cut into blocks
+// of 32 and rounded to int8 with one scale per block (as llama.cpp's Q8_0), so weight x activation products run on
+// integer dot instructions (VNNI: 64 per instruction) instead of widening every weight to float.
+struct Int8Rows {
+  std::vector<int8_t> q;     // (M, K)
+  std::vector<float> scale;  // per row and block of 32
+  std::vector<float> bsum;   // per row and block: scale * sum(q), the block's sum as the kernels see it
+  std::vector<float> qsum;   // per row: the sum of its bsum, for the int8 weights' +128 offset
+};
+
+#endif
+
 #ifdef QWEN35_AVX512
 
 // Prefetch into L2 ahead of the loads, for bf16 rows: 2 KB ahead. The int8/int4 tiles read one sequential stream
@@ -49,16 +62,6 @@ void bf16_row(const uint16_t* x, const uint16_t* w, int64_t K, bf16* y, int64_t 
     y[m * ldy] = bf16(_mm512_reduce_add_ps(total));
   }
 }
-
-// Activations for the integer kernels: each row (K a multiple of 32, as the tile kernels require) cut into blocks
-// of 32 and rounded to int8 with one scale per block (as llama.cpp's Q8_0), so weight x activation products run on
-// VNNI's u8 x s8 dot (64 per instruction) instead of widening every weight to float.
-struct Int8Rows {
-  std::vector<int8_t> q;     // (M, K)
-  std::vector<float> scale;  // per row and block of 32
-  std::vector<float> bsum;   // per row and block: scale * sum(q), the block's sum as the kernels see it
-  std::vector<float> qsum;   // per row: the sum of its bsum, for the int8 weights' +128 offset
-};
 
 Int8Rows quantize_rows(const bf16* x, int64_t M, int64_t K) {
   Int8Rows r;
@@ -170,6 +173,11 @@ void int4_tile(const Int8Rows& x, int64_t m0, const float* xsum, const uint8_t* 
   for (int m = 0; m < MB; ++m) store_tile(y + m * ldy, out[m]);
 }
 
+#elif defined(QWEN35_AVX2)
+#include "gemv_avx2.h"
+#endif
+
+#ifdef QWEN35_KERNELS
 // Calls block(n, r, m, mb) for weight rows n..n+r (r = 4, or 1 at a range's end; split across threads, each a
 // contiguous range) and activation rows m..m+mb (mb <= 4).
 template <typename Block>
@@ -205,15 +213,25 @@ void for_tiles(int64_t M, int64_t tiles, Tile&& tile) {
   });
 }
 
-#endif  // QWEN35_AVX512
+#endif  // QWEN35_KERNELS
 
 }  // namespace
 
 bool available() {
-#ifdef QWEN35_AVX512
+#ifdef QWEN35_KERNELS
   return true;
 #else
   return false;
+#endif
+}
+
+std::string isa() {
+#if defined(QWEN35_AVX512)
+  return "avx512";
+#elif defined(QWEN35_AVX2)
+  return "avx2";
+#else
+  return "";
 #endif
 }
 
@@ -224,8 +242,14 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(x.size(1) == w.size(1), "x has ", x.size(1), " columns, w has ", w.size(1));
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto y = torch::empty({M, N}, x.options());
+#ifdef QWEN35_KERNELS
 #ifdef QWEN35_AVX512
-  const uint16_t *xp = u16(x), *wp = u16(w);
+  const uint16_t* xp = u16(x);
+#else
+  const auto xf = x.to(at::kFloat);  // once per call: the weight rows then read it in fp32
+  const float* xp = xf.data_ptr<float>();
+#endif
+  const uint16_t* wp = u16(w);
   bf16* yp = y.data_ptr<at::BFloat16>();
   for_blocks(M, N, [&](int64_t n, int r, int64_t m, int mb) {
     dispatch_rows(mb, [&](auto MB) {
@@ -233,7 +257,7 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w) {
     });
   });
 #else
-  TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16 and VNNI");
+  TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 or AVX2");
 #endif
   return y;
 }
@@ -244,7 +268,7 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, c
   const int64_t M = x.size(0), K = x.size(1), tiles = packed.size(0), N = 16 * tiles;
   check_int8(packed, scales, K);
   auto y = torch::empty({M, N}, x.options());
-#ifdef QWEN35_AVX512
+#ifdef QWEN35_KERNELS
   const Int8Rows xq = quantize_rows(x.data_ptr<at::BFloat16>(), M, K);
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const bf16* sp = scales.data_ptr<at::BFloat16>();
@@ -253,7 +277,7 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, c
     int8_tile<MB()>(xq, m, wp + t * 16 * K, sp + 16 * t, K, yp + m * N + 16 * t, N);
   });
 #else
-  TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16 and VNNI");
+  TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 or AVX2");
 #endif
   return y;
 }
@@ -265,7 +289,7 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
   const int64_t M = x.size(0), K = x.size(1), tiles = packed.size(0), N = 16 * tiles;
   check_int4(packed, scales, zeros, K, G);
   auto y = torch::empty({M, N}, x.options());
-#ifdef QWEN35_AVX512
+#ifdef QWEN35_KERNELS
   const int64_t groups = K / G;
   const Int8Rows xq = quantize_rows(x.data_ptr<at::BFloat16>(), M, K);
   std::vector<float> xsum(M * groups, 0.0f);  // per activation row and group: sum of x, for the zero points
@@ -285,7 +309,7 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
     }
   });
 #else
-  TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 BF16 and VNNI");
+  TORCH_CHECK(false, "qwen35 CPU kernels were built without AVX-512 or AVX2");
 #endif
   return y;
 }
