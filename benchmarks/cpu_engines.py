@@ -189,16 +189,17 @@ def gguf_file(ckpt: Path, quant: str, args: argparse.Namespace) -> Path:
 
 
 def llama_source(cache: Path) -> Path:
-    """llama.cpp as vendored by the llama-cpp-python source distribution (its converter and gguf-py)."""
+    """llama.cpp as vendored by the llama-cpp-python source distribution (its converter, gguf-py and sources),
+    extracted whole: the test suite extracts only the converter into the same folder (tests/gguf_reference.py)."""
     root = cache / "src"
-    found = sorted(root.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    found = sorted(p.parent for p in root.glob("llama_cpp_python-*/vendor/llama.cpp/CMakeLists.txt"))
     if not found:
         root.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
                         LLAMA_SRC, "-d", str(root)], check=True)
         for archive in root.glob("llama_cpp_python-*.tar.gz"):
             subprocess.run(["tar", "xzf", str(archive), "-C", str(root)], check=True)
-        found = sorted(root.glob("llama_cpp_python-*/vendor/llama.cpp"))
+        found = sorted(p.parent for p in root.glob("llama_cpp_python-*/vendor/llama.cpp/CMakeLists.txt"))
     return found[-1]
 
 
