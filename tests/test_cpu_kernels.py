@@ -20,7 +20,8 @@ from qwen35.runtime import Engine, Request, Scheduler
 from qwen35.runtime.prefill import prefill
 from qwen35.runtime.speculative import Speculator
 from qwen35.sampling import SamplingParams
-from qwen35.ops.attention import attention_decode
+from qwen35.cache import quantize_kv
+from qwen35.ops.attention import attention_8bit, attention_decode
 from qwen35.ops.build import build_dir
 from qwen35.quant.linear import dequantize, int4_quantize, int8_activations, int8_quantize, make_linear
 
@@ -131,6 +132,11 @@ def test_attention_decode_matches_sdpa(b, hq, hkv, s, d, masked):
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
     got = attention_decode(cpu.kernels(), q, k, v, mask).float()
     assert (got - ref).abs().max().item() <= ulps(ref)
+    qk, qv = (quantize_kv(t) for t in (k, v))  # an 8-bit cache, read as stored: against its blockwise reference
+    ref8 = attention_8bit(q, qk, qv, mask, block=16).float()
+    got8 = attention_decode(cpu.kernels(), q, qk, qv, mask).float()
+    assert (got8 - ref8).abs().max().item() <= ulps(ref8)
+    assert (got8 - ref).abs().max().item() < 0.05  # and close to the 16-bit answer
 
 
 def test_rms_norm_matches_reference():
@@ -164,10 +170,11 @@ def test_fused_decode_follows_the_plain_model(monkeypatch):
     assert clear.sum() > 30 and torch.equal(fast.argmax(-1)[clear], plain.argmax(-1)[clear])
 
 
-@pytest.mark.parametrize("bits", [None, 8, 4])
-def test_decode_plan_is_bit_identical_to_layer_by_layer(bits, monkeypatch):
+@pytest.mark.parametrize("bits, kv_bits", [(None, 16), (8, 16), (4, 16), (None, 8), (4, 8)])
+def test_decode_plan_is_bit_identical_to_layer_by_layer(bits, kv_bits, monkeypatch):
     """The native decode step (`ops.decode`) against the model's own layers, nano model, a batch of 2 with a left-
-    padded row (the attention mask path): equal logits at every step, and the layers never ran in Python."""
+    padded row (the attention mask path), 16- and 8-bit K/V: equal logits at every step, and the layers never ran
+    in Python."""
     model = qwen35.load(None, dtype="bfloat16", device="cpu").model
     if bits:
         qwen35.quantize(model, bits=bits, group_size=32)
@@ -178,7 +185,7 @@ def test_decode_plan_is_bit_identical_to_layer_by_layer(bits, monkeypatch):
 
     def run(step) -> torch.Tensor:
         model.decode_layers = step
-        cache = make_cache(model.config, 2)
+        cache = make_cache(model.config, 2, kv_bits=kv_bits)
         with torch.inference_mode():
             first = model(ids, cache, attention_mask=mask)[:, -1]
             return torch.stack([first] + [model(s, cache)[:, -1] for s in steps])
@@ -189,8 +196,8 @@ def test_decode_plan_is_bit_identical_to_layer_by_layer(bits, monkeypatch):
     assert torch.equal(run(model.decode_step), plain) and lengths == [9]
 
 
-@pytest.mark.parametrize("bits", [None, 8, 4])
-def test_a_verify_pass_on_the_plan_is_bit_identical_to_layer_by_layer(bits, monkeypatch):
+@pytest.mark.parametrize("bits, kv_bits", [(None, 16), (8, 16), (4, 16), (4, 8)])
+def test_a_verify_pass_on_the_plan_is_bit_identical_to_layer_by_layer(bits, kv_bits, monkeypatch):
     """A speculative verify pass (3 tokens a sequence, a batch of 2 with a left-padded row) through the native plan
     against the model's own layers: equal hidden states, K/V, and DeltaNet states after every token (the trail the
     rollback picks from); then rolled back to different lengths, the next decode step equal too. The Python
@@ -203,7 +210,7 @@ def test_a_verify_pass_on_the_plan_is_bit_identical_to_layer_by_layer(bits, monk
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :3] = 0
     with torch.inference_mode():
-        start = make_cache(model.config, 2)
+        start = make_cache(model.config, 2, kv_bits=kv_bits)
         model(ids, start, attention_mask=mask)
 
     def verify(python: bool) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
@@ -216,7 +223,7 @@ def test_a_verify_pass_on_the_plan_is_bit_identical_to_layer_by_layer(bits, monk
             cache.track()
             hidden = model.features(fed, cache)
             states = [t for layer in cache.layers for t in (
-                [layer.k[:, :, :layer.length], layer.v[:, :, :layer.length]] if hasattr(layer, "k")
+                layer.tensors() if hasattr(layer, "k")
                 else [x for pair in layer.trail + [(layer.conv, layer.state)] for x in pair])]
             cache.rollback([3, 1], 3)
             after = model(fed[:, :1], cache)

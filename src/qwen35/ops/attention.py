@@ -20,13 +20,13 @@ def attention(q: torch.Tensor, k: torch.Tensor | QuantKV, v: torch.Tensor | Quan
               mask: torch.Tensor | None) -> torch.Tensor:
     """q (B, Hq, T, D) against k, v (B, Hkv, S, D) -> (B, Hq, T, D); mask (B, 1, T, S) bool, or None: causal when
     the keys are the queries' own (a prefill from empty), else all keys. A decode step's single query goes to the
-    fused kernel where the CPU kernels run; 8-bit K/V (`QuantKV`) to `attention_8bit`; the reference is
-    `F.scaled_dot_product_attention`."""
-    if isinstance(k, QuantKV):
-        return attention_8bit(q, k, v, mask)
+    fused kernel where the CPU kernels run (16- or 8-bit K/V); other 8-bit K/V (`QuantKV`) to `attention_8bit`;
+    the reference is `F.scaled_dot_product_attention`."""
     t = q.shape[2]
     if t == 1 and (kernels := fast_path(q)) is not None:
         return attention_decode(kernels, q, k, v, mask)
+    if isinstance(k, QuantKV):
+        return attention_8bit(q, k, v, mask)
     if t == 1 and mask is not None:
         return attention_rows(q, k, v, mask)
     causal = mask is None and t > 1 and k.shape[2] == t
@@ -48,13 +48,18 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return torch.cat(rows)
 
 
-def attention_decode(k: ModuleType, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def attention_decode(k: ModuleType, q: torch.Tensor, key: torch.Tensor | QuantKV, value: torch.Tensor | QuantKV,
                      mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per sequence, q (B, Hq, 1, D), against the cache's key/value (B, Hkv, S, D), fused (see the
-    .cpp); mask (B, 1, 1, S) bool or None. Reference: `F.scaled_dot_product_attention(..., enable_gqa=True)`."""
+    """One query per sequence, q (B, Hq, 1, D), against the cache's key/value (B, Hkv, S, D), 16-bit or 8-bit
+    (read as stored), fused (see the .cpp); mask (B, 1, 1, S) bool or None. Reference:
+    `F.scaled_dot_product_attention(..., enable_gqa=True)`; for 8-bit K/V `attention_8bit`."""
     b, hq, _, d = q.shape
     valid = None if mask is None else mask.reshape(b, -1).contiguous()
-    return k.attention_decode(q.reshape(b, hq, d).contiguous(), key, value, valid, d ** -0.5).view(b, hq, 1, d)
+    scales = (key.scale, value.scale) if isinstance(key, QuantKV) else (None, None)
+    if isinstance(key, QuantKV):
+        key, value = key.q, value.q
+    return k.attention_decode(q.reshape(b, hq, d).contiguous(), key, value, valid, d ** -0.5,
+                              *scales).view(b, hq, 1, d)
 
 
 def attention_8bit(q: torch.Tensor, k: QuantKV, v: QuantKV, mask: torch.Tensor | None,

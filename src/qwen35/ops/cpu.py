@@ -111,7 +111,8 @@ def _register_ops(module: ModuleType) -> None:
                         eps: float) -> Tensor:
         return torch.empty_like(z)
 
-    def attention_decode(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scale: float) -> Tensor:
+    def attention_decode(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scale: float,
+                         k_scale: Tensor | None, v_scale: Tensor | None) -> Tensor:
         return torch.empty_like(q)
 
     for fake in (linear_bf16, linear_int8, linear_int4, rms_norm, attention_decode):

@@ -102,12 +102,12 @@ def run_plan(plan, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], att
     b, t = x.shape[:2]
     if b * t > GEMV_ROWS:
         return None
-    state, lengths, kv, delta = [], [], [], []
+    state, lengths, scales, kv, delta = [], [], [], [], []
+    none = torch.empty(0)
     for layer in caches:
         if isinstance(layer, KVCache):
-            if layer.bits != 16:  # the native plan reads 16-bit K/V only
-                return None
             state += [layer.k, layer.v]
+            scales += [layer.k_scale, layer.v_scale] if layer.bits == 8 else [none, none]
             lengths.append(layer.length)
             kv.append(layer)
         elif layer.state is None or (t > 1 and layer.trail is None):  # no state yet (prefill sets it up), or
@@ -115,10 +115,11 @@ def run_plan(plan, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], att
         else:
             layer.conv, layer.state = layer.conv.contiguous(), layer.state.contiguous()  # updated in place
             state += [layer.conv, layer.state]
+            scales += [none, none]
             lengths.append(0)
             delta.append(layer)
     valid = None if attn_mask is None else attn_mask.reshape(b, t, -1).contiguous()
-    out, kept = plan.run(x.reshape(b * t, -1), *rope, valid, state, lengths)
+    out, kept = plan.run(x.reshape(b * t, -1), *rope, valid, state, lengths, scales)
     for layer in kv:
         layer.length += t
     if t > 1:

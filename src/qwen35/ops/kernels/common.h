@@ -86,7 +86,8 @@ void lane_sums(const __m512 (&v)[R], float* y) {
 }
 #endif
 
-#ifdef QWEN35_AVX2
+#if defined(__AVX2__) && defined(__FMA__)  // in the AVX-512 build too: the 8-bit K/V dot uses 256-bit vectors
+#define QWEN35_SIMD256 1
 // 8 bf16 values to fp32 lanes.
 inline __m256 load8_bf16_ps(const bf16* p) {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -127,7 +128,9 @@ torch::Tensor deltanet_decode(const torch::Tensor& qkv, const torch::Tensor& z, 
                               const std::optional<torch::Tensor>& state_out, const torch::Tensor& norm_w,
                               double eps);
 torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const std::optional<torch::Tensor>& valid, double scale);
+                               const std::optional<torch::Tensor>& valid, double scale,
+                               const std::optional<torch::Tensor>& k_scale,
+                               const std::optional<torch::Tensor>& v_scale);
 torch::Tensor huge_page_empty(int64_t nbytes);
 
 }  // namespace qwen35

@@ -68,17 +68,21 @@ void DecodePlan::add_attention(const TensorMap& w, const LinearMap& lin, int64_t
 // x (B*T, H) the embedded tokens, T per sequence (row b*T + j: sequence b's token j); cos/sin (B, T, rotary_dim);
 // valid (B, T, S+T) each token's real slots (its row of the causal mask), or None; state: per layer two tensors,
 // DeltaNet (conv history, recurrent state) updated in place, attention (K buffer, V buffer) with room at slots
-// lengths[i].. lengths[i]+T-1, which these tokens' K/V fill. T > 1 is a speculative verify pass: the linears
+// lengths[i].. lengths[i]+T-1, which these tokens' K/V fill; scales: per layer two tensors, for an 8-bit K/V
+// layer (int8 buffers) its K and V scale buffers (B, Hkv, capacity, 1) fp32, else empty: the new K/V are
+// rounded per token and head as the cache's quantize_kv does. T > 1 is a speculative verify pass: the linears
 // take all B*T rows at once (one read of the weights), the mixers and attention go token by token, exactly as T
 // decode steps, and each DeltaNet layer's state before tokens 1..T-1 is kept for the rollback. Returns the last
 // hidden (B*T, H) and, per DeltaNet layer in order, T-1 pairs (conv history copy, recurrent state) before tokens
 // 1..T-1 followed by the final recurrent state (a new buffer: the one before it is kept); empty for T = 1.
 std::tuple<torch::Tensor, std::vector<torch::Tensor>> DecodePlan::run(
     torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin, const std::optional<torch::Tensor>& valid,
-    const std::vector<torch::Tensor>& state, const std::vector<int64_t>& lengths) const {
+    const std::vector<torch::Tensor>& state, const std::vector<int64_t>& lengths,
+    const std::vector<torch::Tensor>& scales) const {
   const auto n = static_cast<int64_t>(layers_.size());
-  TORCH_CHECK(static_cast<int64_t>(state.size()) == 2 * n && static_cast<int64_t>(lengths.size()) == n,
-              "decode plan has ", n, " layers: needs ", 2 * n, " state tensors and ", n, " lengths");
+  TORCH_CHECK(static_cast<int64_t>(state.size()) == 2 * n && static_cast<int64_t>(lengths.size()) == n &&
+              static_cast<int64_t>(scales.size()) == 2 * n, "decode plan has ", n, " layers: needs ", 2 * n,
+              " state tensors, ", n, " lengths and ", 2 * n, " scale tensors");
   TORCH_CHECK(cos.dim() == 3 && sin.sizes() == cos.sizes(), "cos/sin must be (B, T, rotary_dim), got ", cos.sizes());
   const int64_t B = cos.size(0), T = cos.size(1);
   TORCH_CHECK(x.dim() == 2 && x.size(0) == B * T && B * T <= 16, "decode plan takes (B*T, H) with B*T <= 16, got ",
@@ -119,12 +123,24 @@ std::tuple<torch::Tensor, std::vector<torch::Tensor>> DecodePlan::run(
       q = rotate(q, c, s), k = rotate(k, c, s);
       const auto &kbuf = state[2 * i], &vbuf = state[2 * i + 1];
       TORCH_CHECK(kbuf.dim() == 4 && kbuf.size(2) >= len + T, "layer ", i, ": K/V buffer has no room at slot ", len);
-      kbuf.narrow(2, len, T).copy_(k.transpose(1, 2)), vbuf.narrow(2, len, T).copy_(v.transpose(1, 2));
+      const bool int8 = kbuf.scalar_type() == at::kChar;
+      const auto store = [&](const torch::Tensor& buf, const torch::Tensor& scale, const torch::Tensor& x) {
+        if (!int8) return void(buf.narrow(2, len, T).copy_(x.transpose(1, 2)));
+        const auto xf = x.to(at::kFloat);  // as quantize_kv: amax / 127 per token and head, round half to even
+        const auto unit = (xf.abs().amax(-1, true) / 127).clamp_min(1e-12);
+        buf.narrow(2, len, T).copy_(at::round(xf / unit).to(at::kChar).transpose(1, 2));
+        scale.narrow(2, len, T).copy_(unit.transpose(1, 2));
+      };
+      store(kbuf, scales[2 * i], k), store(vbuf, scales[2 * i + 1], v);
+      const auto upto = [&](const torch::Tensor& t, int64_t j) {
+        return int8 ? std::optional<torch::Tensor>(t.narrow(2, 0, len + j + 1)) : std::nullopt;
+      };
       for (int64_t j = 0; j < T; ++j) {
         std::optional<torch::Tensor> mask;
         if (valid) mask = valid->select(1, j).narrow(1, 0, len + j + 1).contiguous();
         out[j] = attention_decode(q.select(1, j).contiguous(), kbuf.narrow(2, 0, len + j + 1),
-                                  vbuf.narrow(2, 0, len + j + 1), mask, std::pow(static_cast<double>(hd), -0.5))
+                                  vbuf.narrow(2, 0, len + j + 1), mask, std::pow(static_cast<double>(hd), -0.5),
+                                  upto(scales[2 * i], j), upto(scales[2 * i + 1], j))
                      .reshape({B, -1});
       }
       gate = at::sigmoid(qg.narrow(-1, hd, hd).reshape({B * T, -1}));

@@ -27,7 +27,8 @@ class DecodePlan {
   void add_attention(const TensorMap& w, const LinearMap& lin, int64_t heads, int64_t kv_heads, int64_t head_dim);
   std::tuple<torch::Tensor, std::vector<torch::Tensor>> run(
       torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin, const std::optional<torch::Tensor>& valid,
-      const std::vector<torch::Tensor>& state, const std::vector<int64_t>& lengths) const;
+      const std::vector<torch::Tensor>& state, const std::vector<int64_t>& lengths,
+      const std::vector<torch::Tensor>& scales) const;
 
  private:
   struct Layer {

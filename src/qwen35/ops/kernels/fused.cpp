@@ -2,6 +2,8 @@
 // arithmetic, so each of these is one call. Each is tested against the unfused PyTorch path.
 #include "common.h"
 
+#include <type_traits>
+
 namespace qwen35 {
 
 // y = bf16(x * rsqrt(mean(x^2) + eps) * (offset + w)) per row, in fp32: offset 1 is the zero-centred norm.
@@ -173,39 +175,61 @@ void dots4(const bf16* q, const bf16* k, int64_t D, int n, float* dots) {
   }
 }
 
-}  // namespace
+// The same against an int8 key row, the queries given in fp32 (converted once per head).
+void dots4(const float* q, const int8_t* k, int64_t D, int n, float* dots) {
+#ifdef QWEN35_SIMD256
+  if (D % 8 == 0) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m128i k8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(k + d));
+      const __m256 kv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(k8));
+      for (int j = 0; j < n; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * D + d), kv, acc[j]);
+    }
+    for (int j = 0; j < n; ++j) dots[j] = lane_sum(acc[j]);
+    return;
+  }
+#endif
+  for (int j = 0; j < n; ++j) {
+    float t = 0.0f;
+    for (int64_t d = 0; d < D; ++d) t += q[j * D + d] * static_cast<float>(k[d]);
+    dots[j] = t;
+  }
+}
 
-// Softmax attention of one new query per sequence against its cached keys and values, GQA: q (B, Hq, D),
-// k and v (B, Hkv, S, D) with unit stride along D (views of the cache's buffers), valid (B, S) bool or None
-// (all valid). fp32 scores and sums, one bf16 rounding of the output; stock SDPA costs ~0.3 ms per call for
-// this shape, most of it outside the arithmetic.
-torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const std::optional<torch::Tensor>& valid, double scale) {
-  check(q, at::kBFloat16, 3, "q");
-  TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && k.dim() == 4 &&
-              k.sizes() == v.sizes() && k.stride(3) == 1 && v.stride(3) == 1, "k and v must be (B, Hkv, S, D) bf16");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hq % Hkv == 0, "q (B, Hq, D) does not match k (B, Hkv, S, D)");
-  TORCH_CHECK(!valid || (valid->scalar_type() == at::kBool && valid->dim() == 2 && valid->size(0) == B &&
-              valid->size(1) == S && valid->is_contiguous()), "valid must be (B, S) bool");
-  const bool* ok = valid ? valid->data_ptr<bool>() : nullptr;
-  const int64_t G = Hq / Hkv;
-  auto out = torch::empty_like(q);
-  const bf16 *qp = q.data_ptr<at::BFloat16>(), *kp = k.data_ptr<at::BFloat16>(), *vp = v.data_ptr<at::BFloat16>();
+// attention_decode over keys and values of type T: bf16, or int8 with an fp32 scale per token and head
+// (ksc/vsc, null for bf16). One task per sequence and K/V head: its G query heads' scores against every key,
+// the softmax, then the values.
+template <typename T>
+void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const float* ksc,
+            const float* vsc, const int64_t* sst, const bool* ok, double scale, torch::Tensor& out) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2), G = Hq / Hkv;
+  const bf16* qp = q.data_ptr<at::BFloat16>();
+  const T *kp = static_cast<const T*>(k.data_ptr()), *vp = static_cast<const T*>(v.data_ptr());
   bf16* op = out.data_ptr<at::BFloat16>();
+  constexpr bool quantized = std::is_same_v<T, int8_t>;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(G * S), o(G * D);
+    std::vector<float> p(G * S), o(G * D), qf(quantized ? G * D : 0);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / Hkv, h = i % Hkv;
-      const bf16* ks = kp + b * k.stride(0) + h * k.stride(1);
-      const bf16* vs = vp + b * v.stride(0) + h * v.stride(1);
+      const int64_t b = i / Hkv, h = i % Hkv, first = b * sst[0] + h * sst[1];  // this head's first scale
+      const T* ks = kp + b * k.stride(0) + h * k.stride(1);
+      const T* vs = vp + b * v.stride(0) + h * v.stride(1);
       const bf16* qh = qp + (b * Hq + h * G) * D;
+      if constexpr (quantized)
+        for (int64_t j = 0; j < G * D; ++j) qf[j] = static_cast<float>(qh[j]);
       for (int64_t s = 0; s < S; ++s) {  // scores of the G queries against key s
         float dots[4];
         const bool keep = !ok || ok[b * S + s];
+        const float unit = quantized ? ksc[first + s * sst[2]] : 1.0f;
         for (int64_t g0 = 0; g0 < G; g0 += 4) {
           const int n = static_cast<int>(std::min<int64_t>(4, G - g0));
-          if (keep) dots4(qh + g0 * D, ks + s * k.stride(2), D, n, dots);
+          if (keep) {
+            if constexpr (quantized) {
+              dots4(qf.data() + g0 * D, ks + s * k.stride(2), D, n, dots);
+              for (int j = 0; j < n; ++j) dots[j] *= unit;
+            } else {
+              dots4(qh + g0 * D, ks + s * k.stride(2), D, n, dots);
+            }
+          }
           for (int j = 0; j < n; ++j) p[(g0 + j) * S + s] = keep ? dots[j] * static_cast<float>(scale) : -INFINITY;
         }
       }
@@ -219,9 +243,10 @@ torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k, c
       }
       std::fill(o.begin(), o.end(), 0.0f);
       for (int64_t s = 0; s < S; ++s) {
-        const bf16* vr = vs + s * v.stride(2);
+        const T* vr = vs + s * v.stride(2);
+        const float unit = quantized ? vsc[first + s * sst[2]] : 1.0f;
         for (int64_t g = 0; g < G; ++g) {
-          const float w = p[g * S + s];
+          const float w = quantized ? p[g * S + s] * unit : p[g * S + s];
           if (w != 0.0f)
             for (int64_t d = 0; d < D; ++d) o[g * D + d] += w * static_cast<float>(vr[d]);
         }
@@ -229,6 +254,42 @@ torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k, c
       for (int64_t j = 0; j < G * D; ++j) op[(b * Hq + h * G) * D + j] = bf16(o[j]);
     }
   });
+}
+
+}  // namespace
+
+// Softmax attention of one new query per sequence against its cached keys and values, GQA: q (B, Hq, D),
+// k and v (B, Hkv, S, D) with unit stride along D (views of the cache's buffers), bf16, or int8 with k_scale and
+// v_scale (B, Hkv, S, 1) fp32 (an 8-bit cache: read as it is stored, never dequantized whole); valid (B, S) bool
+// or None (all valid). fp32 scores and sums, one bf16 rounding of the output; stock SDPA costs ~0.3 ms per call
+// for this shape, most of it outside the arithmetic.
+torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const std::optional<torch::Tensor>& valid, double scale,
+                               const std::optional<torch::Tensor>& k_scale,
+                               const std::optional<torch::Tensor>& v_scale) {
+  check(q, at::kBFloat16, 3, "q");
+  const bool quantized = k.scalar_type() == at::kChar;
+  TORCH_CHECK((k.scalar_type() == at::kBFloat16 || quantized) && v.scalar_type() == k.scalar_type() &&
+              k.dim() == 4 && k.sizes() == v.sizes() && k.stride(3) == 1 && v.stride(3) == 1,
+              "k and v must be (B, Hkv, S, D), bf16 or int8");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hq % Hkv == 0, "q (B, Hq, D) does not match k (B, Hkv, S, D)");
+  TORCH_CHECK(!valid || (valid->scalar_type() == at::kBool && valid->dim() == 2 && valid->size(0) == B &&
+              valid->size(1) == S && valid->is_contiguous()), "valid must be (B, S) bool");
+  TORCH_CHECK(quantized == (k_scale.has_value() && v_scale.has_value()), "int8 k and v need k_scale and v_scale");
+  const bool* ok = valid ? valid->data_ptr<bool>() : nullptr;
+  auto out = torch::empty_like(q);
+  if (!quantized) {
+    const int64_t none[3] = {0, 0, 0};
+    attend<at::BFloat16>(q, k, v, nullptr, nullptr, none, ok, scale, out);
+    return out;
+  }
+  for (const auto* t : {&*k_scale, &*v_scale})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv &&
+                t->size(2) == S && t->size(3) == 1 && t->strides() == k_scale->strides(),
+                "k_scale and v_scale must be (B, Hkv, S, 1) fp32 views of one layout");
+  attend<int8_t>(q, k, v, k_scale->data_ptr<float>(), v_scale->data_ptr<float>(), k_scale->strides().data(), ok,
+                 scale, out);
   return out;
 }
 
