@@ -144,49 +144,53 @@ torch::Tensor deltanet_decode(const torch::Tensor& qkv, const torch::Tensor& z, 
 namespace qwen35 {
 namespace {
 
-// dots[j] = q[j] . k (j < n <= 4): q rows of length D one after another; products exact, sums in fp32.
-void dots4(const bf16* q, const bf16* k, int64_t D, int n, float* dots) {
-#ifdef QWEN35_AVX512
-  if (D % 32 == 0 && n == 4) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    const uint16_t *qs = reinterpret_cast<const uint16_t*>(q), *kr = reinterpret_cast<const uint16_t*>(k);
-    for (int64_t d = 0; d < D; d += 32) {
-      const __m512bh kv = as_bh(_mm512_loadu_si512(kr + d));
-      for (int j = 0; j < 4; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], as_bh(_mm512_loadu_si512(qs + j * D + d)), kv);
-    }
-    lane_sums<4>(acc, dots);
-    return;
+#ifdef QWEN35_SIMD256
+// 8 values of a K/V row in fp32 (exact: bf16 by a shift, int8 by a conversion).
+inline __m256 load8(const bf16* p) { return load8_bf16_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
+#ifdef QWEN35_SIMD256
+template <int N, typename T>
+void dots_n(const float* q, const T* k, int64_t D, float* dots) {
+  __m256 acc[N];
+  for (int j = 0; j < N; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 kv = load8(k + d);
+    for (int j = 0; j < N; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * D + d), kv, acc[j]);
   }
-#elif defined(QWEN35_AVX2)
-  if (D % 8 == 0) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t d = 0; d < D; d += 8) {
-      const __m256 kv = load8_bf16_ps(k + d);
-      for (int j = 0; j < n; ++j) acc[j] = _mm256_fmadd_ps(load8_bf16_ps(q + j * D + d), kv, acc[j]);
+  for (int j = 0; j < N; ++j) dots[j] = lane_sum(acc[j]);
+}
+#endif
+
+// dots[j] = q[j] . k (j < n <= 4) for a bf16 or int8 key row k; q: fp32 rows of length D one after another
+// (`qh` the same rows in bf16, for AVX-512's bf16 dot). Products exact, sums in fp32.
+template <typename T>
+void dots4(const float* q, const bf16* qh, const T* k, int64_t D, int n, float* dots) {
+#ifdef QWEN35_AVX512
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (D % 32 == 0 && n == 4) {
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      const uint16_t *qs = reinterpret_cast<const uint16_t*>(qh), *kr = reinterpret_cast<const uint16_t*>(k);
+      for (int64_t d = 0; d < D; d += 32) {
+        const __m512bh kv = as_bh(_mm512_loadu_si512(kr + d));
+        for (int j = 0; j < 4; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], as_bh(_mm512_loadu_si512(qs + j * D + d)), kv);
+      }
+      lane_sums<4>(acc, dots);
+      return;
     }
-    for (int j = 0; j < n; ++j) dots[j] = lane_sum(acc[j]);
-    return;
   }
 #endif
-  for (int j = 0; j < n; ++j) {
-    float t = 0.0f;
-    for (int64_t d = 0; d < D; ++d) t += static_cast<float>(q[j * D + d]) * static_cast<float>(k[d]);
-    dots[j] = t;
-  }
-}
-
-// The same against an int8 key row, the queries given in fp32 (converted once per head).
-void dots4(const float* q, const int8_t* k, int64_t D, int n, float* dots) {
 #ifdef QWEN35_SIMD256
   if (D % 8 == 0) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t d = 0; d < D; d += 8) {
-      const __m128i k8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(k + d));
-      const __m256 kv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(k8));
-      for (int j = 0; j < n; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * D + d), kv, acc[j]);
+    switch (n) {  // the count a compile-time constant: the accumulators stay in registers
+      case 4: return dots_n<4>(q, k, D, dots);
+      case 3: return dots_n<3>(q, k, D, dots);
+      case 2: return dots_n<2>(q, k, D, dots);
+      default: return dots_n<1>(q, k, D, dots);
     }
-    for (int j = 0; j < n; ++j) dots[j] = lane_sum(acc[j]);
-    return;
   }
 #endif
   for (int j = 0; j < n; ++j) {
@@ -195,6 +199,54 @@ void dots4(const float* q, const int8_t* k, int64_t D, int n, float* dots) {
     dots[j] = t;
   }
 }
+
+// o[g] += w[g] * v for the G query heads of a K/V head (o: G rows of D fp32).
+template <typename T>
+void add_value(const T* v, const float* w, int64_t G, int64_t D, float* o) {
+#ifdef QWEN35_SIMD256
+  if (D % 8 == 0) {  // per head, the row from L1 after the first: no branch in the inner loop
+    for (int64_t g = 0; g < G; ++g) {
+      if (w[g] == 0.0f) continue;  // a masked key: its slot may hold anything
+      const __m256 wg = _mm256_set1_ps(w[g]);
+      float* og = o + g * D;
+      for (int64_t d = 0; d < D; d += 8)
+        _mm256_storeu_ps(og + d, _mm256_fmadd_ps(wg, load8(v + d), _mm256_loadu_ps(og + d)));
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < G; ++g)
+    if (w[g] != 0.0f)
+      for (int64_t d = 0; d < D; ++d) o[g * D + d] += w[g] * static_cast<float>(v[d]);
+}
+
+#ifdef QWEN35_SIMD256
+// o (4 rows of D) += sum over keys s of w[g * S + s] * v_s, for 4 query heads (every official size's group):
+// D in blocks of 16 columns whose 8 accumulators stay in registers over a run of keys (their rows, ~32 KB, stay
+// in L1 from one block to the next). A key none of the 4 heads weighs (a masked slot) is not read.
+template <typename T>
+void add_values4(const T* v, int64_t stride, const float* w, int64_t S, int64_t D, float* o) {
+  constexpr int64_t kRun = 64;
+  for (int64_t s0 = 0; s0 < S; s0 += kRun) {
+    const int64_t s1 = std::min(S, s0 + kRun);
+    for (int64_t d = 0; d < D; d += 16) {
+      __m256 acc[4][2];
+      for (int g = 0; g < 4; ++g)
+        for (int h = 0; h < 2; ++h) acc[g][h] = _mm256_loadu_ps(o + g * D + d + 8 * h);
+      for (int64_t s = s0; s < s1; ++s) {
+        if (w[s] == 0.0f && w[S + s] == 0.0f && w[2 * S + s] == 0.0f && w[3 * S + s] == 0.0f) continue;
+        const __m256 row[2] = {load8(v + s * stride + d), load8(v + s * stride + d + 8)};
+        for (int g = 0; g < 4; ++g) {
+          const __m256 wg = _mm256_set1_ps(w[g * S + s]);
+          for (int h = 0; h < 2; ++h) acc[g][h] = _mm256_fmadd_ps(wg, row[h], acc[g][h]);
+        }
+      }
+      for (int g = 0; g < 4; ++g)
+        for (int h = 0; h < 2; ++h) _mm256_storeu_ps(o + g * D + d + 8 * h, acc[g][h]);
+    }
+  }
+}
+#endif
 
 // attention_decode over keys and values of type T: bf16, or int8 with an fp32 scale per token and head
 // (ksc/vsc, null for bf16). One task per sequence and K/V head: its G query heads' scores against every key,
@@ -208,29 +260,22 @@ void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&
   bf16* op = out.data_ptr<at::BFloat16>();
   constexpr bool quantized = std::is_same_v<T, int8_t>;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(G * S), o(G * D), qf(quantized ? G * D : 0);
+    std::vector<float> p(G * S), o(G * D), qf(G * D), w(G);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv, first = b * sst[0] + h * sst[1];  // this head's first scale
       const T* ks = kp + b * k.stride(0) + h * k.stride(1);
       const T* vs = vp + b * v.stride(0) + h * v.stride(1);
       const bf16* qh = qp + (b * Hq + h * G) * D;
-      if constexpr (quantized)
-        for (int64_t j = 0; j < G * D; ++j) qf[j] = static_cast<float>(qh[j]);
+      for (int64_t j = 0; j < G * D; ++j) qf[j] = static_cast<float>(qh[j]);
       for (int64_t s = 0; s < S; ++s) {  // scores of the G queries against key s
         float dots[4];
         const bool keep = !ok || ok[b * S + s];
         const float unit = quantized ? ksc[first + s * sst[2]] : 1.0f;
         for (int64_t g0 = 0; g0 < G; g0 += 4) {
           const int n = static_cast<int>(std::min<int64_t>(4, G - g0));
-          if (keep) {
-            if constexpr (quantized) {
-              dots4(qf.data() + g0 * D, ks + s * k.stride(2), D, n, dots);
-              for (int j = 0; j < n; ++j) dots[j] *= unit;
-            } else {
-              dots4(qh + g0 * D, ks + s * k.stride(2), D, n, dots);
-            }
-          }
-          for (int j = 0; j < n; ++j) p[(g0 + j) * S + s] = keep ? dots[j] * static_cast<float>(scale) : -INFINITY;
+          if (keep) dots4(qf.data() + g0 * D, qh + g0 * D, ks + s * k.stride(2), D, n, dots);
+          for (int j = 0; j < n; ++j)
+            p[(g0 + j) * S + s] = keep ? (quantized ? dots[j] * unit : dots[j]) * static_cast<float>(scale) : -INFINITY;
         }
       }
       for (int64_t g = 0; g < G; ++g) {  // softmax in place
@@ -241,14 +286,19 @@ void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&
         for (int64_t s = 0; s < S; ++s) total += (p[g * S + s] = std::exp(p[g * S + s] - top));
         for (int64_t s = 0; s < S; ++s) p[g * S + s] = total > 0.0f ? p[g * S + s] / total : 0.0f;
       }
+      if constexpr (quantized)  // each value row's weight times its scale
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t s = 0; s < S; ++s) p[g * S + s] *= vsc[first + s * sst[2]];
       std::fill(o.begin(), o.end(), 0.0f);
-      for (int64_t s = 0; s < S; ++s) {
-        const T* vr = vs + s * v.stride(2);
-        const float unit = quantized ? vsc[first + s * sst[2]] : 1.0f;
-        for (int64_t g = 0; g < G; ++g) {
-          const float w = quantized ? p[g * S + s] * unit : p[g * S + s];
-          if (w != 0.0f)
-            for (int64_t d = 0; d < D; ++d) o[g * D + d] += w * static_cast<float>(vr[d]);
+#ifdef QWEN35_SIMD256
+      if (G == 4 && D % 16 == 0) {
+        add_values4(vs, v.stride(2), p.data(), S, D, o.data());
+      } else
+#endif
+      {
+        for (int64_t s = 0; s < S; ++s) {
+          for (int64_t g = 0; g < G; ++g) w[g] = p[g * S + s];
+          add_value(vs + s * v.stride(2), w.data(), G, D, o.data());
         }
       }
       for (int64_t j = 0; j < G * D; ++j) op[(b * Hq + h * G) * D + j] = bf16(o[j]);
@@ -281,7 +331,7 @@ torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k, c
   auto out = torch::empty_like(q);
   if (!quantized) {
     const int64_t none[3] = {0, 0, 0};
-    attend<at::BFloat16>(q, k, v, nullptr, nullptr, none, ok, scale, out);
+    attend<bf16>(q, k, v, nullptr, nullptr, none, ok, scale, out);
     return out;
   }
   for (const auto* t : {&*k_scale, &*v_scale})

@@ -13,45 +13,29 @@ inline void prefetch_lines(const uint8_t* p, int lines) {
   for (int c = 0; c < lines; ++c) _mm_prefetch(reinterpret_cast<const char*>(p + kAhead + 64 * c), _MM_HINT_T0);
 }
 
-// Activation rows rounded to int8 per block of 32 (as the AVX-512 `quantize_rows`).
-Int8Rows quantize_rows(const bf16* x, int64_t M, int64_t K) {
-  Int8Rows r;
-  const int64_t blocks = K / 32;
-  r.q.resize(M * K);
-  r.scale.resize(M * blocks);
-  r.bsum.resize(M * blocks);
-  r.qsum.assign(M, 0.0f);
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t k0 = m * K + b * 32;
-      __m256 v[4], top = _mm256_setzero_ps();
-      for (int i = 0; i < 4; ++i) {
-        v[i] = load8_bf16_ps(x + k0 + 8 * i);
-        top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v[i]));
-      }
-      const __m128 h = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-      const __m128 h2 = _mm_max_ps(h, _mm_movehl_ps(h, h));
-      const float amax = _mm_cvtss_f32(_mm_max_ss(h2, _mm_movehdup_ps(h2)));
-      const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      __m256i q[4], sum = _mm256_setzero_si256();
-      for (int i = 0; i < 4; ++i) {  // x * inv rounded to nearest even, as the AVX-512 kernel
-        q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));
-        sum = _mm256_add_epi32(sum, q[i]);
-      }
-      // int32 -> int8 (saturating, as vpmovsdb); packs work within 128-bit lanes, the permute restores the order
-      const __m256i w16 = _mm256_packs_epi32(q[0], q[1]), w16b = _mm256_packs_epi32(q[2], q[3]);
-      const __m256i w8 = _mm256_packs_epi16(w16, w16b);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(r.q.data() + k0),
-                          _mm256_permutevar8x32_epi32(w8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-      const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-      const __m128i s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
-      const int32_t total = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1)));
-      r.scale[m * blocks + b] = d;
-      r.bsum[m * blocks + b] = d * static_cast<float>(total);
-      r.qsum[m] += d * static_cast<float>(total);
-    }
-  return r;
+// One block of 32 activations rounded to int8 at q, as the AVX-512 `quantize_block`: its scale and the sum of its q.
+inline std::pair<float, int32_t> quantize_block(const bf16* x, int8_t* q) {
+  __m256 v[4], top = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = load8_bf16_ps(x + 8 * i);
+    top = _mm256_max_ps(top, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v[i]));
+  }
+  const __m128 h = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  const __m128 h2 = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(h2, _mm_movehdup_ps(h2)));
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  __m256i r[4], sum = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {  // x * inv rounded to nearest even
+    r[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));
+    sum = _mm256_add_epi32(sum, r[i]);
+  }
+  // int32 -> int8 (saturating, as vpmovsdb); packs work within 128-bit lanes, the permute restores the order
+  const __m256i w8 = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(w8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  const __m128i s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+  return {amax / 127.0f, _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1)))};
 }
 
 // 4 activation bytes broadcast to every 32-bit lane.
