@@ -250,16 +250,14 @@ def test_bad_settings_are_refused_with_what_to_do(reference_checkpoint):
 
 
 def test_the_default_drafts_only_where_it_was_measured_to_pay(reference_checkpoint, monkeypatch):
-    monkeypatch.setattr(cpu, "kernel_isa", lambda: "avx512")
+    monkeypatch.setattr(cpu, "has_kernels", lambda: True)
     model = load_model(reference_checkpoint("dense-tied")[0], dtype=torch.bfloat16)
     assert model.mtp is not None and not pays_by_default(model)  # a width no official size has
     model.config = dataclasses.replace(model.config, hidden_size=1024)  # as the 0.8B's
     assert pays_by_default(model)
-    monkeypatch.setattr(cpu, "kernel_isa", lambda: None)
+    monkeypatch.setattr(cpu, "has_kernels", lambda: False)
     assert not pays_by_default(model)  # PyTorch's kernels, bf16 emulated on AVX2: verify passes cost too much
-    monkeypatch.setattr(cpu, "kernel_isa", lambda: "avx2")
-    assert not pays_by_default(model)  # the AVX2 kernels: not measured to pay
-    monkeypatch.setattr(cpu, "kernel_isa", lambda: "avx512")
+    monkeypatch.setattr(cpu, "has_kernels", lambda: True)
     assert not pays_by_default(load_model(reference_checkpoint("dense-tied")[0], dtype=torch.float32))
     small, large = (dataclasses.replace(model.config, hidden_size=h) for h in (1024, 2560))  # the 0.8B's, the 4B's
     for bits, head in ((4, 8), (4, 0), (8, 8)):

@@ -152,10 +152,10 @@ def main() -> None:
     cannot run, qwen35 uses PyTorch's kernels, and this says why."""
     logging.basicConfig(format="%(message)s")
     logging.getLogger("qwen35").setLevel(logging.INFO)
-    from qwen35.ops.cpu import kernels
+    from qwen35.ops.cpu import kernel_isa
 
-    if kernels() is not None:
-        print(f"qwen35's CPU kernels: ready ({build_dir()})")
+    if (isa := kernel_isa()) is not None:
+        print(f"qwen35's CPU kernels: ready, {isa.upper()} ({build_dir()})")
     else:
         print("qwen35's CPU kernels: not used on this machine (see above); PyTorch's kernels run instead")
 

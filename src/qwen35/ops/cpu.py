@@ -126,8 +126,7 @@ def cpu_supported() -> bool:
 
 
 def kernel_isa() -> str | None:
-    """Which build of the kernels runs here: "avx512", "avx2", or None (PyTorch's kernels). Defaults measured
-    with one (speculative decoding's) say so."""
+    """Which build of the kernels runs here: "avx512", "avx2", or None (PyTorch's kernels)."""
     k = kernels()
     return k.isa() if k is not None else None
 
