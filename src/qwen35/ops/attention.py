@@ -55,9 +55,9 @@ def attention_decode(k: ModuleType, q: torch.Tensor, key: torch.Tensor | QuantKV
     `F.scaled_dot_product_attention(..., enable_gqa=True)`; for 8-bit K/V `attention_8bit`."""
     b, hq, _, d = q.shape
     valid = None if mask is None else mask.reshape(b, -1).contiguous()
-    scales = (key.scale, value.scale) if isinstance(key, QuantKV) else (None, None)
-    if isinstance(key, QuantKV):
-        key, value = key.q, value.q
+    scales = (None, None)
+    if isinstance(key, QuantKV):  # int8 rows and their scales, as stored
+        key, value, scales = key.q, value.q, (key.scale, value.scale)
     return k.attention_decode(q.reshape(b, hq, d).contiguous(), key, value, valid, d ** -0.5,
                               *scales).view(b, hq, 1, d)
 

@@ -47,27 +47,6 @@ void tile_pieces(const uint8_t* tile, int64_t pieces, uint8_t* rows) {
   }
 }
 
-// Calls convert(piece_row, r, i) for each requested row i (row r of its tile, its pieces in piece_row): whole
-// tiles requested in order (prefill) go through tile_pieces, other rows (lookups) one by one.
-template <typename Convert>
-void for_rows(const uint8_t* packed, int64_t tile_bytes, int64_t pieces, const int64_t* rp, int64_t n,
-              Convert&& convert) {
-  at::parallel_for(0, (n + 15) / 16, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<uint8_t> buf(16 * 4 * pieces);
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t i0 = 16 * g, i1 = std::min(n, i0 + 16);
-      bool whole = i1 - i0 == 16 && rp[i0] % 16 == 0;
-      for (int64_t i = i0 + 1; whole && i < i1; ++i) whole = rp[i] == rp[i - 1] + 1;
-      if (whole) tile_pieces(packed + rp[i0] / 16 * tile_bytes, pieces, buf.data());
-      for (int64_t i = i0; i < i1; ++i) {
-        const int r = static_cast<int>(rp[i] % 16);
-        if (!whole) row_pieces(packed + rp[i] / 16 * tile_bytes, r, pieces, buf.data());
-        convert(buf.data() + (whole ? r : 0) * 4 * pieces, r, i);
-      }
-    }
-  });
-}
-
 // Row r of a tile in the int4 kernel layout (see int4_tile), its pieces side by side in `row`, to bf16, rounded as
 // the reference computes it: w = (q - 8) * scale + zero, a product then a sum (no fused multiply-add), then to
 // nearest-even bf16.
@@ -109,19 +88,6 @@ void int8_row_to_bf16(const uint8_t* row, float scale, int64_t K, bf16* w) {
 
 #elif defined(QWEN35_KERNELS)  // AVX2: plain loops, for embedding lookups (prefill products take the kernels)
 
-template <typename Convert>
-void for_rows(const uint8_t* packed, int64_t tile_bytes, int64_t pieces, const int64_t* rp, int64_t n,
-              Convert&& convert) {
-  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
-    std::vector<uint8_t> buf(4 * pieces);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int r = static_cast<int>(rp[i] % 16);
-      row_pieces(packed + rp[i] / 16 * tile_bytes, r, pieces, buf.data());
-      convert(buf.data(), r, i);
-    }
-  });
-}
-
 // As the AVX-512 versions: a product then a sum, each rounded (no contraction into a fused multiply-add).
 __attribute__((optimize("fp-contract=off")))
 void int4_row_to_bf16(const uint8_t* row, const bf16* s, const bf16* z, int r, int64_t K, int64_t G, bf16* w) {
@@ -139,6 +105,33 @@ void int8_row_to_bf16(const uint8_t* row, float scale, int64_t K, bf16* w) {
 }
 
 #endif  // QWEN35_AVX512
+
+#ifdef QWEN35_KERNELS
+// Calls convert(piece_row, r, i) for each requested row i (row r of its tile, its pieces in piece_row): with
+// AVX-512, whole tiles requested in order (prefill) go through tile_pieces; other rows (lookups) one by one.
+template <typename Convert>
+void for_rows(const uint8_t* packed, int64_t tile_bytes, int64_t pieces, const int64_t* rp, int64_t n,
+              Convert&& convert) {
+  at::parallel_for(0, (n + 15) / 16, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<uint8_t> buf(16 * 4 * pieces);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t i0 = 16 * g, i1 = std::min(n, i0 + 16);
+#ifdef QWEN35_AVX512
+      bool whole = i1 - i0 == 16 && rp[i0] % 16 == 0;
+      for (int64_t i = i0 + 1; whole && i < i1; ++i) whole = rp[i] == rp[i - 1] + 1;
+      if (whole) tile_pieces(packed + rp[i0] / 16 * tile_bytes, pieces, buf.data());
+#else
+      const bool whole = false;
+#endif
+      for (int64_t i = i0; i < i1; ++i) {
+        const int r = static_cast<int>(rp[i] % 16);
+        if (!whole) row_pieces(packed + rp[i] / 16 * tile_bytes, r, pieces, buf.data());
+        convert(buf.data() + (whole ? r : 0) * 4 * pieces, r, i);
+      }
+    }
+  });
+}
+#endif
 
 }  // namespace
 

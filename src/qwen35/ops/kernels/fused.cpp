@@ -150,9 +150,7 @@ inline __m256 load8(const bf16* p) { return load8_bf16_ps(p); }
 inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-#endif
 
-#ifdef QWEN35_SIMD256
 template <int N, typename T>
 void dots_n(const float* q, const T* k, int64_t D, float* dots) {
   __m256 acc[N];
@@ -275,7 +273,7 @@ void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&
           const int n = static_cast<int>(std::min<int64_t>(4, G - g0));
           if (keep) dots4(qf.data() + g0 * D, qh + g0 * D, ks + s * k.stride(2), D, n, dots);
           for (int j = 0; j < n; ++j)
-            p[(g0 + j) * S + s] = keep ? (quantized ? dots[j] * unit : dots[j]) * static_cast<float>(scale) : -INFINITY;
+            p[(g0 + j) * S + s] = keep ? dots[j] * unit * static_cast<float>(scale) : -INFINITY;  // unit 1: bf16
         }
       }
       for (int64_t g = 0; g < G; ++g) {  // softmax in place
