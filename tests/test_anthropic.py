@@ -522,7 +522,7 @@ def test_disconnect_mid_stream_frees_the_sequence(live):
     with httpx.stream("POST", url + "/v1/messages", json=body) as r:
         lines = (line for line in r.iter_lines() if line.startswith("data: "))
         assert next(line for line in lines if "text_delta" in line)  # tokens are flowing
-        assert state.runner.engine.scheduler.running
+        assert state.runner.engine.scheduler.running or state.runner.engine.scheduler.joining
     assert _wait_idle(state) < 1.0
     assert state.runner.engine.batch is None and state.runner.queued() == 0
     assert_still_serving(url)

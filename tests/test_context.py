@@ -48,7 +48,7 @@ def test_planned_kv_and_state_are_the_cache_bytes(default_model, kv_bits):
     engine = Engine(default_model.model, scheduler=Scheduler(max_running=1, prefill_chunk=512), context=1000,
                     kv_bits=kv_bits)
     engine.add(Request("a", list(range(5, 5 + n)), SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)))
-    engine.step()
+    engine.step(), engine.step()  # the prompt, then a decode step in the batch it joined
     cache = engine.batch
     kv = sum(layer.nbytes() for layer in cache.layers if isinstance(layer, KVCache))
     per_token = kv_bytes_per_token(config, 16) * 2 if kv_bits == 16 else kv_bytes_per_token(config, 8)  # fp32 model
@@ -60,7 +60,7 @@ def test_planned_kv_and_state_are_the_cache_bytes(default_model, kv_bits):
 def test_kv_is_reserved_to_the_context_up_front_and_never_moves(default_model):
     engine = Engine(default_model.model, scheduler=Scheduler(max_running=1, prefill_chunk=512), context=700)
     engine.add(Request("a", list(range(5, 505)), SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)))
-    engine.step()
+    engine.step(), engine.step()  # the prompt, then a decode step in the batch it joined
     layers = [layer for layer in engine.batch.layers if isinstance(layer, KVCache)]
     assert all(layer.k.shape[2] == 701 for layer in layers)
     pointers = [layer.k.data_ptr() for layer in layers]

@@ -91,10 +91,10 @@ def test_a_failure_in_one_sequence_ends_that_sequence_alone(model, monkeypatch):
             raise OverflowError("simulated overflow in sampling")
         return real_sample(logits, generated, params, generator)
 
-    def prefill_chunk(model, ids, cache, start, end, images=None):
+    def prefill_chunk(model, ids, cache, start, end, images=None, capture=()):
         if ids.shape[1] == 17:  # the culprit's prompt length
             raise RuntimeError("simulated failure in the prompt's forward")
-        return real_prefill(model, ids, cache, start, end, images)
+        return real_prefill(model, ids, cache, start, end, images, capture)
 
     monkeypatch.setattr(engine_module, "sample", sample)
     monkeypatch.setattr(engine_module, "prefill_chunk", prefill_chunk)

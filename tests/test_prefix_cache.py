@@ -38,7 +38,7 @@ def _resumed_logits(model, cache: PrefixCache, prompt: list[int]) -> tuple[int, 
     position, state = cache.restore(prompt, ())
     assert state is not None, "expected a snapshot on this prefix"
     with torch.inference_mode():
-        return position, prefill_chunk(model, torch.tensor([prompt]), state, position, len(prompt))[0, -1]
+        return position, prefill_chunk(model, torch.tensor([prompt]), state, position, len(prompt))[0][0, -1]
 
 
 def _cold_logits(model, prompt: list[int]) -> torch.Tensor:
@@ -58,8 +58,18 @@ def test_resumed_prompt_matches_cold_logits_and_greedy_text(model):
     events = list(run(model, Request("b", follow, GREEDY), prefix_cache=cache))
     assert events[0].cached == position
     assert [e.token for e in events] == list(generate_tokens(model, follow, GREEDY))
-    other = first[:40] + _random(25, 3)  # shares only the marked prefix
-    assert _resumed_logits(model, cache, other)[0] == 40
+    other = first[:40] + _random(25, 3)  # shares only the marked prefix, captured inside the first forward
+    position, got = _resumed_logits(model, cache, other)
+    assert position == 40
+    torch.testing.assert_close(got, _cold_logits(model, other), atol=1e-5, rtol=0)
+
+
+def test_a_one_token_reply_still_saves_its_prompt_states(model):
+    """Snapshots are copied the step after their forward; a reply that ends at its first token has no such step."""
+    cache, prompt = PrefixCache(GIB), _random(30, 60)
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    assert len(list(run(model, Request("a", prompt, one, marks=(12,)), prefix_cache=cache))) == 1
+    assert set(cache.lengths()) == {12, 30}
 
 
 def test_a_warmed_reply_matches_cold_and_a_failed_warm_up_ends_nothing(model, caplog):
@@ -127,7 +137,7 @@ def test_a_failed_prefill_leaves_no_partial_snapshot(model, monkeypatch):
 
     def failing(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:  # chunks [0, 32) and [32, 50) (a mark) are in; [50, 82) fails
+        if len(calls) == 3:  # chunks [0, 32) and [32, 64) (the mark at 50 captured) are in; [64, 96) fails
             raise RuntimeError("injected")
         return real(self, *args, **kwargs)
 

@@ -12,11 +12,13 @@ import torch
 from scipy.stats import chisquare
 
 from conftest import VOCAB, randomize_
+from qwen35.cache import KVCache, make_cache
 from qwen35.loading import load_model
 from qwen35.ops import cpu
 from qwen35.models.qwen3_5 import MultiTokenPredictor, _attention_mask, rotary_cos_sin
 from qwen35.quant import quantize
 from qwen35.runtime import Engine, PrefixCache, Request, Scheduler, run
+from qwen35.runtime.prefill import prefill
 from qwen35.runtime.speculative import Speculator, make_speculator, pays_by_default
 from qwen35.sampling import SamplingParams
 
@@ -199,6 +201,30 @@ def test_restores_need_the_head_state_and_plain_engines_drop_it(model):
     cold = [e.token for e in run(model, Request("d", follow, GREEDY))]
     events = list(run(model, Request("e", follow, GREEDY), prefix_cache=plain_cache, speculator=spec))
     assert events[0].cached == 0 and [e.token for e in events] == cold  # no head state there: a miss
+
+
+def _tensors(layer) -> list[torch.Tensor]:
+    return layer.tensors() if isinstance(layer, KVCache) else [layer.conv, layer.state]
+
+
+def test_a_point_captured_inside_a_forward_keeps_the_head_state(model):
+    """A snapshot point inside a prefill forward is captured there, the MTP head's K/V and hidden state with it:
+    a drafting engine resumes from it and writes what a cold engine writes."""
+    prompt, spec, cache = _prompts((40,))[0], Speculator(model, 2), PrefixCache(1 << 30)
+    list(run(model, Request("a", prompt, GREEDY, marks=(23,)), prefix_cache=cache, speculator=spec))
+    other = prompt[:23] + [9, 8, 7, 6]
+    position, got = cache.restore(other, (), draft=True)
+    cold = make_cache(model.config, 1, draft_layers=model.config.mtp_num_hidden_layers)
+    with torch.inference_mode():
+        prefill(model, torch.tensor([prompt[:23]]), cold)
+    assert position == 23 and got.length == cold.length and got.draft[0].length == cold.draft[0].length == 22
+    for mine, theirs in [(got.hidden, cold.hidden), *[(a, b) for x, y in zip(got.layers + got.draft,
+                         cold.layers + cold.draft) for a, b in zip(_tensors(x), _tensors(y))]]:
+        exact = mine.dtype == torch.float32 and got.hidden.dtype == torch.float32  # bf16: computed over other
+        torch.testing.assert_close(mine, theirs, atol=1e-5 if exact else 0.05, rtol=0 if exact else 0.02)  # rows
+    events = list(run(model, Request("b", other, GREEDY), prefix_cache=cache, speculator=spec))
+    assert events[0].cached == 23
+    assert [e.token for e in events] == [e.token for e in run(model, Request("c", other, GREEDY))]
 
 
 def test_a_stop_string_inside_an_accepted_run_ends_the_reply_there(default_model):

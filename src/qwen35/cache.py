@@ -108,6 +108,8 @@ class DeltaCache:
     conv: torch.Tensor | None = None  # (B, C, K-1), activation dtype
     state: torch.Tensor | None = None  # (B, Hv, dk, dv), fp32
     trail: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # a verify pass: (conv, state) after each token
+    splits: tuple[int, ...] = ()  # a prefill forward's offsets (tokens into it) whose states it also keeps
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (conv, state) at each split
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.conv, self.state) if t is not None)
@@ -152,6 +154,26 @@ class ModelCache:
                 layer.stepwise = True
             else:
                 layer.trail = []
+
+    def capture(self, offsets: list[int]) -> None:
+        """The next forward also keeps every DeltaNet layer's state `offsets` tokens into it (increasing, inside
+        it): a prefix snapshot there costs a copy, not a forward cut in two; [] ends it."""
+        for layer in self.layers:
+            if isinstance(layer, DeltaCache):
+                layer.splits, layer.kept = tuple(offsets), []
+
+    def captured(self, index: int, drop: int, hidden: torch.Tensor | None) -> "ModelCache":
+        """One sequence's state `drop` tokens before the end of the last forward, its `index`-th capture: the
+        DeltaNet states kept there, K/V views without the last `drop` slots (copy before they are written again),
+        `hidden` the final hidden state there (a cache with MTP layers)."""
+        layers: list[LayerCache] = []
+        for layer in self.layers + self.draft:
+            if isinstance(layer, KVCache):
+                layers.append(_kv(layer.bits, layer.length - drop, [t[:, :, :-drop] for t in layer.tensors()]))
+            else:
+                layers.append(DeltaCache(*layer.kept[index]))
+        n = len(self.layers)
+        return ModelCache(layers[:n], self.seen - drop, self.valid[:, :-drop], self.rope_delta, layers[n:], hidden)
 
     def rollback(self, keep: list[int], t: int) -> None:
         """End a verify pass of t tokens keeping the first keep[b] of sequence b (1..t): DeltaNet states as after

@@ -201,6 +201,13 @@ class GatedDeltaNet(nn.Module):
             step = [t.split(1, dim=1) for t in (qkv, z, b, a)]  # the states after each but the last kept
             o = torch.cat([self.mix_step(*(t[j].contiguous() for t in step), cache, keep=j > 0)
                            for j in range(x.shape[1])], dim=1)
+        elif cache is not None and cache.splits:  # a prefill that keeps the states at these offsets too
+            bounds, parts = [0, *cache.splits, x.shape[1]], []
+            for start, end in zip(bounds, bounds[1:]):
+                parts.append(self.mix_step(*(t[:, start:end].contiguous() for t in (qkv, z, b, a)), cache))
+                if end < x.shape[1]:  # a copy: a one-token step after it updates the state in place
+                    cache.kept.append((cache.conv.clone(), cache.state.clone()))
+            o = torch.cat(parts, dim=1)
         else:
             o = self.mix_step(qkv, z, b, a, cache)
         return self.out_proj(o)

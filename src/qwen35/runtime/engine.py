@@ -2,8 +2,10 @@
 engine driven for one request (the Python API and the CLI).
 
 Running sequences share one left-padded `ModelCache` (rows in the scheduler's running order): a sequence joins
-it when its prompt is prefilled (`merge_caches`) and leaves it when it finishes or is aborted (`select_rows`).
-Every row then computes exactly what it would alone, so greedy output does not depend on the company it keeps.
+it the step after its prompt is prefilled (`merge_caches`) and leaves it when it finishes or is aborted
+(`select_rows`). Every row then computes exactly what it would alone, so greedy output does not depend on the
+company it keeps. What a first token need not wait for (the prompt's snapshot copies, joining the batch) waits for
+the next step.
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ class Engine:
     `context`: the most tokens a sequence may hold (prompt and reply; default the model's), its K/V reserved to that
     size as it grows; `kv_bits`: 16 (the activation dtype) or 8 (int8 with a scale per token and head).
     `prefix_cache`: where prompts resume from and where their states are saved (at each request's snapshot
-    points while prefilling, and at the end of each reply, so the next turn of a conversation extends it). A
-    finished chat reply is also queued as a *warm* sequence: the conversation as its next turn will render it
-    (`Request.followup`), prefilled for a snapshot and nothing sampled, behind the requests already waiting.
+    points, captured by the prefill forwards and copied at the next step, and at the end of each reply, so the
+    next turn of a conversation extends it). A finished chat reply is also queued as a *warm* sequence: the
+    conversation as its next turn will render it (`Request.followup`), prefilled for a snapshot and nothing
+    sampled, behind the requests already waiting.
 
     `speculator`: decode steps draft tokens with the model's MTP head and verify them (runtime/speculative.py);
     None: one token per step.
@@ -77,6 +80,7 @@ class Engine:
         self.scheduler = scheduler or Scheduler()
         self.device = model.embed_tokens.weight.device
         self.batch: ModelCache | None = None
+        self.pending: list[tuple[list[int], tuple[str, ...], ModelCache]] = []  # snapshots to store next step
 
     def add(self, request: Request) -> None:
         """Queue a request (its prompt ids already expanded for its images)."""
@@ -101,19 +105,23 @@ class Engine:
     def reset(self) -> list[str]:
         """Drop every sequence and the batch state (after a failed step); returns the dropped ids."""
         self.batch = None
+        self.pending.clear()
         return [seq.id for seq in self.scheduler.clear()]
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        sched = self.scheduler
+        return bool(sched.waiting or sched.running or sched.joining or self.pending)
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """One prefill chunk (if a sequence is waiting and there is room), then one decode step for all running.
+        """Last step's snapshots stored and prefilled sequences joined; one prefill chunk (if a sequence is
+        waiting and there is room), then one decode step for all running.
 
         A failure that belongs to one sequence (its prefill, its sampling) ends that sequence alone, with an
         error event; only a failure of the shared batched forward raises (the caller then ends the batch).
         """
         events: list[Event] = []
+        self.settle()
         waiting = self.scheduler.next_prefill()
         if waiting is not None:
             events += self._prefill(waiting)
@@ -141,15 +149,28 @@ class Engine:
             self._keep(keep)
         return events
 
+    def settle(self) -> None:
+        """Store the snapshots the last prefill captured (before anything changes their state), then let the
+        sequences prefilled last step join the batch."""
+        for tokens, key, state in self.pending:
+            self.prefix_cache.store(tokens, key, state)
+        self.pending.clear()
+        for seq in self.scheduler.join():
+            self.batch = (seq.cache if self.batch is None else merge_caches([self.batch, seq.cache])).plan(self.context)
+            seq.cache = None
+
     def _prefill(self, seq: Sequence) -> list[Event]:
-        """One chunk of a waiting sequence's prompt (the first resumes from the deepest snapshot on its prefix);
-        on its last chunk, its first token (and it joins the batch)."""
+        """One chunk of a waiting sequence's prompt (the first resumes from the deepest snapshot on its prefix),
+        the states at its snapshot points captured; on its last chunk, its first token (it joins the batch next
+        step)."""
         try:
             if seq.cache is None:
                 self._restore(seq)
             start, end = seq.prefilled, self.scheduler.chunk_end(seq)
-            logits = prefill_chunk(self.model, torch.tensor([seq.prompt], device=self.device), seq.cache, start, end,
-                                   seq.request.images)[0, -1]
+            points = [p for p in seq.stops if start < p <= end]  # none without a prefix cache
+            logits, states = prefill_chunk(self.model, torch.tensor([seq.prompt], device=self.device), seq.cache,
+                                           start, end, seq.request.images, [p for p in points if p < end])
+            logits = logits[0, -1]
         except Exception:  # noqa: BLE001 - only this sequence's state was touched
             self.scheduler.abort(seq.id)
             if seq.warm:  # nobody waits for it: its snapshot is simply not made
@@ -159,8 +180,8 @@ class Engine:
                 raise
             log.exception("prefill of %s failed; ending that request", seq.id)
             return [Event(seq.id, -1, "error", error=SEQUENCE_FAILED)]
-        if self.prefix_cache is not None and end in seq.stops:
-            self.prefix_cache.store(seq.prompt[:end], self._image_key(seq, end), seq.cache)
+        states += [seq.cache] if end in points else []
+        self.pending += [(seq.prompt[:p], self._image_key(seq, p), state) for p, state in zip(points, states)]
         if seq.request.progress is not None and not seq.warm:
             seq.request.progress(end, len(seq.prompt))
         if not self.scheduler.prefilled(seq, end):
@@ -170,9 +191,9 @@ class Engine:
             return []
         event = self._sample_or_fail(seq, logits)
         if event.finish_reason is None:
-            self.scheduler.admit(seq)
-            self.batch = (seq.cache if self.batch is None else merge_caches([self.batch, seq.cache])).plan(self.context)
-        seq.cache = None
+            self.scheduler.joining.append(seq)
+        else:
+            seq.cache = None
         return [event]
 
     def _restore(self, seq: Sequence) -> None:
@@ -295,6 +316,8 @@ def run(model: Qwen35Model, request: Request, eos_ids: Seq[int] = (), sample_lim
             if event.finish_reason is not None:
                 if background is not None and engine.has_work():
                     background(engine.drain)
+                elif background is None:
+                    engine.settle()  # the snapshots its last step captured (a reply of one token)
                 yield event
                 return
             yield event

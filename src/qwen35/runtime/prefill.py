@@ -3,6 +3,8 @@ and multimodal positions). The engine calls it one chunk per step; benchmarks ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from qwen35.cache import ModelCache
@@ -14,8 +16,11 @@ PREFILL_ACTIVATIONS = 1 << 20  # prompt tokens x hidden size per prefill forward
 
 
 def prefill_chunk(model: Qwen35Model, ids: torch.Tensor, cache: ModelCache, start: int, end: int,
-                  images: ImageInputs | None = None) -> torch.Tensor:
-    """Prompt ids[:, start:end] (B=1 with images) into the cache; returns the chunk's last logits (B, 1, V).
+                  images: ImageInputs | None = None,
+                  capture: Sequence[int] = ()) -> tuple[torch.Tensor, list[ModelCache]]:
+    """Prompt ids[:, start:end] (B=1 with images) into the cache; returns the chunk's last logits (B, 1, V) and,
+    for each prompt position of `capture` (inside the chunk), the state there (`ModelCache.captured`: views, to
+    copy before the cache's next step) - one forward, not one cut at each snapshot point.
 
     With images, the chunk's image tokens take their features and every token its M-RoPE position; the last chunk
     records the rope delta in the cache so decoding continues at the right positions. A cache with MTP layers
@@ -34,12 +39,15 @@ def prefill_chunk(model: Qwen35Model, ids: torch.Tensor, cache: ModelCache, star
         positions = (base[:, None] + torch.arange(-min(start, 1), end - start, device=ids.device))[None]
         positions = positions.expand(3, *positions.shape[1:])
     hidden = cache.hidden
+    cache.capture([p - start for p in capture])
     x = model.features(ids[:, start:end], cache, position_ids=positions[..., min(start, 1):], inputs_embeds=embeds)
     if cache.draft:
         mtp_catch_up(model, cache, ids[:, max(start, 1):end], x, hidden, positions[..., :-1])
+    states = [cache.captured(i, end - p, x[:, p - start - 1] if cache.draft else None) for i, p in enumerate(capture)]
+    cache.capture([])
     if images is not None and end >= ids.shape[1]:
         cache.rope_delta = torch.full_like(cache.seen, images.rope_delta)
-    return model.lm_head(x[:, -1:])
+    return model.lm_head(x[:, -1:]), states
 
 
 def mtp_catch_up(model: Qwen35Model, cache: ModelCache, next_ids: torch.Tensor, x: torch.Tensor,
@@ -70,6 +78,6 @@ def prefill(model: Qwen35Model, ids: torch.Tensor, cache: ModelCache, chunk: int
     chunk = chunk or prefill_chunk_size(model.config)
     logits = None
     for start in range(0, ids.shape[1], chunk):
-        logits = prefill_chunk(model, ids, cache, start, start + chunk, images)
+        logits, _ = prefill_chunk(model, ids, cache, start, start + chunk, images)
     assert logits is not None, "prefill needs at least one token"
     return logits[:, -1]

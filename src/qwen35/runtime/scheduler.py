@@ -1,7 +1,8 @@
 """Request bookkeeping for continuous batching; pure Python, no tensors.
 
 Waiting sequences are prefilled one chunk per step (so a long prompt never stalls the running streams); a
-sequence whose prompt is consumed joins the running batch, which advances one token per step.
+sequence whose prompt is consumed, its first token sampled, joins the running batch at the start of the next step
+(so that token reaches its client without waiting for a decode step); the batch advances one token per step.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens already in the cache
     cached: int = 0  # of which restored from a snapshot
-    stops: list[int] = field(default_factory=list)  # prompt positions where a prefill chunk ends for a snapshot
+    stops: list[int] = field(default_factory=list)  # prompt positions whose state is saved as a snapshot
     finish_reason: str | None = None
     warm: bool = False  # a reply rendered into history: prefilled for its snapshot, nothing sampled
     cache: Any = None
@@ -42,6 +43,7 @@ class Scheduler:
         self.max_running, self.max_waiting, self.prefill_chunk = max_running, max_waiting, prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.joining: list[Sequence] = []  # prefilled, first token out: they join `running` next step
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.max_waiting:
@@ -54,22 +56,23 @@ class Scheduler:
             if seq.id == seq_id:
                 self.waiting.remove(seq)
                 return seq
-        for seq in self.running:
-            if seq.id == seq_id:
-                self.running.remove(seq)
-                return seq
+        for group in (self.running, self.joining):
+            for seq in group:
+                if seq.id == seq_id:
+                    group.remove(seq)
+                    return seq
         return None
 
     def next_prefill(self) -> Sequence | None:
         """The waiting sequence to prefill a chunk of this step, if there is room to admit it."""
-        if not self.waiting or len(self.running) >= self.max_running:
+        if not self.waiting or len(self.running) + len(self.joining) >= self.max_running:
             return None
         return self.waiting[0]
 
     def chunk_end(self, seq: Sequence) -> int:
-        """Where this step's chunk of the prompt ends: a chunk's length on, or at the next snapshot point."""
-        end = min(seq.prefilled + self.prefill_chunk, len(seq.prompt))
-        return min([end, *(p for p in seq.stops if p > seq.prefilled)])
+        """Where this step's chunk of the prompt ends: a chunk's length on (snapshot points inside it are
+        captured by the same forward)."""
+        return min(seq.prefilled + self.prefill_chunk, len(seq.prompt))
 
     def prefilled(self, seq: Sequence, end: int) -> bool:
         """Record a prefilled chunk; True when the whole prompt is in and the sequence starts decoding."""
@@ -81,13 +84,17 @@ class Scheduler:
 
     def clear(self) -> list[Sequence]:
         """Drop every sequence (after a failed step); returns them so their owners can be told."""
-        dropped = [*self.waiting, *self.running]
+        dropped = [*self.waiting, *self.running, *self.joining]
         self.waiting.clear()
         self.running.clear()
+        self.joining.clear()
         return dropped
 
-    def admit(self, seq: Sequence) -> None:
-        self.running.append(seq)
+    def join(self) -> list[Sequence]:
+        """The sequences prefilled last step, now running (in this order: the batch's new rows)."""
+        joined, self.joining = self.joining, []
+        self.running += joined
+        return joined
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
