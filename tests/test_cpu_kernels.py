@@ -148,10 +148,12 @@ def test_rms_norm_matches_reference():
 
 
 def test_fused_decode_follows_the_plain_model(monkeypatch):
-    """bf16 nano model, batch of 2: prefill + 24 decode steps on the kernels vs PyTorch's ops, same tokens fed."""
+    """bf16 nano model, batch of 2: prefill, 24 decode steps, a 7-token continuation (stepped on the kernels) and
+    4 more steps, vs PyTorch's ops, same tokens fed."""
     model = qwen35.load(None, dtype="bfloat16", device="cpu").model
     g = torch.Generator().manual_seed(0)
     ids, steps = torch.randint(0, 1000, (2, 9), generator=g), torch.randint(0, 1000, (24, 2, 1), generator=g)
+    more = torch.randint(0, 1000, (2, 7), generator=g)
 
     def run(kernels_on: bool) -> torch.Tensor:
         if not kernels_on:
@@ -159,6 +161,7 @@ def test_fused_decode_follows_the_plain_model(monkeypatch):
         cache = make_cache(model.config, 2)
         with torch.inference_mode():
             logits = [prefill(model, ids, cache)] + [model(step, cache)[:, -1] for step in steps]
+            logits += [*model(more, cache).unbind(1)] + [model(step, cache)[:, -1] for step in steps[:4]]
         monkeypatch.undo()
         return torch.stack(logits).float()
 
