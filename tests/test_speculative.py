@@ -12,7 +12,7 @@ import torch
 from scipy.stats import chisquare
 
 from conftest import VOCAB, randomize_
-from qwen35.cache import KVCache, make_cache
+from qwen35.cache import make_cache
 from qwen35.loading import load_model
 from qwen35.ops import cpu
 from qwen35.models.qwen3_5 import MultiTokenPredictor, _attention_mask, rotary_cos_sin
@@ -203,10 +203,6 @@ def test_restores_need_the_head_state_and_plain_engines_drop_it(model):
     assert events[0].cached == 0 and [e.token for e in events] == cold  # no head state there: a miss
 
 
-def _tensors(layer) -> list[torch.Tensor]:
-    return layer.tensors() if isinstance(layer, KVCache) else [layer.conv, layer.state]
-
-
 def test_a_point_captured_inside_a_forward_keeps_the_head_state(model):
     """A snapshot point inside a prefill forward is captured there, the MTP head's K/V and hidden state with it:
     a drafting engine resumes from it and writes what a cold engine writes."""
@@ -219,7 +215,7 @@ def test_a_point_captured_inside_a_forward_keeps_the_head_state(model):
         prefill(model, torch.tensor([prompt[:23]]), cold)
     assert position == 23 and got.length == cold.length and got.draft[0].length == cold.draft[0].length == 22
     for mine, theirs in [(got.hidden, cold.hidden), *[(a, b) for x, y in zip(got.layers + got.draft,
-                         cold.layers + cold.draft) for a, b in zip(_tensors(x), _tensors(y))]]:
+                         cold.layers + cold.draft) for a, b in zip(x.tensors(), y.tensors())]]:
         exact = mine.dtype == torch.float32 and got.hidden.dtype == torch.float32  # bf16: computed over other
         torch.testing.assert_close(mine, theirs, atol=1e-5 if exact else 0.05, rtol=0 if exact else 0.02)  # rows
     events = list(run(model, Request("b", other, GREEDY), prefix_cache=cache, speculator=spec))

@@ -111,8 +111,12 @@ class DeltaCache:
     splits: tuple[int, ...] = ()  # a prefill forward's offsets (tokens into it) whose states it also keeps
     kept: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (conv, state) at each split
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The state's buffers (conv history, recurrent state), once it has them."""
+        return [t for t in (self.conv, self.state) if t is not None]
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.conv, self.state) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 LayerCache = KVCache | DeltaCache
@@ -283,7 +287,6 @@ def select_rows(cache: ModelCache, rows: list[int]) -> ModelCache:
 def is_finite(cache: ModelCache) -> bool:
     """No NaN/Inf in any layer's state (a state that is not finite must never be reused)."""
     for layer in cache.layers + cache.draft:
-        tensors = layer.tensors() if isinstance(layer, KVCache) else (layer.conv, layer.state)
-        if any(t is not None and not bool(torch.isfinite(t).all()) for t in tensors):
+        if any(not bool(torch.isfinite(t).all()) for t in layer.tensors()):
             return False
     return cache.hidden is None or bool(torch.isfinite(cache.hidden).all())
