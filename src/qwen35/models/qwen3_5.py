@@ -19,7 +19,7 @@ from qwen35.cache import DeltaCache, KVCache, ModelCache, QuantKV, make_cache
 from qwen35.config import ModelConfig
 from qwen35.ops import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from qwen35.ops.attention import attention
-from qwen35.ops.cpu import Linear, prepare_compile, rms_norm
+from qwen35.ops.cpu import Linear, prepare_compile, rms_norm, scale_rows
 from qwen35.ops.decode import NativeDecode
 from qwen35.ops.deltanet import gated_deltanet_mix
 
@@ -46,7 +46,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = scale_rows(xf, torch.rsqrt(xf.pow(2).mean(-1) + self.eps))
         return ((self.weight * xf.to(x.dtype)) * F.silu(z.float())).to(x.dtype)
 
 
@@ -242,7 +242,7 @@ class GatedDeltaNet(nn.Module):
 
 
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+    return scale_rows(x, torch.rsqrt((x * x).sum(-1) + eps))
 
 
 class DecoderLayer(nn.Module):

@@ -248,10 +248,16 @@ def tiled_linear(x: torch.Tensor, out_features: int, rows: Callable[[int, int], 
     return out
 
 
+def scale_rows(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x * s[..., None], s of x's shape less its last dim. Expanded first: PyTorch splits the broadcast of a
+    trailing 1 badly over threads (a 4-D fp32 product of 1M elements on 2 cores: 0.4-1.2 ms, expanded 0.1)."""
+    return x * s.unsqueeze(-1).expand_as(x)
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
     """x_hat * (offset + w), in fp32, cast back once: offset 1 is Qwen3.5's zero-centred norm."""
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xf = scale_rows(xf, torch.rsqrt(xf.pow(2).mean(-1) + eps))
     return (xf * (offset + weight.float())).type_as(x)
 
 

@@ -12,9 +12,9 @@ import torch
 from qwen35.cache import DeltaCache
 from qwen35.ops.cpu import fast_path
 
-STEPWISE = 16  # up to this many tokens continuing a sequence run token by token on the fused step: the chunked
-# rule pads to 64 and costs ~5 ms a layer whatever the count, a step ~0.15 ms a token (0.8B layer, 2-core AVX2;
-# even at 32 tokens) - a short turn or tool result resuming from a snapshot
+STEPWISE = 16  # up to this many tokens continuing a sequence run token by token on the fused step, a short turn
+# or tool result resuming from a snapshot: a 0.8B forward of 16 tokens 159 ms against 170 on the chunked rule, of 24
+# tokens 213 against 204 (2-core AVX2)
 Mix = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, DeltaCache | None], torch.Tensor]
 
 

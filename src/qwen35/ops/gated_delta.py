@@ -11,7 +11,8 @@ g (log decay, <= 0) and beta (B, T, Hv). Value head h reads key head h // (Hv / 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from qwen35.ops.cpu import scale_rows
 
 
 def _prepare(q, k, v, g, beta):
@@ -42,45 +43,56 @@ def recurrent_gated_delta_rule(q, k, v, g, beta,
 
 def chunk_gated_delta_rule(q, k, v, g, beta, state: torch.Tensor | None = None,
                            chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked (WY / UT-transform) form of the same recurrence; differentiable, fp32 throughout.
-
-    Per chunk with local cumulative log-decay G and D_ij = exp(G_i - G_j) (j <= i):
-      A = strict_lower((beta K) K^T * D);  U = (I + A)^-1 beta V;  W = (I + A)^-1 (beta K exp(G))
-      V' = U - W S;  O = (Q exp(G)) S + ((Q K^T) * D) V';  S <- exp(G_last) S + (K exp(G_last - G))^T V'
-    """
+    """Chunked (WY / UT-transform) form of the same recurrence; differentiable, fp32 throughout. The whole chunks
+    run first, then what is left as one shorter chunk: padding a 95-token turn to 128 cost a 0.8B layer 10.6 ms
+    against 6.3 (2-core AVX2)."""
     out_dtype = v.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta)
     b, h, t, dk = k.shape
-    dv = v.shape[-1]
-    pad = (-t) % chunk_size
-    if pad:  # zero beta and g on pads: they neither write nor decay the state
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
-    n = (t + pad) // chunk_size
-    q, k, v = (x.reshape(b, h, n, chunk_size, -1) for x in (q, k, v))
-    g, beta = (x.reshape(b, h, n, chunk_size) for x in (g, beta))
+    s = q.new_zeros(b, h, dk, v.shape[-1]) if state is None else state.float()
+    whole = t - t % chunk_size
+    outs = []
+    for start, end in ((0, whole), (whole, t)):
+        if end > start:
+            o, s = _chunks(*(x[:, :, start:end] for x in (q, k, v, g, beta)), s, min(chunk_size, end - start))
+            outs.append(o)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).to(out_dtype), s
+
+
+def _chunks(q, k, v, g, beta, s: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule over (B, H, T, d) inputs, T a multiple of `size`, from state s. Per chunk with local cumulative
+    log-decay G and D_ij = exp(G_i - G_j) (j <= i):
+      A = strict_lower((beta K) K^T * D);  T = (I + A)^-1;  U = T beta V;  W = T (beta K exp(G))
+      V' = U - W S;  O = (Q exp(G)) S + ((Q K^T) * D) V';  S <- exp(G_last) S + (K exp(G_last - G))^T V'
+    T is solved against the identity (size columns) and then applied: half the cost of solving against
+    [beta V | beta K exp(G)] (2 x 128 columns)."""
+    b, h, t, dk = k.shape
+    n = t // size
+    q, k, v = (x.reshape(b, h, n, size, -1) for x in (q, k, v))
+    g, beta = (x.reshape(b, h, n, size) for x in (g, beta))
 
     cum = g.cumsum(-1)  # (B, H, N, C)
-    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
+    upper = torch.ones(size, size, dtype=torch.bool, device=q.device).triu(1)
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(upper, float("-inf")).exp()  # D, zero above diag
-    k_beta = k * beta[..., None]
+    k_beta = scale_rows(k, beta)
     a = (k_beta @ k.transpose(-1, -2)) * decay  # read as I + A: the solver takes the strict lower part, unit diagonal
-    rhs = torch.cat([v * beta[..., None], k_beta * cum.exp()[..., None]], dim=-1)
-    del v, k_beta  # here and below: each (B, H, T, d) fp32 temporary goes as soon as it is used (prefill memory)
-    u, w = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True).split([dv, dk], dim=-1)
-    del a, rhs
+    eye = torch.eye(size, dtype=a.dtype, device=a.device).expand_as(a)
+    inverse = torch.linalg.solve_triangular(a, eye, upper=False, unitriangular=True)
+    del a  # here and below: each (B, H, T, d) fp32 temporary goes as soon as it is used (prefill memory)
+    u = inverse @ scale_rows(v, beta)
+    w = inverse @ scale_rows(k_beta, cum.exp())
+    del v, k_beta, inverse
     scores = (q @ k.transpose(-1, -2)) * decay  # diagonal included
     del decay
-    q_decayed = q * cum.exp()[..., None]
-    k_to_end = k * (cum[..., -1:] - cum).exp()[..., None]
+    q_decayed = scale_rows(q, cum.exp())
+    k_to_end = scale_rows(k, (cum[..., -1:] - cum).exp())
     del q, k
     chunk_decay = cum[..., -1].exp()[..., None, None]  # (B, H, N, 1, 1)
 
-    s = u.new_zeros(b, h, dk, dv) if state is None else state.float()
-    out = u.new_empty(b, h, n, chunk_size, dv)
+    out = u.new_empty(b, h, n, size, u.shape[-1])
     for i in range(n):
         v_new = u[:, :, i] - w[:, :, i] @ s
         out[:, :, i] = q_decayed[:, :, i] @ s + scores[:, :, i] @ v_new
         s = s * chunk_decay[:, :, i] + k_to_end[:, :, i].transpose(-1, -2) @ v_new
-    out = out.reshape(b, h, n * chunk_size, dv)[:, :, :t]
-    return out.transpose(1, 2).to(out_dtype), s
+    return out.reshape(b, h, t, -1), s
