@@ -22,6 +22,7 @@ from qwen35.runtime.speculative import Speculator
 from qwen35.sampling import SamplingParams
 from qwen35.cache import quantize_kv
 from qwen35.ops.attention import attention_8bit, attention_decode
+from qwen35.ops.gated_delta import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from qwen35.ops.build import build_dir
 from qwen35.quant.linear import dequantize, int4_quantize, int8_activations, int8_quantize, make_linear
 
@@ -145,6 +146,31 @@ def test_rms_norm_matches_reference():
         ref = cpu.rms_norm_reference(x, w, 1e-6, offset).float()
         got = cpu.kernels().rms_norm(x, w, 1e-6, offset).float()
         assert (got - ref).abs().max().item() <= ulps(ref)
+
+
+@pytest.mark.parametrize("t, hk, hv, chunk", [(150, 2, 4, 64), (64, 2, 2, 64), (5, 1, 2, 64), (97, 2, 4, 16)])
+@pytest.mark.parametrize("start", [False, True])
+def test_chunked_delta_rule_kernel_matches_the_recurrence(t, hk, hv, chunk, start):
+    """The native chunked rule (bf16 v and beta, as the model's prefill feeds it) against the token-by-token
+    reference on the same values in fp32: whole chunks and a shorter last one, grouped key heads, from a state
+    or from zeros; the state returned is a new tensor (the one passed is left as it was)."""
+    g = torch.Generator().manual_seed(t + hv)
+    q = F.normalize(torch.randn(2, t, hk, 32, generator=g), dim=-1) * 32 ** -0.5
+    k = F.normalize(torch.randn(2, t, hk, 32, generator=g), dim=-1)
+    v = torch.randn(2, t, hv, 48, generator=g).bfloat16()
+    decay = -torch.rand(2, t, hv, generator=g) * 3  # log decay in [-3, 0]: cumulated past -87 in a chunk
+    beta = torch.rand(2, t, hv, generator=g).bfloat16()
+    state = torch.randn(2, hv, 32, 48, generator=g) * 0.1 if start else None
+    kept = None if state is None else state.clone()
+    o, s = cpu.kernels().chunk_delta_rule(q, k, v, decay, beta, state, chunk)
+    o_ref, s_ref = recurrent_gated_delta_rule(q, k, v.float(), decay, beta.float(), state)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert (o.float() - o_ref).abs().max().item() <= ulps(o_ref)  # o is rounded to bf16
+    torch.testing.assert_close(s, s_ref, atol=2e-5, rtol=1e-4)
+    if state is not None:
+        assert torch.equal(state, kept)
+    o_op, s_op = chunk_gated_delta_rule(q, k, v, decay, beta, state, chunk)  # the op takes it for these dtypes
+    assert torch.equal(o_op, o) and torch.equal(s_op, s)
 
 
 def test_fused_decode_follows_the_plain_model(monkeypatch):
@@ -398,7 +424,10 @@ def test_registered_operators_agree_with_their_fakes():
     ops = torch.ops.qwen35
     for op, args in [(ops.linear_bf16, (x, w.bfloat16())), (ops.linear_int8, (x, int8.packed, int8.scales)),
                      (ops.linear_int4, (x, int4.packed, int4.scales, int4.zeros, 64)),
-                     (ops.rms_norm, (x, w[0].bfloat16(), 1e-6, 1.0))]:
+                     (ops.rms_norm, (x, w[0].bfloat16(), 1e-6, 1.0)),
+                     (ops.chunk_delta_rule, (x[:2].reshape(1, 2, 8, 32).float(), x[:2].reshape(1, 2, 8, 32).float(),
+                                             x[:2].reshape(1, 2, 8, 32), x[:2, :8].float()[None], x[:2, :8].contiguous()[None],
+                                             None, 64))]:
         torch.library.opcheck(op, args, test_utils=("test_faketensor",))
 
 

@@ -115,7 +115,11 @@ def _register_ops(module: ModuleType) -> None:
                          k_scale: Tensor | None, v_scale: Tensor | None) -> Tensor:
         return torch.empty_like(q)
 
-    for fake in (linear_bf16, linear_int8, linear_int4, rms_norm, attention_decode):
+    def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor | None,
+                         chunk: int) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(v), q.new_empty(v.shape[0], v.shape[2], k.shape[3], v.shape[3])
+
+    for fake in (linear_bf16, linear_int8, linear_int4, rms_norm, attention_decode, chunk_delta_rule):
         define(fake)
     define(deltanet_decode, ("conv_state", "state", "state_out"))
 

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
@@ -131,6 +132,10 @@ torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k, c
                                const std::optional<torch::Tensor>& valid, double scale,
                                const std::optional<torch::Tensor>& k_scale,
                                const std::optional<torch::Tensor>& v_scale);
+std::tuple<torch::Tensor, torch::Tensor> chunk_delta_rule(const torch::Tensor& q, const torch::Tensor& k,
+                                                          const torch::Tensor& v, const torch::Tensor& g,
+                                                          const torch::Tensor& beta,
+                                                          const std::optional<torch::Tensor>& state, int64_t chunk);
 torch::Tensor huge_page_empty(int64_t nbytes);
 
 }  // namespace qwen35
