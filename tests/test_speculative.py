@@ -273,6 +273,7 @@ def test_bad_settings_are_refused_with_what_to_do(reference_checkpoint):
 
 def test_the_default_drafts_only_where_it_was_measured_to_pay(reference_checkpoint, monkeypatch):
     monkeypatch.setattr(cpu, "has_kernels", lambda: True)
+    monkeypatch.setattr(cpu, "kernel_isa", lambda: "avx512")
     model = load_model(reference_checkpoint("dense-tied")[0], dtype=torch.bfloat16)
     assert model.mtp is not None and not pays_by_default(model)  # a width no official size has
     model.config = dataclasses.replace(model.config, hidden_size=1024)  # as the 0.8B's
@@ -289,3 +290,8 @@ def test_the_default_drafts_only_where_it_was_measured_to_pay(reference_checkpoi
         assert not pays_by_default(quantized)  # int4 below the 4B, int8: did not pay
         quantized.config = large
         assert pays_by_default(quantized) == (bits == 4), (bits, head)  # int4 from the 4B, whatever its head
+        monkeypatch.setattr(cpu, "kernel_isa", lambda: "avx2")
+        assert not pays_by_default(quantized)  # but not on the AVX2 kernels: each int4 row costs arithmetic
+        monkeypatch.setattr(cpu, "kernel_isa", lambda: "avx512")
+    monkeypatch.setattr(cpu, "kernel_isa", lambda: "avx2")
+    assert pays_by_default(model)  # bf16 pays on AVX2 as on AVX-512

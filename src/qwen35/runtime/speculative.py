@@ -37,8 +37,9 @@ MAX_DRAFT = 4
 # The default where it was measured to pay (docs/speculative.md, benchmarks/bench_mtp.py, 2 cores), on a CPU with
 # qwen35's kernels, whose decode is bound by reading the weights: bf16 weights of an official size (0.8B: 1.37x /
 # 1.53x at acceptance 0.6 / 0.7 on a Xeon, 1.10x / 1.17x on a Zen 4, 1.42x / 1.59x on an AVX2 Zen 3) and int4
-# weights from the 4B up (4B int4, verify passes on the native plan: 1.11-1.33x / 1.18-1.49x on a Zen 4). Off
-# where it did not pay: int4 below 4B (0.8B: 1.00-1.24x at 0.6 on a Zen 4, 1.17x on the Zen 3), int8 (not
+# weights from the 4B up on AVX-512 (4B int4, verify passes on the native plan: 1.11-1.33x / 1.18-1.49x on a
+# Zen 4). Off where it did not pay: int4 below 4B (0.8B: 1.00-1.24x at 0.6 on a Zen 4, 1.17x on the Zen 3), int4
+# on the AVX2 kernels (4B: a verify pass of 2 tokens 1.52x a step, 1.00x / 1.04x at 0.6 / 0.7), int8 (not
 # measured since its kernel took activations to int8 as int4's does), the built-in nano, whose steps are Python
 # overhead (0.35-0.65x), CPUs without qwen35's kernels (PyTorch's on AVX2: a verify pass of 2 tokens cost 2.5x a
 # step), and where it was not measured (GPU, fp32).
@@ -143,12 +144,14 @@ def make_speculator(model: Qwen35Model, tokenizer: object, draft: int | None = N
 
 def pays_by_default(model: Qwen35Model) -> bool:
     """A head, an official size (hidden 1024 and up), on a CPU where qwen35's kernels run (AVX-512 or AVX2), with a
-    bf16 body, or an int4 one from the 4B's width up (whatever the LM head's format): see DEFAULT_DRAFT. Without
-    the kernels (bf16 emulated by PyTorch) a 0.8B verify pass of 2 tokens cost 2.5x a plain step (8.1 s against
-    3.2 s), on the AVX2 kernels (Zen 3) 1.16x."""
+    bf16 body, or on AVX-512 an int4 one from the 4B's width up (whatever the LM head's format): see DEFAULT_DRAFT.
+    Without the kernels (bf16 emulated by PyTorch) a 0.8B verify pass of 2 tokens cost 2.5x a plain step (8.1 s
+    against 3.2 s), on the AVX2 kernels (Zen 3) 1.16x; an int4 row costs the AVX2 kernel arithmetic that VNNI does
+    in one instruction, so there a 4B int4 verify pass of 2 tokens cost 1.52x a step."""
     weight = model.embed_tokens.weight
     kinds = {type(m) for m in model.layers.modules() if isinstance(m, (Int4Linear, Int8Linear))}  # the body's
     hidden = model.config.hidden_size
-    weights_pay = not kinds or (kinds == {Int4Linear} and hidden >= INT4_FROM_HIDDEN)
-    return (model.mtp is not None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-            and weights_pay and hidden >= 1024 and cpu.has_kernels())
+    if model.mtp is None or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or hidden < 1024 \
+            or not cpu.has_kernels():
+        return False
+    return not kinds or (kinds == {Int4Linear} and hidden >= INT4_FROM_HIDDEN and cpu.kernel_isa() == "avx512")
