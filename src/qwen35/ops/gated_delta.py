@@ -47,9 +47,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state: torch.Tensor | None = None,
     run first, then what is left as one shorter chunk: padding a 95-token turn to 128 cost a 0.8B layer 10.6 ms
     against 6.3 (2-core AVX2). bf16 values and write strengths (the model's inference) go to the CPU kernel
     (`kernels/chunk_rule.cpp`: the same chunks, one call) where it runs."""
-    if (k_ := fast_path(v)) is not None and beta.dtype == torch.bfloat16 and \
+    if (native := fast_path(v)) is not None and beta.dtype == torch.bfloat16 and \
             q.dtype == k.dtype == g.dtype == torch.float32 and k.shape[-1] % 16 == 0 == v.shape[-1] % 16:
-        return k_.chunk_delta_rule(*(x.contiguous() for x in (q, k, v, g, beta)), state, chunk_size)
+        return native.chunk_delta_rule(*(x.contiguous() for x in (q, k, v, g, beta)), state, chunk_size)
     out_dtype = v.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta)
     b, h, t, dk = k.shape
