@@ -67,12 +67,12 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state: torch.Tensor | None = None,
 def _chunks(q, k, v, g, beta, s: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The rule over (B, H, T, d) inputs, T a multiple of `size`, from state s. Per chunk with local cumulative
     log-decay G and D_ij = exp(G_i - G_j) (j <= i):
-      A = strict_lower((beta K) K^T * D);  T = (I + A)^-1;  U = T beta V;  W = T (beta K exp(G))
+      A = strict_lower((beta K) K^T * D);  [U | W] = (I + A)^-1 [beta V | beta K exp(G)]  (one triangular solve)
       V' = U - W S;  O = (Q exp(G)) S + ((Q K^T) * D) V';  S <- exp(G_last) S + (K exp(G_last - G))^T V'
-    T is solved against the identity (size columns) and then applied: half the cost of solving against
-    [beta V | beta K exp(G)] (2 x 128 columns)."""
+    Inverting I + A and applying the inverse was cheaper but lost fp32 precision: 1.2e-4 off the reference's
+    logits on a test config (over the parity bar of 1e-4) where the solve stays under it."""
     b, h, t, dk = k.shape
-    n = t // size
+    dv, n = v.shape[-1], t // size
     q, k, v = (x.reshape(b, h, n, size, -1) for x in (q, k, v))
     g, beta = (x.reshape(b, h, n, size) for x in (g, beta))
 
@@ -81,12 +81,10 @@ def _chunks(q, k, v, g, beta, s: torch.Tensor, size: int) -> tuple[torch.Tensor,
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(upper, float("-inf")).exp()  # D, zero above diag
     k_beta = scale_rows(k, beta)
     a = (k_beta @ k.transpose(-1, -2)) * decay  # read as I + A: the solver takes the strict lower part, unit diagonal
-    eye = torch.eye(size, dtype=a.dtype, device=a.device).expand_as(a)
-    inverse = torch.linalg.solve_triangular(a, eye, upper=False, unitriangular=True)
-    del a  # here and below: each (B, H, T, d) fp32 temporary goes as soon as it is used (prefill memory)
-    u = inverse @ scale_rows(v, beta)
-    w = inverse @ scale_rows(k_beta, cum.exp())
-    del v, k_beta, inverse
+    rhs = torch.cat([scale_rows(v, beta), scale_rows(k_beta, cum.exp())], dim=-1)
+    del v, k_beta  # here and below: each (B, H, T, d) fp32 temporary goes as soon as it is used (prefill memory)
+    u, w = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True).split([dv, dk], dim=-1)
+    del a, rhs
     scores = (q @ k.transpose(-1, -2)) * decay  # diagonal included
     del decay
     q_decayed = scale_rows(q, cum.exp())
