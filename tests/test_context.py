@@ -82,17 +82,21 @@ def test_a_prompt_over_the_context_is_refused_with_the_numbers(default_model):
         qwen35.load(None, dtype="float32", context=1)
 
 
-@pytest.mark.parametrize("shape", [(1, 8, 2, 1, 5000, 32), (2, 4, 2, 7, 7, 16), (1, 4, 1, 16, 9000, 16)])
-def test_blocked_8bit_attention_equals_its_reference(shape):
+@pytest.mark.parametrize("shape", [(1, 8, 2, 1, 5000, 32), (2, 4, 2, 7, 7, 16), (1, 4, 1, 16, 9000, 16),
+                                   (1, 8, 2, 600, 2600, 16)])
+@pytest.mark.parametrize("given", [True, False])
+def test_blocked_8bit_attention_equals_its_reference(shape, given):
+    """With a mask, and without one: causal, the queries being the last T keys (a chunk after a history)."""
     b, hq, hkv, t, s, d = shape
     torch.manual_seed(0)
     q, k, v = torch.randn(b, hq, t, d), torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
-    mask = None if s == t else torch.rand(b, 1, t, s) > 0.1
+    causal = torch.ones(t, s, dtype=torch.bool).tril(s - t).expand(b, 1, t, s)
+    mask = torch.rand(b, 1, t, s) > 0.1 if given else None
+    full = mask if given else causal
     qk, qv = quantize_kv(k), quantize_kv(v)
-    ref = F.scaled_dot_product_attention(q, qk.dequantize(), qv.dequantize(), attn_mask=mask,
-                                         is_causal=mask is None, enable_gqa=True)
+    ref = F.scaled_dot_product_attention(q, qk.dequantize(), qv.dequantize(), attn_mask=full, enable_gqa=True)
     assert (attention_8bit(q, qk, qv, mask, block=1000) - ref).abs().max() < 1e-5
-    exact = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    exact = F.scaled_dot_product_attention(q, k, v, attn_mask=full, enable_gqa=True)
     assert (ref - exact).abs().max() < 0.05  # what int8 rounding costs on random data
 
 

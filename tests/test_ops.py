@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qwen35.ops import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from qwen35.ops.conv import causal_conv1d_reference
@@ -147,6 +148,23 @@ def test_bf16_prefill_products_without_bf16_hardware_run_in_fp32(monkeypatch):
     cpu.linear(x[:, :1], w)
     cpu.linear(x, w)
     assert calls == [x.shape]  # the prefill rows, not the decode ones
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t,s", [(5, 40), (64, 1000), (40, 41)])
+def test_a_chunk_after_a_history_attends_causally_without_a_mask(dtype, t, s):
+    """mask None with T < S keys: each query sees the history and its own chunk up to itself, as SDPA with the
+    explicit (bottom-right) causal mask computes it - here as two flash passes merged, no (T x S) mask built."""
+    from qwen35.ops import attention as attn
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, t, 64, generator=g).to(dtype)
+    k, v = (torch.randn(1, 2, s + 9, 64, generator=g).to(dtype)[:, :, :s] for _ in range(2))  # views, as cached
+    mask = torch.ones(t, s, dtype=torch.bool).tril(s - t)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    out = attn.attention(q, k, v, None)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert (out.float() - ref).abs().max() < (2e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -2,9 +2,9 @@
 
 Weights (as loaded: full precision, or the stored int8/int4 parts and their scales), K/V (one layer in four, at 16
 or 8 bits with a scale per token and head), the fixed Gated DeltaNet state per sequence, the prefill's activation
-peak (one chunk: projections, MLP, attention scores against the whole context, the last token's logits), the prefix
-snapshot budget and the runtime itself (Python, PyTorch, the tokenizer). `qwen35 info --context N` prints it;
-`load(context=...)` caps a context that does not fit what the machine has free.
+peak (one chunk: projections, MLP, the last token's logits), the prefix snapshot budget and the runtime itself
+(Python, PyTorch, the tokenizer). `qwen35 info --context N` prints it; `load(context=...)` caps a context that
+does not fit what the machine has free.
 """
 
 from __future__ import annotations
@@ -99,15 +99,14 @@ def weight_bytes(config: ModelConfig, dtype_bytes: int = 2, quant: QuantConfig |
     return total
 
 
-def prefill_bytes(config: ModelConfig, context: int, chunk: int, dtype_bytes: int = 2) -> int:
-    """The activation peak of one prefill chunk: the widest projections and the MLP for `chunk` tokens (a few
-    live at once), the chunk's bool attention mask over the context (PyTorch's CPU flash kernel never builds the
-    scores: measured +57 MB, mask included, for 512 queries against 32K keys where the scores would be 512 MB),
-    and one token's fp32 logits."""
+def prefill_bytes(config: ModelConfig, chunk: int, dtype_bytes: int = 2) -> int:
+    """The activation peak of one prefill chunk, whatever the context: the widest projections and the MLP for
+    `chunk` tokens (a few live at once; attention against the history builds no (chunk x context) mask or scores:
+    `ops.attention.attention_after`) and one token's fp32 logits."""
     inner = config.moe_intermediate_size * config.num_experts_per_tok if config.is_moe else config.intermediate_size
     widest = max(3 * inner, 2 * config.num_attention_heads * config.head_dim + 2 * config.num_key_value_heads
                  * config.head_dim, 4 * config.hidden_size)
-    return chunk * (widest + 4 * config.hidden_size) * max(dtype_bytes, 4) + chunk * context + config.vocab_size * 4
+    return chunk * (widest + 4 * config.hidden_size) * max(dtype_bytes, 4) + config.vocab_size * 4
 
 
 def plan(config: ModelConfig, context: int | None = None, batch: int = 1, dtype_bytes: int = 2,
@@ -126,7 +125,7 @@ def plan(config: ModelConfig, context: int | None = None, batch: int = 1, dtype_
     weights = weight_bytes(config, dtype_bytes, quant) if weights is None else weights
     from qwen35.ops.attention import SCORE_BLOCK
 
-    prefill = prefill_bytes(config, context, chunk, dtype_bytes)
+    prefill = prefill_bytes(config, chunk, dtype_bytes)
     if kv_bits == 8:  # the 8-bit attention's score blocks: a few fp32 (queries x keys) tiles per K/V head
         prefill += 4 * config.num_key_value_heads * SCORE_BLOCK * 4
     return MemoryPlan(context, batch, kv_bits, weights,

@@ -385,7 +385,7 @@ class Qwen35Model(nn.Module):
             position_ids = pos[None].expand(3, b, t)
         past_valid = cache.valid if cache is not None else real[:, :0]
         valid = torch.cat([past_valid, real], dim=1)  # (B, S + T)
-        attn_mask = _attention_mask(valid, t) if not bool(valid.all()) or (t > 1 and past_valid.shape[1]) else None
+        attn_mask = None if bool(valid.all()) else _attention_mask(valid, t)  # None: causal (`ops.attention`)
         pad_mask = None if bool(real.all()) else real
 
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -406,7 +406,7 @@ class Qwen35Model(nn.Module):
         states, position_ids (3, B, T) theirs. Appends T slots to the head's K/V (`cache.draft`); valid (B, S + T)
         says which of its S + T slots are real. Returns its hidden states (B, T, H)."""
         t = next_ids.shape[1]
-        attn_mask = _attention_mask(valid, t) if not bool(valid.all()) or (t > 1 and valid.shape[1] > t) else None
+        attn_mask = None if bool(valid.all()) else _attention_mask(valid, t)
         rope = rotary_cos_sin(self.config, position_ids, hidden.dtype)
         for layer in cache.draft:
             layer.reserve(t, self.empty_key(hidden.shape[0], hidden))

@@ -18,10 +18,11 @@ SCORE_BLOCK = 1 << 21  # fp32 scores per K/V head computed at once over an 8-bit
 
 def attention(q: torch.Tensor, k: torch.Tensor | QuantKV, v: torch.Tensor | QuantKV,
               mask: torch.Tensor | None) -> torch.Tensor:
-    """q (B, Hq, T, D) against k, v (B, Hkv, S, D) -> (B, Hq, T, D); mask (B, 1, T, S) bool, or None: causal when
-    the keys are the queries' own (a prefill from empty), else all keys. A decode step's single query goes to the
-    fused kernel where the CPU kernels run (16- or 8-bit K/V); other 8-bit K/V (`QuantKV`) to `attention_8bit`;
-    the reference is `F.scaled_dot_product_attention`."""
+    """q (B, Hq, T, D) against k, v (B, Hkv, S, D) -> (B, Hq, T, D); mask (B, 1, T, S) bool, or None: causal, the
+    queries being the last T of the S keys (a prefill from empty, a chunk continuing a history, a decode step's
+    one query seeing every key). A decode step's single query goes to the fused kernel where the CPU kernels run
+    (16- or 8-bit K/V); other 8-bit K/V (`QuantKV`) to `attention_8bit`; a chunk after a history to
+    `attention_after`; the reference is `F.scaled_dot_product_attention`."""
     t = q.shape[2]
     if t == 1 and (kernels := fast_path(q)) is not None:
         return attention_decode(kernels, q, k, v, mask)
@@ -29,8 +30,28 @@ def attention(q: torch.Tensor, k: torch.Tensor | QuantKV, v: torch.Tensor | Quan
         return attention_8bit(q, k, v, mask)
     if t == 1 and mask is not None:
         return attention_rows(q, k, v, mask)
-    causal = mask is None and t > 1 and k.shape[2] == t
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    if mask is None and 1 < t < k.shape[2]:
+        return attention_after(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=True)
+
+
+def attention_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """T queries that follow S - T keys of history, causal: on the CPU two flash passes merged by their
+    log-sum-exp (the history unmasked, the chunk's own keys causal), so no (T x S) mask is ever built. A boolean
+    mask costs SDPA 5 bytes per query and key (it converts it to a float one): 80 MiB a layer for a 512-token chunk
+    at 32K, temporaries that grow with the context and, freed, stayed in glibc's heap (run peak RSS 8-13 % over
+    the plan at 4K-32K). Elsewhere (and as the reference): SDPA with that mask."""
+    t, s = q.shape[2], k.shape[2]
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if q.device.type != "cpu" or flash is None:
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    past = s - t
+    out_past, lse_past = flash(q, k[:, :, :past], v[:, :, :past])
+    out_own, lse_own = flash(q, k[:, :, past:], v[:, :, past:], is_causal=True)
+    top = torch.maximum(lse_past, lse_own)
+    w_past, w_own = (lse_past - top).exp_()[..., None], (lse_own - top).exp_()[..., None]
+    return ((out_past.float() * w_past + out_own.float() * w_own) / (w_past + w_own)).to(q.dtype)
 
 
 def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -71,8 +92,7 @@ def attention_8bit(q: torch.Tensor, k: QuantKV, v: QuantKV, mask: torch.Tensor |
     hkv, s = k.q.shape[1], k.q.shape[2]
     g = hq // hkv
     block = block or max(256, SCORE_BLOCK // (g * t))
-    if mask is None and t > 1 and s == t:
-        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()[None, None]
+    past = s - t  # mask None: query i sees keys up to past + i
     queries = q.float().reshape(b, hkv, g * t, d) * d ** -0.5  # query heads grouped under their K/V head
     top = torch.full((b, hkv, g * t, 1), float("-inf"), device=q.device)
     total = torch.zeros(b, hkv, g * t, 1, device=q.device)
@@ -80,8 +100,12 @@ def attention_8bit(q: torch.Tensor, k: QuantKV, v: QuantKV, mask: torch.Tensor |
     for start in range(0, s, block):
         end = min(start + block, s)
         scores = queries @ QuantKV(k.q[:, :, start:end], k.scale[:, :, start:end]).dequantize().transpose(-1, -2)
+        keep = None
         if mask is not None:  # (B, 1, T, S) -> the same for every head of a group
             keep = mask[..., start:end].expand(b, 1, t, end - start).unsqueeze(2)
+        elif end - 1 > past:  # keys after the first query's own: causal, (T, keys) built per block
+            keep = torch.arange(start, end, device=q.device) <= torch.arange(past, s, device=q.device)[:, None]
+        if keep is not None:
             scores = scores.view(b, hkv, g, t, -1).masked_fill(~keep, float("-inf")).view(b, hkv, g * t, -1)
         new_top = torch.maximum(top, scores.amax(-1, keepdim=True))
         safe = torch.where(torch.isinf(new_top), torch.zeros_like(new_top), new_top)  # rows with no key yet
