@@ -19,6 +19,7 @@ from qwen35.runtime.grammar import Vocabulary
 from qwen35.runtime.prefix_cache import DEFAULT_CACHE_RAM, GIB, PrefixCache
 from qwen35.runtime.speculative import Speculator, make_speculator
 from qwen35.runtime.steering import Steering
+from qwen35.files import steady_heap
 from qwen35.memory import MemoryPlan, available_memory, fitting_context, gib, plan
 from qwen35.loading import (available_vision, load_model, load_vision, preprocessor_config, release_freed_memory,
                             resolve_model)
@@ -284,6 +285,7 @@ def load(path_or_repo: str | Path | None = None, dtype: str | torch.dtype = "bfl
     qwen35's CPU kernels cannot run (PyTorch's kernels: +25-39% decode at 0.8B), not beside them
     (docs/benchmarks.md). A batch of several or padded sequences compiles a second graph when first seen.
     """
+    steady_heap()  # before anything large is allocated: the planner's figures then hold (qwen35.files)
     if path_or_repo is None:
         from qwen35.default_model import default_model_path
         path, gguf = default_model_path(), False

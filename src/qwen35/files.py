@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -75,6 +76,23 @@ def checkpoint_name(name: str) -> str | None:
         if name.startswith(prefix):
             return name[len(prefix):]
     return name  # lm_head.weight
+
+
+HEAP_MMAP_THRESHOLD = 128 << 10  # glibc's own starting value, kept
+
+
+def steady_heap() -> None:
+    """Serve blocks of HEAP_MMAP_THRESHOLD bytes and up (activations, K/V) from their own pages, handed back when
+    freed. glibc raises that threshold by itself to the largest block freed so far (up to 32 MiB), after which a
+    prefill's freed temporaries stay in the heap, as many as chance leaves there: a 0.8B int4 run's peak RSS was
+    -2 to +10 % off the planner's at 4K-16K tokens, -3 to 0 % with it kept (six runs each; prefill time +3 %, in
+    the noise). A MALLOC_MMAP_THRESHOLD_ the user set stays; a no-op where there is no glibc."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, HEAP_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def release_freed_memory() -> None:
