@@ -119,31 +119,31 @@ def child(spec: dict) -> None:
     reset_peak(Path("/proc/self"))  # from here: the run's own peak (loading peaks above the loaded size)
     ids = prompt_ids(spec["prompt"], spec["seed"], spec["vocab"])
     t: dict = {"prefilled": 0, "steps": 0, "first": None, "last": None, "shown": time.perf_counter()}
+    features = m.model.features  # what prefill chunks and decode steps (through forward) both run
 
-    def before(_module, args) -> None:
-        now, n = time.perf_counter(), args[0].shape[-1] if args and torch.is_tensor(args[0]) else 0
+    def timed(chunk, *rest, **named):
+        now, n = time.perf_counter(), chunk.shape[-1]
         if n == 1:
             t["first"] = t["first"] or now
             t["steps"] += 1
-        elif n > 1 and now - t["shown"] >= spec["progress_s"]:
-            t["shown"] = now
-            print(f"      prefill {t['prefilled']:,}/{len(ids):,} tokens, {now - t['start']:.0f} s, "
-                  f"{t['prefilled'] / (now - t['start']):.1f} tok/s", flush=True)
-        if n > 1:
+        else:
+            if now - t["shown"] >= spec["progress_s"]:
+                t["shown"] = now
+                print(f"      prefill {t['prefilled']:,}/{len(ids):,} tokens, {now - t['start']:.0f} s, "
+                      f"{t['prefilled'] / (now - t['start']):.1f} tok/s", flush=True)
             t["prefilled"] += n
-
-    def after(_module, args, _out) -> None:
-        if args and torch.is_tensor(args[0]) and args[0].shape[-1] == 1:
+        out = features(chunk, *rest, **named)
+        if n == 1:
             t["last"] = time.perf_counter()
+        return out
 
-    hooks = [m.model.register_forward_pre_hook(before), m.model.register_forward_hook(after)]
+    m.model.features = timed
     t["start"] = time.perf_counter()
     last = None
     for last in m.stream(Request("0", ids, params)):
         pass
     end = time.perf_counter()
-    for h in hooks:
-        h.remove()
+    del m.model.features  # the class method again
     first = t["first"] or end  # a one-token reply has no decode step
     print("RESULT " + json.dumps({
         "load_s": load_s, "prefill_s": first - t["start"], "prefill_tok_s": len(ids) / (first - t["start"]),
