@@ -100,6 +100,28 @@ def test_blocked_8bit_attention_equals_its_reference(shape, given):
     assert (ref - exact).abs().max() < 0.05  # what int8 rounding costs on random data
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,s", [(40, 40), (30, 300), (1, 1)])
+def test_a_prefill_chunk_over_8bit_kv_matches_the_reference(monkeypatch, dtype, t, s):
+    """A chunk's attention over 8-bit K/V without a mask (causal, the queries the last T keys): flash passes over
+    blocks dequantized one at a time, merged by log-sum-exp, equal the blocked fp32 path and SDPA on the
+    dequantized history."""
+    from qwen35.ops import attention as attn
+
+    monkeypatch.setattr(attn, "KV_BLOCK", 64)  # several blocks
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, t, 32, generator=g).to(dtype)
+    qk, qv = (quantize_kv(torch.randn(1, 2, s, 32, generator=g)) for _ in range(2))
+    mask = torch.ones(t, s, dtype=torch.bool).tril(s - t)
+    ref = F.scaled_dot_product_attention(q.float(), qk.dequantize(), qv.dequantize(), attn_mask=mask,
+                                         enable_gqa=True)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    out = attn.attention(q, qk, qv, None)
+    assert out.dtype == dtype
+    assert (out.float() - ref).abs().max() < tol
+    assert (attn.attention_8bit(q, qk, qv, None).float() - ref).abs().max() < tol
+
+
 def test_8bit_kv_through_the_runtime(default_model, nano8):
     """The same greedy reply as 16-bit K/V here, a second turn resumed from an 8-bit snapshot, and a batch."""
     a = nano8.chat(USER, temperature=0, max_tokens=24)

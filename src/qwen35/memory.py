@@ -123,11 +123,11 @@ def plan(config: ModelConfig, context: int | None = None, batch: int = 1, dtype_
                          "tokens")
     chunk = prefill_chunk or prefill_chunk_size(config)
     weights = weight_bytes(config, dtype_bytes, quant) if weights is None else weights
-    from qwen35.ops.attention import SCORE_BLOCK
+    from qwen35.ops.attention import KV_BLOCK
 
     prefill = prefill_bytes(config, chunk, dtype_bytes)
-    if kv_bits == 8:  # the 8-bit attention's score blocks: a few fp32 (queries x keys) tiles per K/V head
-        prefill += 4 * config.num_key_value_heads * SCORE_BLOCK * 4
+    if kv_bits == 8:  # the 8-bit attention's dequantized blocks: KV_BLOCK keys and values, fp32 at most
+        prefill += 2 * config.num_key_value_heads * KV_BLOCK * config.head_dim * 4
     return MemoryPlan(context, batch, kv_bits, weights,
                       batch * (context + 1) * kv_bytes_per_token(config, kv_bits, draft),
                       batch * state_bytes(config, dtype_bytes), prefill, snapshot_bytes)

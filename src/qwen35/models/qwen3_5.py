@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.cache import DeltaCache, KVCache, ModelCache, QuantKV, make_cache
+from qwen35.cache import DeltaCache, KVCache, ModelCache, make_cache
 from qwen35.config import ModelConfig
 from qwen35.ops import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
-from qwen35.ops.attention import attention
+from qwen35.ops.attention import attention, k_length
 from qwen35.ops.cpu import Linear, prepare_compile, rms_norm, scale_rows
 from qwen35.ops.decode import NativeDecode
 from qwen35.ops.deltanet import gated_deltanet_mix
@@ -411,11 +411,6 @@ class Qwen35Model(nn.Module):
         for layer in cache.draft:
             layer.reserve(t, self.empty_key(hidden.shape[0], hidden))
         return self.mtp(self.embed_tokens(next_ids), hidden, rope, attn_mask, cache.draft)
-
-
-def k_length(k: torch.Tensor | QuantKV) -> int:
-    """Slots of a key history, 16- or 8-bit."""
-    return (k.q if isinstance(k, QuantKV) else k).shape[2]
 
 
 def _attention_mask(valid: torch.Tensor, t: int) -> torch.Tensor:

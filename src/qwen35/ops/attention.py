@@ -11,9 +11,9 @@ from qwen35.cache import QuantKV
 from qwen35.ops.cpu import fast_path
 
 
+KV_BLOCK = 4096  # the most 8-bit keys (and values) dequantized at once (0.8B: 8 MiB of K and V in bf16, 16 in fp32)
 SCORE_BLOCK = 1 << 21  # fp32 scores per K/V head computed at once over an 8-bit cache (8 MiB): keys per block =
-# this / (queries x group), so a decode step reads the whole history in a few blocks and a 512-token prefill chunk
-# keeps its temporaries to tens of MiB, whatever the context
+# this / (queries x group), at most KV_BLOCK, so temporaries stay at a few MiB whatever the context
 
 
 def attention(q: torch.Tensor, k: torch.Tensor | QuantKV, v: torch.Tensor | QuantKV,
@@ -26,32 +26,55 @@ def attention(q: torch.Tensor, k: torch.Tensor | QuantKV, v: torch.Tensor | Quan
     t = q.shape[2]
     if t == 1 and (kernels := fast_path(q)) is not None:
         return attention_decode(kernels, q, k, v, mask)
+    if mask is None and t > 1 and (isinstance(k, QuantKV) or t < k.shape[2]):
+        return attention_after(q, k, v)
     if isinstance(k, QuantKV):
         return attention_8bit(q, k, v, mask)
     if t == 1 and mask is not None:
         return attention_rows(q, k, v, mask)
-    if mask is None and 1 < t < k.shape[2]:
-        return attention_after(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=True)
 
 
-def attention_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """T queries that follow S - T keys of history, causal: on the CPU two flash passes merged by their
-    log-sum-exp (the history unmasked, the chunk's own keys causal), so no (T x S) mask is ever built. A boolean
-    mask costs SDPA 5 bytes per query and key (it converts it to a float one): 80 MiB a layer for a 512-token chunk
-    at 32K, temporaries that grow with the context and, freed, stayed in glibc's heap (run peak RSS 8-13 % over
-    the plan at 4K-32K). Elsewhere (and as the reference): SDPA with that mask."""
-    t, s = q.shape[2], k.shape[2]
+def attention_after(q: torch.Tensor, k: torch.Tensor | QuantKV, v: torch.Tensor | QuantKV) -> torch.Tensor:
+    """T queries that are the last T of S keys, causal: on the CPU flash passes merged by their log-sum-exp (the
+    history unmasked, the chunk's own keys causal), so no (T x S) mask is ever built: SDPA turns a boolean one
+    into a float copy, 5 bytes per query and key, 80 MiB a layer for a 512-token chunk at 32K. 8-bit K/V
+    (`QuantKV`) goes KV_BLOCK keys a pass, each block dequantized to the queries' dtype just before it (no copy of
+    the whole history). Elsewhere, and as the reference: SDPA with that mask (`attention_8bit` for 8-bit K/V)."""
+    t, s = q.shape[2], k_length(k)
     flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if q.device.type != "cpu" or flash is None:
+        if isinstance(k, QuantKV):
+            return attention_8bit(q, k, v, None)
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     past = s - t
-    out_past, lse_past = flash(q, k[:, :, :past], v[:, :, :past])
-    out_own, lse_own = flash(q, k[:, :, past:], v[:, :, past:], is_causal=True)
-    top = torch.maximum(lse_past, lse_own)
-    w_past, w_own = (lse_past - top).exp_()[..., None], (lse_own - top).exp_()[..., None]
-    return ((out_past.float() * w_past + out_own.float() * w_own) / (w_past + w_own)).to(q.dtype)
+    step = KV_BLOCK if isinstance(k, QuantKV) else max(past, 1)
+    parts = [(a, min(a + step, past), False) for a in range(0, past, step)] + [(past, s, True)]
+    out = lse = None
+    for start, end, causal in parts:
+        o, part_lse = flash(q, _span(k, start, end, q.dtype), _span(v, start, end, q.dtype), is_causal=causal)
+        if out is None:
+            out, lse = o.float(), part_lse
+            continue
+        top = torch.maximum(lse, part_lse)
+        w_out, w_part = (lse - top).exp_()[..., None], (part_lse - top).exp_()[..., None]
+        total = w_out + w_part
+        out = (out * w_out + o.float() * w_part) / total
+        lse = top + total.log().squeeze(-1)
+    return out.to(q.dtype)
+
+
+def _span(x: torch.Tensor | QuantKV, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    """Slots [start, end) of a key or value history, 8-bit ones dequantized to `dtype`."""
+    if isinstance(x, QuantKV):
+        return QuantKV(x.q[:, :, start:end], x.scale[:, :, start:end]).dequantize(dtype)
+    return x[:, :, start:end]
+
+
+def k_length(k: torch.Tensor | QuantKV) -> int:
+    """Slots of a key history, 16- or 8-bit."""
+    return (k.q if isinstance(k, QuantKV) else k).shape[2]
 
 
 def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -85,13 +108,13 @@ def attention_decode(k: ModuleType, q: torch.Tensor, key: torch.Tensor | QuantKV
 
 def attention_8bit(q: torch.Tensor, k: QuantKV, v: QuantKV, mask: torch.Tensor | None,
                    block: int | None = None) -> torch.Tensor:
-    """`attention` over 8-bit K/V, `block` keys at a time (default: SCORE_BLOCK scores per head) with an online
-    softmax (fp32), so no full-precision copy of a long history is ever made. Reference: `attention` on
-    `k.dequantize()`, `v.dequantize()`."""
+    """`attention` over 8-bit K/V, `block` keys at a time (default: SCORE_BLOCK scores per head, at most KV_BLOCK
+    keys) with an online softmax (fp32), so no full-precision copy of a long history is ever made. Reference:
+    `attention` on `k.dequantize()`, `v.dequantize()`."""
     b, hq, t, d = q.shape
     hkv, s = k.q.shape[1], k.q.shape[2]
     g = hq // hkv
-    block = block or max(256, SCORE_BLOCK // (g * t))
+    block = block or min(KV_BLOCK, max(256, SCORE_BLOCK // (g * t)))
     past = s - t  # mask None: query i sees keys up to past + i
     queries = q.float().reshape(b, hkv, g * t, d) * d ** -0.5  # query heads grouped under their K/V head
     top = torch.full((b, hkv, g * t, 1), float("-inf"), device=q.device)
