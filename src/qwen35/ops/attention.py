@@ -1,4 +1,5 @@
-"""Softmax attention with grouped K/V heads: one query token on the CPU kernels, anything else through SDPA."""
+"""Softmax attention with grouped K/V heads: one query token on the CPU kernels, a causal prefill chunk in flash
+passes (no mask built), anything else through SDPA."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def attention(q: torch.Tensor, k: torch.Tensor | QuantKV, v: torch.Tensor | Quan
     """q (B, Hq, T, D) against k, v (B, Hkv, S, D) -> (B, Hq, T, D); mask (B, 1, T, S) bool, or None: causal, the
     queries being the last T of the S keys (a prefill from empty, a chunk continuing a history, a decode step's
     one query seeing every key). A decode step's single query goes to the fused kernel where the CPU kernels run
-    (16- or 8-bit K/V); other 8-bit K/V (`QuantKV`) to `attention_8bit`; a chunk after a history to
-    `attention_after`; the reference is `F.scaled_dot_product_attention`."""
+    (16- or 8-bit K/V); a causal chunk after a history, or over 8-bit K/V (`QuantKV`), to `attention_after`;
+    other 8-bit K/V to `attention_8bit`; the reference is `F.scaled_dot_product_attention`."""
     t = q.shape[2]
     if t == 1 and (kernels := fast_path(q)) is not None:
         return attention_decode(kernels, q, k, v, mask)
