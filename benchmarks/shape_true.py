@@ -118,10 +118,6 @@ def write_checkpoint(size: str, out: Path, seed: int = 0, mtp: bool = False) -> 
     return out
 
 
-if __name__ == "__main__":
-    print(write_checkpoint(sys.argv[1], Path(sys.argv[2]).expanduser()))
-
-
 def quantized(size: str, variant: str, cache: Path, flags: list[str], mtp: bool = False) -> Path:
     """`size` in `cache`: the shape-true bf16 checkpoint (written when missing) for variant "bf16", else its
     `qwen35 quantize --group-size 64 FLAGS` copy named by the variant, as the README quantizes."""
@@ -135,3 +131,7 @@ def quantized(size: str, variant: str, cache: Path, flags: list[str], mtp: bool 
         subprocess.run([sys.executable, "-m", "qwen35", "quantize", str(ckpt), str(out), "--group-size", "64",
                         *flags], check=True)
     return out
+
+
+if __name__ == "__main__":
+    print(write_checkpoint(sys.argv[1], Path(sys.argv[2]).expanduser()))
