@@ -120,7 +120,8 @@ def test_int8_activation_rounding():
 
 
 @pytest.mark.parametrize("b, hq, hkv, s, d",
-                         [(1, 8, 2, 80, 256), (2, 8, 2, 33, 256), (1, 4, 4, 5, 64), (3, 6, 2, 17, 96)])
+                         [(1, 8, 2, 80, 256), (2, 8, 2, 33, 256), (1, 4, 4, 5, 64), (3, 6, 2, 17, 96),
+                          (1, 8, 2, 1300, 256), (2, 4, 1, 700, 64)])  # histories split in blocks and spans
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_decode_matches_sdpa(b, hq, hkv, s, d, masked):
     g = torch.Generator().manual_seed(s + d)
@@ -129,6 +130,7 @@ def test_attention_decode_matches_sdpa(b, hq, hkv, s, d, masked):
     mask = None
     if masked:
         mask = torch.rand(b, 1, 1, s, generator=g) > 0.3
+        mask[..., : s // 2] = False  # a left-padded history: on long ones whole blocks and spans see no key
         mask[..., -1] = True
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
     got = attention_decode(cpu.kernels(), q, k, v, mask).float()
@@ -138,6 +140,33 @@ def test_attention_decode_matches_sdpa(b, hq, hkv, s, d, masked):
     got8 = attention_decode(cpu.kernels(), q, qk, qv, mask).float()
     assert (got8 - ref8).abs().max().item() <= ulps(ref8)
     assert (got8 - ref).abs().max().item() < 0.05  # and close to the 16-bit answer
+
+
+@pytest.mark.skipif(not (cpu.kernels() and cpu.kernels().prefill_attention_ready()),
+                    reason="the prefill attention kernel needs an AVX-512 BF16 build")
+@pytest.mark.parametrize("b, hq, hkv, t, s, d", [(1, 8, 2, 100, 100, 256), (1, 8, 2, 77, 300, 256),
+                                                 (2, 4, 2, 33, 33, 64), (1, 4, 1, 130, 1000, 64),
+                                                 (2, 6, 2, 5, 70, 128)])
+def test_attention_prefill_matches_sdpa(b, hq, hkv, t, s, d):
+    """A causal chunk, from empty (t = s) or after a history, against SDPA in fp32 with the bottom-right mask:
+    runs of 32 tokens, blocks of 64 keys with a shorter last one, groups of 4, 3, 2 and 1 query heads; the same
+    token's output is bit for bit the same whether it came in one chunk or after a history (the prefix cache
+    relies on it); 8-bit K/V read as stored."""
+    g = torch.Generator().manual_seed(t + s)
+    q = torch.randn(b, hq, t, d, generator=g).bfloat16()
+    k, v = (torch.randn(b, hkv, s + 3, d, generator=g).bfloat16()[:, :, :s] for _ in range(2))  # cache-like views
+    mask = torch.ones(t, s, dtype=torch.bool).tril(s - t)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    got = cpu.kernels().attention_prefill(q, k, v, d ** -0.5, None, None)
+    assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max().item() <= ulps(ref)
+    if t > 2:
+        tail = cpu.kernels().attention_prefill(q[:, :, -2:].contiguous(), k, v, d ** -0.5, None, None)
+        assert torch.equal(tail, got[:, :, -2:])
+    qk, qv = (quantize_kv(x) for x in (k, v))  # an 8-bit cache: exactly its bf16 dequantization's answer
+    got8 = cpu.kernels().attention_prefill(q, qk.q, qv.q, d ** -0.5, qk.scale, qv.scale)
+    deq = cpu.kernels().attention_prefill(q, qk.dequantize(torch.bfloat16), qv.dequantize(torch.bfloat16), d ** -0.5,
+                                          None, None)
+    assert torch.equal(got8, deq)
 
 
 def test_rms_norm_matches_reference():

@@ -124,9 +124,12 @@ def plan(config: ModelConfig, context: int | None = None, batch: int = 1, dtype_
     chunk = prefill_chunk or prefill_chunk_size(config)
     weights = weight_bytes(config, dtype_bytes, quant) if weights is None else weights
     from qwen35.ops.attention import KV_BLOCK
+    from qwen35.ops.cpu import avx512_build
 
     prefill = prefill_bytes(config, chunk, dtype_bytes)
-    if kv_bits == 8:  # the 8-bit attention's dequantized blocks: KV_BLOCK keys and values, fp32 at most
+    # the 8-bit attention's dequantized blocks, KV_BLOCK keys and values in fp32 at most, where the prefill
+    # kernel (which dequantizes 64 keys into its own scratch) does not take the chunk: see ops.attention
+    if kv_bits == 8 and not (dtype_bytes == 2 and config.head_dim % 64 == 0 and avx512_build()):
         prefill += 2 * config.num_key_value_heads * KV_BLOCK * config.head_dim * 4
     return MemoryPlan(context, batch, kv_bits, weights,
                       batch * (context + 1) * kv_bytes_per_token(config, kv_bits, draft),

@@ -22,11 +22,14 @@ def attention(q: torch.Tensor, k: torch.Tensor | QuantKV, v: torch.Tensor | Quan
     """q (B, Hq, T, D) against k, v (B, Hkv, S, D) -> (B, Hq, T, D); mask (B, 1, T, S) bool, or None: causal, the
     queries being the last T of the S keys (a prefill from empty, a chunk continuing a history, a decode step's
     one query seeing every key). A decode step's single query goes to the fused kernel where the CPU kernels run
-    (16- or 8-bit K/V); a causal chunk after a history, or over 8-bit K/V (`QuantKV`), to `attention_after`;
+    (16- or 8-bit K/V), a causal chunk to the prefill kernel where it runs (`prefill_kernels`), else a causal
+    chunk after a history, or over 8-bit K/V (`QuantKV`), to `attention_after`;
     other 8-bit K/V to `attention_8bit`; the reference is `F.scaled_dot_product_attention`."""
     t = q.shape[2]
     if t == 1 and (kernels := fast_path(q)) is not None:
         return attention_decode(kernels, q, k, v, mask)
+    if mask is None and t > 1 and (kernels := prefill_kernels(q)) is not None:
+        return attention_prefill(kernels, q, k, v)
     if mask is None and t > 1 and (isinstance(k, QuantKV) or t < k.shape[2]):
         return attention_after(q, k, v)
     if isinstance(k, QuantKV):
@@ -34,6 +37,26 @@ def attention(q: torch.Tensor, k: torch.Tensor | QuantKV, v: torch.Tensor | Quan
     if t == 1 and mask is not None:
         return attention_rows(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=True)
+
+
+def prefill_kernels(q: torch.Tensor) -> ModuleType | None:
+    """The kernels where a causal chunk may take their prefill attention (kernels/prefill_attention.cpp): bf16
+    queries, head_dim a multiple of 64, an AVX-512 BF16 build, eager (not under torch.compile)."""
+    if q.shape[-1] % 64 or torch.compiler.is_compiling():
+        return None
+    kernels = fast_path(q)
+    return kernels if kernels is not None and kernels.prefill_attention_ready() else None
+
+
+def attention_prefill(k: ModuleType, q: torch.Tensor, key: torch.Tensor | QuantKV,
+                      value: torch.Tensor | QuantKV) -> torch.Tensor:
+    """T queries that are the last T of the keys, causal, over 16-bit or 8-bit K/V (read as stored, dequantized
+    64 keys at a time in the kernel). A 512-query chunk of the 0.8B's layer on 2 Zen 4 cores: 61 ms against 105
+    through PyTorch's flash attention at 4K keys, 553 against 879 at 32K. Reference: `attention_after`."""
+    scales = (None, None)
+    if isinstance(key, QuantKV):
+        key, value, scales = key.q, value.q, (key.scale, value.scale)
+    return k.attention_prefill(q, key, value, q.shape[-1] ** -0.5, *scales)
 
 
 def attention_after(q: torch.Tensor, k: torch.Tensor | QuantKV, v: torch.Tensor | QuantKV) -> torch.Tensor:
@@ -96,7 +119,7 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 def attention_decode(k: ModuleType, q: torch.Tensor, key: torch.Tensor | QuantKV, value: torch.Tensor | QuantKV,
                      mask: torch.Tensor | None) -> torch.Tensor:
     """One query per sequence, q (B, Hq, 1, D), against the cache's key/value (B, Hkv, S, D), 16-bit or 8-bit
-    (read as stored), fused (see the .cpp); mask (B, 1, 1, S) bool or None. Reference:
+    (read as stored), fused (see kernels/attention.cpp); mask (B, 1, 1, S) bool or None. Reference:
     `F.scaled_dot_product_attention(..., enable_gqa=True)`; for 8-bit K/V `attention_8bit`."""
     b, hq, _, d = q.shape
     valid = None if mask is None else mask.reshape(b, -1).contiguous()

@@ -1,6 +1,6 @@
-// Shared by qwen35's CPU kernels (gemv.cpp, dequant.cpp, fused.cpp): compiled on the user's machine at first use
-// with -march=native. The AVX-512 code paths need BF16 and VNNI (Zen 4, Sapphire Rapids and later); CPUs with
-// AVX2 and FMA (Haswell, Zen 1 and later) get 256-bit versions of the same kernels.
+// Shared by qwen35's CPU kernels (gemv.cpp, dequant.cpp, fused.cpp, attention.cpp, ...): compiled on the user's
+// machine at first use with -march=native. The AVX-512 code paths need BF16 and VNNI (Zen 4, Sapphire Rapids and
+// later); CPUs with AVX2 and FMA (Haswell, Zen 1 and later) get 256-bit versions of the same kernels.
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -110,10 +110,29 @@ inline float lane_sum(__m256 v) {
   const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
   return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
 }
+
+// e^x on 8 lanes of x <= 0 (scores less their maximum), -inf (a masked key) to 0: Cephes' expf (a degree-5
+// polynomial after the reduction by ln 2, within 2 ulp); below -87 the result is held at e^-87, which against the
+// maximum's e^0 weighs nothing.
+inline __m256 exp8(__m256 x) {
+  const __m256 masked = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: r exact to fp32
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(masked, _mm256_mul_ps(y, _mm256_castsi256_ps(two_n)));
+}
 #endif
 
 // The kernels (one line each on what they compute; the .cpp files say how).
 bool available();
+bool prefill_attention_ready();
 std::string isa();
 torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales);
@@ -132,6 +151,9 @@ torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k, c
                                const std::optional<torch::Tensor>& valid, double scale,
                                const std::optional<torch::Tensor>& k_scale,
                                const std::optional<torch::Tensor>& v_scale);
+torch::Tensor attention_prefill(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                double scale, const std::optional<torch::Tensor>& k_scale,
+                                const std::optional<torch::Tensor>& v_scale);
 std::tuple<torch::Tensor, torch::Tensor> chunk_delta_rule(const torch::Tensor& q, const torch::Tensor& k,
                                                           const torch::Tensor& v, const torch::Tensor& g,
                                                           const torch::Tensor& beta,

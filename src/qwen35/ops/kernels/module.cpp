@@ -1,5 +1,5 @@
-// The Python module: qwen35.ops.cpu builds every .cpp file here (gemv, dequant, fused, chunk_rule, decode,
-// memory) into one extension.
+// The Python module: qwen35.ops.cpu builds every .cpp file here (gemv, dequant, fused, attention,
+// prefill_attention, chunk_rule, decode, memory) into one extension.
 #include "decode.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -13,6 +13,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &qwen35::rms_norm);
   m.def("deltanet_decode", &qwen35::deltanet_decode);
   m.def("attention_decode", &qwen35::attention_decode);
+  m.def("attention_prefill", &qwen35::attention_prefill);
+  m.def("prefill_attention_ready", &qwen35::prefill_attention_ready,
+        "True when built with AVX-512 BF16 (attention_prefill runs)");
   m.def("chunk_delta_rule", &qwen35::chunk_delta_rule);
   m.def("huge_page_empty", &qwen35::huge_page_empty);
   py::class_<qwen35::DecodePlan>(m, "DecodePlan")

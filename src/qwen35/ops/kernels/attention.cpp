@@ -1,0 +1,313 @@
+// Decode attention, one new query per sequence and head against its cached keys and values, split as
+// flash-decoding splits it: a task takes a span of the history in blocks of keys small enough that a block's
+// scores stay in L1 and its K/V rows in L2 between the scores and the values; a running maximum and sum join the
+// blocks of a span, and the spans' partial results are merged at the end. So K and V are each read once, the
+// softmax never walks a whole-history row of scores, and a long history splits across every thread even when
+// there are fewer K/V heads than threads.
+#include "common.h"
+
+#include <type_traits>
+
+namespace qwen35 {
+namespace {
+
+constexpr int64_t kBlock = 256;  // keys a block: 4 heads' scores 4 KB, its K and V rows 256 KB at D 256 bf16
+#ifdef QWEN35_AVX512
+constexpr int64_t kValueColumns = 64;  // add_values4's block of columns
+#else
+constexpr int64_t kValueColumns = 16;
+#endif
+
+#ifdef QWEN35_SIMD256
+// 8 values of a K/V row in fp32 (exact: bf16 by a shift, int8 by a conversion).
+inline __m256 load8(const bf16* p) { return load8_bf16_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int N, typename T>
+void dots_n(const float* q, const T* k, int64_t D, float* dots) {
+  __m256 acc[N];
+  for (int j = 0; j < N; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 kv = load8(k + d);
+    for (int j = 0; j < N; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * D + d), kv, acc[j]);
+  }
+  for (int j = 0; j < N; ++j) dots[j] = lane_sum(acc[j]);
+}
+#endif
+
+#ifdef QWEN35_AVX512
+// 32 values of a K row as bf16 (exact: int8 values are integers below 2^8).
+inline __m512i load32(const bf16* p) { return _mm512_loadu_si512(p); }
+inline __m512i load32(const int8_t* p) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// 16 values of a V row in fp32.
+inline __m512 load16(const bf16* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
+// dots[j] = q[j] . k (j < n <= 4) for a bf16 or int8 key row k; q: fp32 rows of length D one after another
+// (`qh` the same rows in bf16, for AVX-512's bf16 dot, int8 keys converted to bf16 exactly). Products exact,
+// sums in fp32.
+template <typename T>
+void dots4(const float* q, const bf16* qh, const T* k, int64_t D, int n, float* dots) {
+#ifdef QWEN35_AVX512
+  if (D % 32 == 0 && n == 4) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const uint16_t* qs = reinterpret_cast<const uint16_t*>(qh);
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512bh kv = as_bh(load32(k + d));
+      for (int j = 0; j < 4; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], as_bh(_mm512_loadu_si512(qs + j * D + d)), kv);
+    }
+    lane_sums<4>(acc, dots);
+    return;
+  }
+#endif
+#ifdef QWEN35_SIMD256
+  if (D % 8 == 0) {
+    switch (n) {  // the count a compile-time constant: the accumulators stay in registers
+      case 4: return dots_n<4>(q, k, D, dots);
+      case 3: return dots_n<3>(q, k, D, dots);
+      case 2: return dots_n<2>(q, k, D, dots);
+      default: return dots_n<1>(q, k, D, dots);
+    }
+  }
+#endif
+  for (int j = 0; j < n; ++j) {
+    float t = 0.0f;
+    for (int64_t d = 0; d < D; ++d) t += q[j * D + d] * static_cast<float>(k[d]);
+    dots[j] = t;
+  }
+}
+
+// p[0..n) = e^(p - top), returning their sum; n rounded up to 8 holds -inf past the keys.
+float exp_sum(float* p, int64_t n, float top) {
+#ifdef QWEN35_SIMD256
+  __m256 total = _mm256_setzero_ps();
+  const __m256 t = _mm256_set1_ps(top);
+  for (int64_t s = 0; s < n; s += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), t));
+    _mm256_storeu_ps(p + s, e);
+    total = _mm256_add_ps(total, e);
+  }
+  return lane_sum(total);
+#else
+  float total = 0.0f;
+  for (int64_t s = 0; s < n; ++s) total += (p[s] = std::exp(p[s] - top));
+  return total;
+#endif
+}
+
+// o[g] += w[g] * v for the G query heads of a K/V head (o: G rows of D fp32); a key no head weighs (a masked
+// slot, which may hold anything) is not read.
+template <typename T>
+void add_value(const T* v, const float* w, int64_t G, int64_t D, float* o) {
+  for (int64_t g = 0; g < G; ++g)
+    if (w[g] != 0.0f)
+      for (int64_t d = 0; d < D; ++d) o[g * D + d] += w[g] * static_cast<float>(v[d]);
+}
+
+#ifdef QWEN35_AVX512
+// o (4 rows of D) += sum over keys s < n of w[g * stride + s] * v_s, for 4 query heads (every official size's
+// group): D in blocks of 64 columns whose 16 accumulators stay in registers over the block's keys (rows in L2).
+// `masked`: skip keys none of the 4 heads weighs (their slots may hold anything); else every key is read.
+template <bool masked, typename T>
+void add_values4(const T* v, int64_t vstride, const float* w, int64_t stride, int64_t n, int64_t D, float* o) {
+  for (int64_t d = 0; d < D; d += 64) {
+    __m512 acc[4][4];
+    for (int g = 0; g < 4; ++g)
+      for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_loadu_ps(o + g * D + d + 16 * c);
+    for (int64_t s = 0; s < n; ++s) {
+      if (masked && w[s] == 0.0f && w[stride + s] == 0.0f && w[2 * stride + s] == 0.0f && w[3 * stride + s] == 0.0f)
+        continue;
+      const T* row = v + s * vstride + d;
+      const __m512 r[4] = {load16(row), load16(row + 16), load16(row + 32), load16(row + 48)};
+      for (int g = 0; g < 4; ++g) {
+        const __m512 wg = _mm512_set1_ps(w[g * stride + s]);
+        for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_fmadd_ps(wg, r[c], acc[g][c]);
+      }
+    }
+    for (int g = 0; g < 4; ++g)
+      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(o + g * D + d + 16 * c, acc[g][c]);
+  }
+}
+#elif defined(QWEN35_SIMD256)
+// o (4 rows of D) += sum over keys s < n of w[g * stride + s] * v_s, for 4 query heads (every official size's
+// group): D in blocks of 16 columns whose 8 accumulators stay in registers over the block's keys (rows in L2).
+// `masked`: skip keys none of the 4 heads weighs (their slots may hold anything); else every key is read.
+template <bool masked, typename T>
+void add_values4(const T* v, int64_t vstride, const float* w, int64_t stride, int64_t n, int64_t D, float* o) {
+  for (int64_t d = 0; d < D; d += 16) {
+    __m256 acc[4][2];
+    for (int g = 0; g < 4; ++g)
+      for (int h = 0; h < 2; ++h) acc[g][h] = _mm256_loadu_ps(o + g * D + d + 8 * h);
+    for (int64_t s = 0; s < n; ++s) {
+      if (masked && w[s] == 0.0f && w[stride + s] == 0.0f && w[2 * stride + s] == 0.0f && w[3 * stride + s] == 0.0f)
+        continue;
+      const __m256 row[2] = {load8(v + s * vstride + d), load8(v + s * vstride + d + 8)};
+      for (int g = 0; g < 4; ++g) {
+        const __m256 wg = _mm256_set1_ps(w[g * stride + s]);
+        for (int h = 0; h < 2; ++h) acc[g][h] = _mm256_fmadd_ps(wg, row[h], acc[g][h]);
+      }
+    }
+    for (int g = 0; g < 4; ++g)
+      for (int h = 0; h < 2; ++h) _mm256_storeu_ps(o + g * D + d + 8 * h, acc[g][h]);
+  }
+}
+#endif
+
+// One task's keys [s0, s1) of one K/V head: its G query heads' running maximum `top`, sum of e^(score - top) and
+// values weighted by those (o, G rows of D), block by block. ks/vs: the head's first key and value rows;
+// ksc/vsc its first scales (int8) with stride sst; ok its sequence's valid slots or null.
+template <typename T>
+void attend_span(const float* qf, const bf16* qh, const T* ks, const T* vs, int64_t kst, int64_t vst,
+                 const float* ksc, const float* vsc, int64_t sst, const bool* ok, float scale, int64_t s0,
+                 int64_t s1, int64_t G, int64_t D, float* top, float* sum, float* o, std::vector<float>& p) {
+  constexpr bool quantized = std::is_same_v<T, int8_t>;
+  std::fill(top, top + G, -INFINITY), std::fill(sum, sum + G, 0.0f), std::fill(o, o + G * D, 0.0f);
+  std::vector<float> w(G);  // one key's weights (other groups than 4)
+  for (int64_t b0 = s0; b0 < s1; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, s1 - b0), stride = (n + 7) / 8 * 8;
+    std::fill(p.begin(), p.end(), -INFINITY);
+    bool any_masked = false;
+    for (int64_t s = 0; s < n; ++s) {  // scores of the G queries against key b0 + s
+      // its value row on its way to L2 meanwhile: the values below then wait on no memory (32K keys, D 256 bf16:
+      // 2.9 -> 2.1 ms), while the keys stream in order, which the hardware prefetches by itself
+      const char* row = reinterpret_cast<const char*>(vs + (b0 + s) * vst);
+      for (int64_t c = 0; c < D * static_cast<int64_t>(sizeof(T)); c += 64) _mm_prefetch(row + c, _MM_HINT_T1);
+      if (ok && !ok[b0 + s]) {
+        any_masked = true;
+        continue;
+      }
+      float dots[4];
+      const float unit = (quantized ? ksc[(b0 + s) * sst] : 1.0f) * scale;
+      for (int64_t g0 = 0; g0 < G; g0 += 4) {
+        const int m = static_cast<int>(std::min<int64_t>(4, G - g0));
+        dots4(qf + g0 * D, qh + g0 * D, ks + (b0 + s) * kst, D, m, dots);
+        for (int j = 0; j < m; ++j) p[(g0 + j) * stride + s] = dots[j] * unit;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {  // the running softmax: rescale what came before to the new maximum
+      float* pg = p.data() + g * stride;
+      const float best = std::max(top[g], *std::max_element(pg, pg + n));
+      if (best == -INFINITY) {  // every key so far masked: nothing to weigh
+        std::fill(pg, pg + stride, 0.0f);
+        continue;
+      }
+      const float fade = std::exp(top[g] - best);
+      sum[g] = sum[g] * fade + exp_sum(pg, stride, best), top[g] = best;
+      if (fade != 1.0f)
+        for (int64_t d = 0; d < D; ++d) o[g * D + d] *= fade;
+      if constexpr (quantized)  // each value row's weight times its scale
+        for (int64_t s = 0; s < n; ++s) pg[s] *= vsc[(b0 + s) * sst];
+    }
+    const T* vb = vs + b0 * vst;
+#ifdef QWEN35_SIMD256
+    if (G == 4 && D % kValueColumns == 0) {
+      if (any_masked) add_values4<true>(vb, vst, p.data(), stride, n, D, o);
+      else add_values4<false>(vb, vst, p.data(), stride, n, D, o);
+      continue;
+    }
+#endif
+    for (int64_t s = 0; s < n; ++s) {
+      for (int64_t g = 0; g < G; ++g) w[g] = p[g * stride + s];
+      add_value(vb + s * vst, w.data(), G, D, o);
+    }
+  }
+}
+
+// attention_decode over keys and values of type T: bf16, or int8 with an fp32 scale per token and head
+// (ksc/vsc, null for bf16). Tasks: (sequence, K/V head, span of the history); then one merge per query head.
+template <typename T>
+void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const float* ksc,
+            const float* vsc, const int64_t* sst, const bool* ok, double scale, torch::Tensor& out) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2), G = Hq / Hkv;
+  const int64_t blocks = std::max<int64_t>(1, (S + kBlock - 1) / kBlock);
+  // two spans a thread where there are enough blocks: a thread that finishes early takes another
+  const int64_t spans = std::min(blocks, std::max<int64_t>(1, (2 * at::get_num_threads() + B * Hkv - 1) / (B * Hkv)));
+  const int64_t per = (blocks + spans - 1) / spans * kBlock, tasks = B * Hkv * spans;
+  std::vector<float> top(tasks * G), sum(tasks * G), part(tasks * G * D);
+  const bf16* qp = q.data_ptr<at::BFloat16>();
+  const T *kp = static_cast<const T*>(k.data_ptr()), *vp = static_cast<const T*>(v.data_ptr());
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(G * (kBlock + 8)), qf(G * D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t / spans, b = i / Hkv, h = i % Hkv, s0 = (t % spans) * per;
+      const bf16* qh = qp + (b * Hq + h * G) * D;
+      for (int64_t j = 0; j < G * D; ++j) qf[j] = static_cast<float>(qh[j]);
+      const int64_t first = b * sst[0] + h * sst[1];  // this head's first scale (int8)
+      attend_span<T>(qf.data(), qh, kp + b * k.stride(0) + h * k.stride(1), vp + b * v.stride(0) + h * v.stride(1),
+                     k.stride(2), v.stride(2), ksc ? ksc + first : nullptr, vsc ? vsc + first : nullptr, sst[2],
+                     ok ? ok + b * S : nullptr, static_cast<float>(scale), s0, std::min(S, s0 + per), G, D,
+                     top.data() + t * G, sum.data() + t * G, part.data() + t * G * D, p);
+    }
+  });
+  bf16* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, B * Hq, 1, [&](int64_t r0, int64_t r1) {  // row r: sequence r / Hq, query head r % Hq
+    std::vector<float> o(D);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = r / G, g = r % G;  // (sequence, K/V head) pair i, the head's g-th query
+      float best = -INFINITY, total = 0.0f;
+      for (int64_t j = 0; j < spans; ++j) best = std::max(best, top[(i * spans + j) * G + g]);
+      std::fill(o.begin(), o.end(), 0.0f);
+      if (best != -INFINITY)  // else no valid key: an all-zero output rather than NaN
+        for (int64_t j = 0; j < spans; ++j) {
+          const int64_t t = i * spans + j;
+          const float f = std::exp(top[t * G + g] - best);
+          if (f == 0.0f) continue;
+          total += f * sum[t * G + g];
+          for (int64_t d = 0; d < D; ++d) o[d] += f * part[(t * G + g) * D + d];
+        }
+      for (int64_t d = 0; d < D; ++d) op[r * D + d] = bf16(total > 0.0f ? o[d] / total : 0.0f);
+    }
+  });
+}
+
+}  // namespace
+
+// Softmax attention of one new query per sequence against its cached keys and values, GQA: q (B, Hq, D),
+// k and v (B, Hkv, S, D) with unit stride along D (views of the cache's buffers), bf16, or int8 with k_scale and
+// v_scale (B, Hkv, S, 1) fp32 (an 8-bit cache: read as it is stored, never dequantized whole); valid (B, S) bool
+// or None (all valid). fp32 scores and sums, one bf16 rounding of the output; stock SDPA costs ~0.3 ms per call
+// for this shape, most of it outside the arithmetic.
+torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const std::optional<torch::Tensor>& valid, double scale,
+                               const std::optional<torch::Tensor>& k_scale,
+                               const std::optional<torch::Tensor>& v_scale) {
+  check(q, at::kBFloat16, 3, "q");
+  const bool quantized = k.scalar_type() == at::kChar;
+  TORCH_CHECK((k.scalar_type() == at::kBFloat16 || quantized) && v.scalar_type() == k.scalar_type() &&
+              k.dim() == 4 && k.sizes() == v.sizes() && k.stride(3) == 1 && v.stride(3) == 1,
+              "k and v must be (B, Hkv, S, D), bf16 or int8");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hq % Hkv == 0, "q (B, Hq, D) does not match k (B, Hkv, S, D)");
+  TORCH_CHECK(!valid || (valid->scalar_type() == at::kBool && valid->dim() == 2 && valid->size(0) == B &&
+              valid->size(1) == S && valid->is_contiguous()), "valid must be (B, S) bool");
+  TORCH_CHECK(quantized == (k_scale.has_value() && v_scale.has_value()), "int8 k and v need k_scale and v_scale");
+  const bool* ok = valid ? valid->data_ptr<bool>() : nullptr;
+  auto out = torch::empty_like(q);
+  if (!quantized) {
+    const int64_t none[3] = {0, 0, 0};
+    attend<bf16>(q, k, v, nullptr, nullptr, none, ok, scale, out);
+    return out;
+  }
+  for (const auto* t : {&*k_scale, &*v_scale})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv &&
+                t->size(2) == S && t->size(3) == 1 && t->strides() == k_scale->strides(),
+                "k_scale and v_scale must be (B, Hkv, S, 1) fp32 views of one layout");
+  attend<int8_t>(q, k, v, k_scale->data_ptr<float>(), v_scale->data_ptr<float>(), k_scale->strides().data(), ok,
+                 scale, out);
+  return out;
+}
+
+}  // namespace qwen35
