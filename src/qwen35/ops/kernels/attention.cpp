@@ -12,11 +12,6 @@ namespace qwen35 {
 namespace {
 
 constexpr int64_t kBlock = 256;  // keys a block: 4 heads' scores 4 KB, its K and V rows 256 KB at D 256 bf16
-#ifdef QWEN35_AVX512
-constexpr int64_t kValueColumns = 64;  // add_values4's block of columns
-#else
-constexpr int64_t kValueColumns = 16;
-#endif
 
 #ifdef QWEN35_SIMD256
 // 8 values of a K/V row in fp32 (exact: bf16 by a shift, int8 by a conversion).
@@ -117,51 +112,56 @@ void add_value(const T* v, const float* w, int64_t G, int64_t D, float* o) {
       for (int64_t d = 0; d < D; ++d) o[g * D + d] += w[g] * static_cast<float>(v[d]);
 }
 
+#ifdef QWEN35_SIMD256
+// The vectors add_values4 works in: 16 fp32 lanes and 4 a row (16 accumulators of 32 registers) on AVX-512,
+// 8 lanes and 2 a row (8 of 16) on AVX2.
 #ifdef QWEN35_AVX512
+struct Lanes {
+  using V = __m512;
+  static constexpr int kWidth = 16, kPerRow = 4;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  template <typename T>
+  static V row(const T* p) { return load16(p); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+};
+#else
+struct Lanes {
+  using V = __m256;
+  static constexpr int kWidth = 8, kPerRow = 2;
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  template <typename T>
+  static V row(const T* p) { return load8(p); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+};
+#endif
+constexpr int64_t kValueColumns = Lanes::kWidth * Lanes::kPerRow;  // add_values4's block of columns
+
 // o (4 rows of D) += sum over keys s < n of w[g * stride + s] * v_s, for 4 query heads (every official size's
-// group): D in blocks of 64 columns whose 16 accumulators stay in registers over the block's keys (rows in L2).
+// group): D in blocks of kValueColumns whose accumulators stay in registers over the block's keys (rows in L2).
 // `masked`: skip keys none of the 4 heads weighs (their slots may hold anything); else every key is read.
 template <bool masked, typename T>
 void add_values4(const T* v, int64_t vstride, const float* w, int64_t stride, int64_t n, int64_t D, float* o) {
-  for (int64_t d = 0; d < D; d += 64) {
-    __m512 acc[4][4];
+  using L = Lanes;
+  for (int64_t d = 0; d < D; d += kValueColumns) {
+    typename L::V acc[4][L::kPerRow];
     for (int g = 0; g < 4; ++g)
-      for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_loadu_ps(o + g * D + d + 16 * c);
+      for (int c = 0; c < L::kPerRow; ++c) acc[g][c] = L::load(o + g * D + d + L::kWidth * c);
     for (int64_t s = 0; s < n; ++s) {
       if (masked && w[s] == 0.0f && w[stride + s] == 0.0f && w[2 * stride + s] == 0.0f && w[3 * stride + s] == 0.0f)
         continue;
-      const T* row = v + s * vstride + d;
-      const __m512 r[4] = {load16(row), load16(row + 16), load16(row + 32), load16(row + 48)};
+      typename L::V r[L::kPerRow];
+      for (int c = 0; c < L::kPerRow; ++c) r[c] = L::row(v + s * vstride + d + L::kWidth * c);
       for (int g = 0; g < 4; ++g) {
-        const __m512 wg = _mm512_set1_ps(w[g * stride + s]);
-        for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_fmadd_ps(wg, r[c], acc[g][c]);
+        const auto wg = L::set1(w[g * stride + s]);
+        for (int c = 0; c < L::kPerRow; ++c) acc[g][c] = L::fmadd(wg, r[c], acc[g][c]);
       }
     }
     for (int g = 0; g < 4; ++g)
-      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(o + g * D + d + 16 * c, acc[g][c]);
-  }
-}
-#elif defined(QWEN35_SIMD256)
-// o (4 rows of D) += sum over keys s < n of w[g * stride + s] * v_s, for 4 query heads (every official size's
-// group): D in blocks of 16 columns whose 8 accumulators stay in registers over the block's keys (rows in L2).
-// `masked`: skip keys none of the 4 heads weighs (their slots may hold anything); else every key is read.
-template <bool masked, typename T>
-void add_values4(const T* v, int64_t vstride, const float* w, int64_t stride, int64_t n, int64_t D, float* o) {
-  for (int64_t d = 0; d < D; d += 16) {
-    __m256 acc[4][2];
-    for (int g = 0; g < 4; ++g)
-      for (int h = 0; h < 2; ++h) acc[g][h] = _mm256_loadu_ps(o + g * D + d + 8 * h);
-    for (int64_t s = 0; s < n; ++s) {
-      if (masked && w[s] == 0.0f && w[stride + s] == 0.0f && w[2 * stride + s] == 0.0f && w[3 * stride + s] == 0.0f)
-        continue;
-      const __m256 row[2] = {load8(v + s * vstride + d), load8(v + s * vstride + d + 8)};
-      for (int g = 0; g < 4; ++g) {
-        const __m256 wg = _mm256_set1_ps(w[g * stride + s]);
-        for (int h = 0; h < 2; ++h) acc[g][h] = _mm256_fmadd_ps(wg, row[h], acc[g][h]);
-      }
-    }
-    for (int g = 0; g < 4; ++g)
-      for (int h = 0; h < 2; ++h) _mm256_storeu_ps(o + g * D + d + 8 * h, acc[g][h]);
+      for (int c = 0; c < L::kPerRow; ++c) L::store(o + g * D + d + L::kWidth * c, acc[g][c]);
   }
 }
 #endif
