@@ -78,19 +78,24 @@ def checkpoint_name(name: str) -> str | None:
     return name  # lm_head.weight
 
 
-HEAP_MMAP_THRESHOLD = 128 << 10  # glibc's own starting value, kept
+HEAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its moving mmap threshold, fixed from the start
 
 
 def steady_heap() -> None:
-    """Serve blocks of HEAP_MMAP_THRESHOLD bytes and up (activations, K/V) from their own pages, handed back when
-    freed. glibc raises that threshold by itself to the largest block freed so far (up to 32 MiB), after which a
-    prefill's freed temporaries stay in the heap, as many as chance leaves there: a 0.8B int4 run's peak RSS was
-    -2 to +10 % off the planner's at 4K-16K tokens, -3 to 0 % with it kept (six runs each; prefill time +3 %, in
-    the noise). A MALLOC_MMAP_THRESHOLD_ the user set stays; a no-op where there is no glibc."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    """Fix glibc's mmap and trim thresholds at 32 MiB (the ceiling its moving threshold reaches anyway), so the
+    heap behaves the same in every run: glibc otherwise raises the mmap threshold to the largest block freed so
+    far, and how many of a prefill's freed temporaries then stay in the heap varied from run to run (a 0.8B int4
+    run's peak RSS was -2 to +10 % off the planner's at 4K-16K tokens). Both, because a fixed mmap threshold also
+    stops the trim threshold moving: at 128 KiB each, every temporary above 128 KiB was mapped and faulted in
+    afresh, and freed top-of-heap pages were handed back at once: `y.float()` of a (512, 3584) bf16 tensor 0.18 ->
+    2.6 ms, and a server's 1,909-token prompt 5.3 -> 9.5 s (its engine thread's arena trimmed hardest).
+    MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ set by the user stay; a no-op where there is no glibc."""
+    if {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & os.environ.keys():
         return
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, HEAP_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, HEAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, HEAP_THRESHOLD)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 
