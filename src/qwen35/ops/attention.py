@@ -45,7 +45,7 @@ def prefill_kernels(q: torch.Tensor) -> ModuleType | None:
     if q.shape[-1] % 64 or torch.compiler.is_compiling():
         return None
     kernels = fast_path(q)
-    return kernels if kernels is not None and kernels.prefill_attention_ready() else None
+    return kernels if kernels is not None and kernels.isa() == "avx512" else None
 
 
 def attention_prefill(k: ModuleType, q: torch.Tensor, key: torch.Tensor | QuantKV,

@@ -115,23 +115,18 @@ def _register_ops(module: ModuleType) -> None:
                          k_scale: Tensor | None, v_scale: Tensor | None) -> Tensor:
         return torch.empty_like(q)
 
-    def attention_prefill(q: Tensor, k: Tensor, v: Tensor, scale: float, k_scale: Tensor | None,
-                          v_scale: Tensor | None) -> Tensor:
-        return torch.empty_like(q)
-
     def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor | None,
                          chunk: int) -> tuple[Tensor, Tensor]:
         return torch.empty_like(v), q.new_empty(v.shape[0], v.shape[2], k.shape[3], v.shape[3])
 
-    for fake in (linear_bf16, linear_int8, linear_int4, rms_norm, attention_decode, attention_prefill,
-                 chunk_delta_rule):
+    for fake in (linear_bf16, linear_int8, linear_int4, rms_norm, attention_decode, chunk_delta_rule):
         define(fake)
     define(deltanet_decode, ("conv_state", "state", "state_out"))
 
 
 def cpu_supported() -> bool:
     """Whether this CPU has what the kernels are written for: AVX-512 BF16 and VNNI, or else AVX2 and FMA."""
-    return {"avx512_bf16", "avx512_vnni"} <= _cpu_flags() or {"avx2", "fma"} <= _cpu_flags()
+    return avx512_build() or {"avx2", "fma"} <= _cpu_flags()
 
 
 def avx512_build() -> bool:

@@ -132,7 +132,6 @@ inline __m256 exp8(__m256 x) {
 
 // The kernels (one line each on what they compute; the .cpp files say how).
 bool available();
-bool prefill_attention_ready();
 std::string isa();
 torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales);

@@ -14,8 +14,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("deltanet_decode", &qwen35::deltanet_decode);
   m.def("attention_decode", &qwen35::attention_decode);
   m.def("attention_prefill", &qwen35::attention_prefill);
-  m.def("prefill_attention_ready", &qwen35::prefill_attention_ready,
-        "True when built with AVX-512 BF16 (attention_prefill runs)");
   m.def("chunk_delta_rule", &qwen35::chunk_delta_rule);
   m.def("huge_page_empty", &qwen35::huge_page_empty);
   py::class_<qwen35::DecodePlan>(m, "DecodePlan")

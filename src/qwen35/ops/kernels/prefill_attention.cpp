@@ -205,14 +205,11 @@ struct Task {
 }  // namespace
 #endif
 
-// q (B, Hq, T, D) against k and v (B, Hkv, S, D), S >= T, all bf16 with unit stride along D (views of the
-// cache's buffers), causal with the queries the last T keys: query t sees keys 0 .. S - T + t. Returns
-// (B, Hq, T, D) bf16. D a multiple of 64; AVX-512 BF16 builds only (`prefill_attention_ready`).
 // q (B, Hq, T, D) against k and v (B, Hkv, S, D), S >= T, with unit stride along D (views of the cache's
 // buffers), causal with the queries the last T keys: query t sees keys 0 .. S - T + t. q, and k and v bf16, or
 // int8 with k_scale and v_scale (B, Hkv, S, 1) fp32 (an 8-bit cache, dequantized 64 keys at a time as
 // `QuantKV.dequantize(bf16)` does). Returns (B, Hq, T, D) bf16. D a multiple of 64; AVX-512 BF16 builds only
-// (`prefill_attention_ready`).
+// (`isa()` "avx512").
 torch::Tensor attention_prefill(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 double scale, const std::optional<torch::Tensor>& k_scale,
                                 const std::optional<torch::Tensor>& v_scale) {
@@ -252,14 +249,6 @@ torch::Tensor attention_prefill(const torch::Tensor& q, const torch::Tensor& k, 
   TORCH_CHECK(false, "attention_prefill needs a build with AVX-512 BF16");
 #endif
   return out;
-}
-
-bool prefill_attention_ready() {
-#ifdef QWEN35_AVX512
-  return true;
-#else
-  return false;
-#endif
 }
 
 }  // namespace qwen35
