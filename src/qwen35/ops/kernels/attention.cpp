@@ -331,7 +331,7 @@ void attend_span(const float* qf, const bf16* qh, const T* ks, const T* vs, int6
   constexpr bool quantized = std::is_same_v<T, int8_t>;
 #ifdef QWEN35_AVX512
   if constexpr (quantized)
-    if (G == 4 && D % 64 == 0)
+    if (G == 4 && D % 64 == 0 && D <= 512)  // a score sums D products of 127 x 32767: below 2^31
       return attend_span_vnni(qf, ks, vs, kst, vst, ksc, vsc, sst, ok, scale, s0, s1, D, top, sum, o, p);
 #endif
   std::fill(top, top + G, -INFINITY), std::fill(sum, sum + G, 0.0f), std::fill(o, o + G * D, 0.0f);
