@@ -104,6 +104,22 @@ float exp_sum(float* p, int64_t n, float top) {
 #endif
 }
 
+// One head's block of the running softmax: its scores pg[0..n) (row of `stride`, -inf past n) become
+// e^(score - top) under the new maximum, and what came before (sum, o: D values) is rescaled to it; false, with
+// the row zeroed, while every key so far is masked (nothing to weigh).
+bool softmax_block(float* pg, int64_t n, int64_t stride, float& top, float& sum, float* o, int64_t D) {
+  const float best = std::max(top, *std::max_element(pg, pg + n));
+  if (best == -INFINITY) {
+    std::fill(pg, pg + stride, 0.0f);
+    return false;
+  }
+  const float fade = std::exp(top - best);
+  sum = sum * fade + exp_sum(pg, stride, best), top = best;
+  if (fade != 1.0f)
+    for (int64_t d = 0; d < D; ++d) o[d] *= fade;
+  return true;
+}
+
 // o[g] += w[g] * v for the G query heads of a K/V head (o: G rows of D fp32); a key no head weighs (a masked
 // slot, which may hold anything) is not read.
 template <typename T>
@@ -191,6 +207,10 @@ inline __m512i lane_sums16(const __m512i (&v)[16]) {
   return _mm512_add_epi32(_mm512_shuffle_i32x4(z[0], z[1], 0x88), _mm512_shuffle_i32x4(z[0], z[1], 0xDD));
 }
 
+inline __mmask16 first16(int64_t left) {  // the lanes of a 16-wide step with `left` values to go
+  return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+}
+
 // attend_span for int8 K/V under 4 query heads (every official size's group), on VNNI's 16-bit dot (vpdpwssd):
 // the queries in 16-bit fixed point (a scale per head), each block's weights too (a scale per head and block),
 // key and value rows sign-extended to 16 bits, sums exact in int32 (a 256-key block of 127 x 32767 pairs stays
@@ -243,19 +263,14 @@ void attend_span_vnni(const float* qf, const int8_t* ks, const int8_t* vs, int64
       }
     }
     float ws[G];  // block weights = w16 * ws
-    for (int g = 0; g < G; ++g) {  // the running softmax, as attend_span
+    for (int g = 0; g < G; ++g) {
       float* pg = p.data() + g * stride;
       int16_t* wg = w16.data() + g * (kBlock + 2);
-      const float best = std::max(top[g], *std::max_element(pg, pg + n));
       float m = 0.0f;
-      if (best != -INFINITY) {
-        const float fade = std::exp(top[g] - best);
-        sum[g] = sum[g] * fade + exp_sum(pg, stride, best), top[g] = best;
-        if (fade != 1.0f)
-          for (int64_t d = 0; d < D; ++d) o[g * D + d] *= fade;
+      if (softmax_block(pg, n, stride, top[g], sum[g], o + g * D, D)) {
         __m512 most = _mm512_setzero_ps();
         for (int64_t s = 0; s < n; s += 16) {  // each value row's weight times its scale (none for a masked slot)
-          const __mmask16 in = n - s >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - s)) - 1);
+          const __mmask16 in = first16(n - s);
           const __m512 w = _mm512_maskz_loadu_ps(in, pg + s);
           __m512 sc;
           if (sst == 1) {
@@ -274,7 +289,7 @@ void attend_span_vnni(const float* qf, const int8_t* ks, const int8_t* vs, int64
       ws[g] = m / 32767.0f;
       const __m512 f = _mm512_set1_ps(m > 0.0f ? 32767.0f / m : 0.0f);
       for (int64_t s = 0; s < n; s += 16) {  // to int16, rounded to nearest
-        const __mmask16 in = n - s >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - s)) - 1);
+        const __mmask16 in = first16(n - s);
         const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, pg + s), f));
         _mm256_mask_storeu_epi16(wg + s, in, _mm512_cvtepi32_epi16(r));
       }
@@ -357,17 +372,9 @@ void attend_span(const float* qf, const bf16* qh, const T* ks, const T* vs, int6
         for (int j = 0; j < m; ++j) p[(g0 + j) * stride + s] = dots[j] * unit;
       }
     }
-    for (int64_t g = 0; g < G; ++g) {  // the running softmax: rescale what came before to the new maximum
+    for (int64_t g = 0; g < G; ++g) {  // the running softmax
       float* pg = p.data() + g * stride;
-      const float best = std::max(top[g], *std::max_element(pg, pg + n));
-      if (best == -INFINITY) {  // every key so far masked: nothing to weigh
-        std::fill(pg, pg + stride, 0.0f);
-        continue;
-      }
-      const float fade = std::exp(top[g] - best);
-      sum[g] = sum[g] * fade + exp_sum(pg, stride, best), top[g] = best;
-      if (fade != 1.0f)
-        for (int64_t d = 0; d < D; ++d) o[g * D + d] *= fade;
+      if (!softmax_block(pg, n, stride, top[g], sum[g], o + g * D, D)) continue;
       if constexpr (quantized)  // each value row's weight times its scale
         for (int64_t s = 0; s < n; ++s) pg[s] *= vsc[(b0 + s) * sst];
     }
