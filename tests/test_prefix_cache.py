@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import VOCAB
-from qwen35.cache import make_cache
+from qwen35.cache import KVCache, make_cache
 from qwen35.loading import load_model
 from qwen35.quant import quantize
 from qwen35.runtime import Engine, PrefixCache, Request, Scheduler, generate_tokens, run
@@ -62,6 +62,22 @@ def test_resumed_prompt_matches_cold_logits_and_greedy_text(model):
     position, got = _resumed_logits(model, cache, other)
     assert position == 40
     torch.testing.assert_close(got, _cold_logits(model, other), atol=1e-5, rtol=0)
+
+
+def test_a_restored_state_is_planned_for_the_context(model):
+    """A restore copies K/V once, into buffers of the planned context: the next prefill writes into them in place."""
+    cache = PrefixCache(GIB)
+    prompt = _random(50, 4)
+    list(run(model, Request("a", prompt, GREEDY), prefix_cache=cache))
+    follow = prompt + _random(20, 5)
+    position, state = cache.restore(follow, (), context=128)
+    kv = [layer for layer in state.layers if isinstance(layer, KVCache)]
+    assert kv and all(layer.k.shape[2] == 129 and layer.length == position for layer in kv)
+    buffers = [layer.k.data_ptr() for layer in kv]
+    with torch.inference_mode():
+        got = prefill_chunk(model, torch.tensor([follow]), state, position, len(follow))[0][0, -1]
+    assert [layer.k.data_ptr() for layer in kv] == buffers
+    torch.testing.assert_close(got, _cold_logits(model, follow), atol=1e-5, rtol=0)
 
 
 def test_a_one_token_reply_still_saves_its_prompt_states(model):

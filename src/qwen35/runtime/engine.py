@@ -200,7 +200,8 @@ class Engine:
         drafting = self.speculator is not None
         key = None if self.prefix_cache is None else self._image_key(seq, len(seq.prompt))
         if key is not None:
-            seq.cached, seq.cache = self.prefix_cache.restore(seq.prompt, key, warm=seq.warm, draft=drafting)
+            seq.cached, seq.cache = self.prefix_cache.restore(seq.prompt, key, warm=seq.warm, draft=drafting,
+                                                                context=self.context)
             seq.prefilled = seq.cached
             seq.stops = snapshot_points(len(seq.prompt), seq.request.marks, seq.prefilled)
         if seq.cache is None:
@@ -259,7 +260,7 @@ class Engine:
             return Event(seq.id, -1, "error", error=SEQUENCE_FAILED)
 
     def _keep(self, rows: list[int]) -> None:
-        self.batch = select_rows(self.batch, rows).plan(self.context) if rows else None
+        self.batch = select_rows(self.batch, rows, self.context) if rows else None
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> Event:
         if self.sample_limit is not None and self.sample_limit < logits.shape[-1]:

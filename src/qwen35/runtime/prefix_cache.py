@@ -90,12 +90,13 @@ class PrefixCache:
         with self._lock:
             return (tuple(tokens), images) in self._snapshots
 
-    def restore(self, tokens: Sequence[int], images: tuple[str, ...], warm: bool = False,
-                draft: bool = False) -> tuple[int, ModelCache | None]:
+    def restore(self, tokens: Sequence[int], images: tuple[str, ...], warm: bool = False, draft: bool = False,
+                context: int | None = None) -> tuple[int, ModelCache | None]:
         """(position, a copy of the state there) of the deepest snapshot on this prompt's prefix, leaving at
         least one token to compute; (0, None) on a miss. Counts the prompt's reused and computed tokens (`warm`:
         an idle-time prefill, counted apart). `draft`: the state must include the MTP head's (speculative
-        decoding); otherwise any head state a snapshot holds is left out of the copy."""
+        decoding); otherwise any head state a snapshot holds is left out of the copy. `context`: the copy's K/V
+        are planned for it (`select_rows`)."""
         best: Snapshot | None = None
         with self._lock:
             for snap in self._snapshots.values():
@@ -115,7 +116,7 @@ class PrefixCache:
                 self.stats.computed_tokens += len(tokens) - position
         if best is None:
             return 0, None
-        cache = select_rows(best.cache, [0])
+        cache = select_rows(best.cache, [0], context)
         if not draft:
             cache.draft, cache.hidden = [], None
         return position, cache
