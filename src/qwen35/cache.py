@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from qwen35.config import ModelConfig
+from qwen35.ops.cpu import empty_on_huge_pages
 
 
 class QuantKV(NamedTuple):
@@ -81,19 +82,19 @@ class KVCache:
         if self.k is not None and end < self.k.shape[2]:
             return
         slots = max(end + 1, self.capacity or 2 * self.length, 256)
+        if self.k is None:
+            shape = (*like.shape[:2], 0, like.shape[3])
+            self.k, self.v = like.new_empty(shape), like.new_empty(shape)
+            if self.bits == 8:
+                self.k_scale, self.v_scale = (like.new_empty(shape[:3] + (1,), dtype=torch.float32) for _ in range(2))
         grown = []
         for t in (self.k, self.v, self.k_scale, self.v_scale):
             if t is None:
                 grown.append(None)
                 continue
-            buffer = t.new_empty((*t.shape[:2], slots, t.shape[3]))
+            buffer = _buffer(t, (*t.shape[:2], slots, t.shape[3]))
             buffer[:, :, : self.length] = t[:, :, : self.length]
             grown.append(buffer)
-        if self.k is None:
-            shape = (*like.shape[:2], slots, like.shape[3])
-            grown[:2] = like.new_empty(shape), like.new_empty(shape)
-            if self.bits == 8:
-                grown[2:] = [like.new_empty(shape[:3] + (1,), dtype=torch.float32) for _ in range(2)]
         self.k, self.v, self.k_scale, self.v_scale = grown
 
     def nbytes(self) -> int:
@@ -228,6 +229,13 @@ def make_cache(config: ModelConfig, batch_size: int = 1, device: torch.device | 
                       draft=[KVCache(bits=kv_bits) for _ in range(draft_layers)])
 
 
+def _buffer(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A new K/V buffer of `like`'s dtype: K and V on 2 MB pages where they can be, as a decode step reads every
+    filled slot (one 0.8B layer over 8-bit keys: 32K 1.70 -> 1.43 ms, 128K 5.2 -> 4.9 ms); the 8-bit scales
+    (last dim 1), a 64th of them, on ordinary pages, where a part-filled 2 MB page would cost more."""
+    return empty_on_huge_pages(like, shape) if like.shape[-1] > 1 else like.new_empty(shape)
+
+
 def _kv(bits: int, length: int, tensors: list[torch.Tensor]) -> KVCache:
     """A K/V layer of `length` slots in the buffers `tensors` (K, V and, at 8 bits, their scales)."""
     k, v, *scales = tensors
@@ -281,7 +289,7 @@ def select_rows(cache: ModelCache, rows: list[int], context: int | None = None) 
             if context is None:
                 layers.append(_kv(layer.bits, n, [t[index, :, start:] for t in layer.tensors()]))
                 continue
-            buffers = [t.new_empty((len(rows), t.shape[1], max(context, n) + 1, t.shape[3])) for t in layer.tensors()]
+            buffers = [_buffer(t, (len(rows), t.shape[1], max(context, n) + 1, t.shape[3])) for t in layer.tensors()]
             for buffer, t in zip(buffers, layer.tensors()):
                 for i, row in enumerate(rows):
                     buffer[i, :, :n] = t[row, :, start:]

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 GEMV_ROWS = 16  # up to this many activation rows the streaming kernels; above, GEMM (prefill)
 FP32_TILE_ROWS = 8192  # weight rows converted at once where bf16 products run in fp32 (`linear_in_fp32`)
+HUGE_PAGE = 2 << 20  # bytes of a transparent huge page (x86-64, and most arm64 kernels)
 NORM_ROWS = 256  # the fused RMSNorm runs rows one after another: for long prefills PyTorch's is faster
 
 
@@ -69,6 +70,18 @@ def kernels() -> ModuleType | None:
         return None
     _register_ops(module)
     return module
+
+
+def empty_on_huge_pages(like: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """An uninitialised tensor of `like`'s dtype and device: on 2 MB pages (`kernels/memory.cpp`) where it spans
+    one and the kernels run here, else an ordinary allocation. For buffers streamed whole, as weights and K/V are:
+    on 4 KB pages every page costs the stream a TLB walk."""
+    nbytes = like.element_size()
+    for n in shape:
+        nbytes *= n
+    big = like.device.type == "cpu" and nbytes >= HUGE_PAGE and not torch.compiler.is_compiling()
+    k = kernels() if big else None
+    return like.new_empty(shape) if k is None else k.huge_page_empty(nbytes).view(like.dtype).view(shape)
 
 
 def has_kernels() -> bool:
