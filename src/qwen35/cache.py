@@ -285,15 +285,16 @@ def select_rows(cache: ModelCache, rows: list[int], context: int | None = None) 
     layers: list[LayerCache] = []
     for layer in cache.layers + cache.draft:
         if isinstance(layer, KVCache):
-            n = layer.length - start
+            kept = layer.length - start
             if context is None:
-                layers.append(_kv(layer.bits, n, [t[index, :, start:] for t in layer.tensors()]))
+                layers.append(_kv(layer.bits, kept, [t[index, :, start:] for t in layer.tensors()]))
                 continue
-            buffers = [_buffer(t, (len(rows), t.shape[1], max(context, n) + 1, t.shape[3])) for t in layer.tensors()]
+            buffers = [_buffer(t, (len(rows), t.shape[1], max(context, kept) + 1, t.shape[3]))
+                       for t in layer.tensors()]
             for buffer, t in zip(buffers, layer.tensors()):
                 for i, row in enumerate(rows):
-                    buffer[i, :, :n] = t[row, :, start:]
-            layers.append(_kv(layer.bits, n, buffers))
+                    buffer[i, :, :kept] = t[row, :, start:]
+            layers.append(_kv(layer.bits, kept, buffers))
         else:
             layers.append(DeltaCache(layer.conv[index], layer.state[index]))
     delta = None if cache.rope_delta is None else cache.rope_delta[index]
