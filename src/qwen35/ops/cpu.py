@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -76,9 +77,7 @@ def empty_on_huge_pages(like: Tensor, shape: tuple[int, ...]) -> Tensor:
     """An uninitialised tensor of `like`'s dtype and device: on 2 MB pages (`kernels/memory.cpp`) where it spans
     one and the kernels run here, else an ordinary allocation. For buffers streamed whole, as weights and K/V are:
     on 4 KB pages every page costs the stream a TLB walk."""
-    nbytes = like.element_size()
-    for n in shape:
-        nbytes *= n
+    nbytes = like.element_size() * math.prod(shape)
     big = like.device.type == "cpu" and nbytes >= HUGE_PAGE and not torch.compiler.is_compiling()
     k = kernels() if big else None
     return like.new_empty(shape) if k is None else k.huge_page_empty(nbytes).view(like.dtype).view(shape)

@@ -10,8 +10,8 @@ namespace qwen35 {
 
 // nbytes of uninitialised memory, 2 MB aligned, its whole 2 MB pages advised for huge pages (the tail stays on
 // 4 KB pages, so no partly used 2 MB page is ever backed). Advice only: where the OS has none, 4 KB pages. Its own
-// mapping, never the heap's: freed, it goes back to the OS at once (a K/V buffer freed into glibc's heap stayed
-// resident with its huge pages, +40 MB of a 0.8B run's peak after one short warm-up request).
+// mapping, never the heap's: freed, it goes back to the OS at once (from glibc's heap, a freed K/V buffer's pages
+// stayed resident in the heap's free lists).
 torch::Tensor huge_page_empty(int64_t nbytes) {
   constexpr int64_t kHuge = 2 << 20;
   TORCH_CHECK(nbytes > 0, "cannot allocate ", nbytes, " bytes");
