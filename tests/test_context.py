@@ -13,6 +13,7 @@ import qwen35
 from qwen35.cache import KVCache, quantize_kv
 from qwen35.memory import kv_bytes_per_token, plan, state_bytes, weight_bytes
 from qwen35.ops.attention import attention_8bit
+from qwen35.ops.cpu import kernels
 from qwen35.quant.quantize import QuantConfig
 from qwen35.runtime import Engine, Request, Scheduler
 from qwen35.sampling import SamplingParams
@@ -67,6 +68,23 @@ def test_kv_is_reserved_to_the_context_up_front_and_never_moves(default_model):
     for _ in range(30):  # past 512 tokens, where doubling would have moved the buffers
         engine.step()
     assert [layer.k.data_ptr() for layer in engine.batch.layers if isinstance(layer, KVCache)] == pointers
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_kv_buffers_of_a_long_context_sit_on_2mb_pages_and_keep_their_slots(bits):
+    """K and V grown for a planned context start on a 2 MB boundary (allocated for huge pages: decode streams
+    them whole); the 8-bit scales stay ordinary; what was filled before the growth is kept exactly."""
+    layer = KVCache(bits=bits, capacity=8193)
+    k, v = (torch.randn(1, 2, 100, 256, dtype=torch.bfloat16) for _ in range(2))
+    layer.update(k, v)
+    first = [t[:, :, :100].clone() for t in layer.tensors()]
+    layer.reserve(9000, layer.k)  # past the capacity: grown again, the history copied
+    assert layer.k.shape[2] == 9101 and layer.length == 100
+    assert all(a.equal(b) for a, b in zip(first, layer.tensors()))
+    if kernels() is not None:
+        assert all(t.data_ptr() % (2 << 20) == 0 for t in (layer.k, layer.v))
+    if bits == 8:
+        assert layer.k_scale.shape == (1, 2, 9101, 1)
 
 
 def test_a_prompt_over_the_context_is_refused_with_the_numbers(default_model):

@@ -480,22 +480,3 @@ def test_deltanet_step_into_a_new_state_buffer_keeps_the_old_one():
     out_in_place = k.deltanet_decode(*args, conv, *weights, state, None, norm_w, 1e-6)
     assert torch.equal(out_new, out_in_place) and torch.equal(fresh, state) and torch.equal(conv, conv2)
     assert not torch.equal(state, before)
-
-
-@pytest.mark.parametrize("bits", [16, 8])
-def test_kv_buffers_of_a_long_context_sit_on_2mb_pages_and_keep_their_slots(bits):
-    """K and V grown for a planned context start on a 2 MB boundary (allocated for huge pages: decode streams
-    them whole); the 8-bit scales stay ordinary; what was filled before the growth is kept exactly."""
-    from qwen35.cache import KVCache
-
-    layer = KVCache(bits=bits, capacity=8193)
-    k, v = (torch.randn(1, 2, 100, 256, dtype=torch.bfloat16) for _ in range(2))
-    layer.update(k, v)
-    first = [t[:, :, :100].clone() for t in layer.tensors()]
-    layer.reserve(9000, layer.k)  # past the capacity: grown again, the history copied
-    assert layer.k.shape[2] == 9101 and layer.length == 100
-    assert all(a.equal(b) for a, b in zip(first, layer.tensors()))
-    if cpu.kernels() is not None:
-        assert all(t.data_ptr() % (2 << 20) == 0 for t in (layer.k, layer.v))
-    if bits == 8:
-        assert layer.k_scale.shape == (1, 2, 9101, 1)
