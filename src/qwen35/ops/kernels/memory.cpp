@@ -21,7 +21,7 @@ torch::Tensor huge_page_empty(int64_t nbytes) {
   TORCH_CHECK(raw != MAP_FAILED, "cannot map ", nbytes, " bytes");
   char* p = raw + (kHuge - reinterpret_cast<uintptr_t>(raw) % kHuge) % kHuge;  // the slack each side unmapped
   if (p > raw) munmap(raw, p - raw);
-  if (raw + size + kHuge > p + size) munmap(p + size, raw + size + kHuge - (p + size));
+  munmap(p + size, raw + kHuge - p);  // the tail: never empty, as p < raw + kHuge
   if (nbytes >= kHuge) madvise(p, nbytes / kHuge * kHuge, MADV_HUGEPAGE);
   return torch::from_blob(p, {nbytes}, [size](void* q) { munmap(q, size); }, torch::dtype(torch::kUInt8));
 }
