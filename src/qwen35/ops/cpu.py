@@ -207,23 +207,15 @@ def gemv_rows(x: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def quantized_rows(x: torch.Tensor) -> torch.Tensor | None:
-    """x as (rows, K) for qwen35's int8/int4 kernels, or None for dequantized tiles through PyTorch's GEMM: decode
-    rows always (`gemv_rows`), prefill rows too where the CPU has no AMX. The kernels round each row to int8 per
-    32 values and run VNNI dot products, all rows in one pass over the weights, and compute each row the same
-    way whatever the row count. On a 2-core Zen 4 (0.8B shapes, a quarter of the body) they took 12.5 / 34 /
-    143 / 499 ms at 16 / 64 / 256 / 1,024 rows (int4 g64) against the tiles' 66 / 98 / 221 / 720 ms, int8 10 /
-    33 / 105 / 232 against 49 / 83 / 201 / 403 ms at 16 / 64 / 256 / 512. With AMX, oneDNN's bf16 GEMM on the
-    tiles is kept (not measured against the kernels)."""
-    rows = gemv_rows(x)
-    if rows is None and not _has_amx():
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-    return rows
-
-
-@functools.cache
-def _has_amx() -> bool:
-    return "amx_bf16" in _cpu_flags()
+def quantized_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as (rows, K) for qwen35's int8/int4 kernels, decode and prefill rows alike: the kernels round each row to
+    int8 per 32 values and run VNNI dot products, all rows in one pass over the weights, and compute each row the
+    same way whatever the row count. Against dequantized tiles through PyTorch's GEMM, on a 2-core Zen 4 (0.8B
+    shapes, a quarter of the body) they took 12.5 / 34 / 143 / 499 ms at 16 / 64 / 256 / 1,024 rows (int4 g64)
+    against 66 / 98 / 221 / 720 ms; on a 2-core Xeon with AMX, against oneDNN's bf16 GEMM on the tiles, int4 g64
+    1024 -> 3584 1.0 / 3.9 / 8.0 ms at 64 / 256 / 512 rows against 2.7 / 6.6 / 10.5, 3584 -> 1024 8.6 against
+    6.4 at 512, the 4B's 2560 -> 9216 23.3 against 31.3 at 256 (its prefill chunk)."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
 
 
 def in_row_blocks(flat: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

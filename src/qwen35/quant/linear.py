@@ -139,8 +139,8 @@ class Int8Linear(nn.Module):
         k = fast_path(x) if self.own_kernel else None
         if not self.own_kernel:
             out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales.to(x.dtype))
-        elif k is not None and (rows := quantized_rows(x)) is not None:
-            out = k.linear_int8(rows, self.packed, self.scales)
+        elif k is not None:
+            out = k.linear_int8(quantized_rows(x), self.packed, self.scales)
         else:
             out = tiled_linear(flat, self.out_features, lambda a, b: self.rows(slice(a, b)).to(x.dtype), TILE_ROWS)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -196,8 +196,8 @@ class Int4Linear(nn.Module):
                 dtype = compute_dtype(x)
                 out = tiled_linear(flat.to(dtype), self.out_features, lambda a, b: self.packed_rows(a, b).to(dtype),
                                    TILE_ROWS).to(x.dtype)
-        elif (k := fast_path(x)) is not None and (rows := quantized_rows(x)) is not None:
-            out = k.linear_int4(rows, self.packed, self.scales, self.zeros, self.group_size)
+        elif (k := fast_path(x)) is not None:
+            out = k.linear_int4(quantized_rows(x), self.packed, self.scales, self.zeros, self.group_size)
         else:
             out = tiled_linear(flat, self.out_features, lambda a, b: self.rows(slice(a, b)).to(x.dtype), TILE_ROWS)
         return out.reshape(*x.shape[:-1], self.out_features)
