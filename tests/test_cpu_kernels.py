@@ -147,25 +147,29 @@ def test_attention_decode_matches_sdpa(b, hq, hkv, s, d, masked):
 @pytest.mark.parametrize("b, hq, hkv, t, s, d", [(1, 8, 2, 100, 100, 256), (1, 8, 2, 77, 300, 256),
                                                  (2, 4, 2, 33, 33, 64), (1, 4, 1, 130, 1000, 64),
                                                  (2, 6, 2, 5, 70, 128)])
-def test_attention_prefill_matches_sdpa(b, hq, hkv, t, s, d):
+@pytest.mark.parametrize("tiles", [False, True])
+def test_attention_prefill_matches_sdpa(b, hq, hkv, t, s, d, tiles):
     """A causal chunk, from empty (t = s) or after a history, against SDPA in fp32 with the bottom-right mask:
-    runs of 32 tokens, blocks of 64 keys with a shorter last one, groups of 4, 3, 2 and 1 query heads; the same
+    runs of 32 tokens, blocks of 256 keys with a shorter last one, groups of 4, 3, 2 and 1 query heads; the same
     token's output is bit for bit the same whether it came in one chunk or after a history (the prefix cache
-    relies on it); 8-bit K/V read as stored."""
+    relies on it); 8-bit K/V read as stored. On vdpbf16ps and, where the CPU has them, on AMX tiles (rows padded
+    to pairs of 16)."""
+    if tiles and not cpu.kernels().amx():
+        pytest.skip("this CPU (or its OS) gives no AMX tiles")
     g = torch.Generator().manual_seed(t + s)
     q = torch.randn(b, hq, t, d, generator=g).bfloat16()
     k, v = (torch.randn(b, hkv, s + 3, d, generator=g).bfloat16()[:, :, :s] for _ in range(2))  # cache-like views
     mask = torch.ones(t, s, dtype=torch.bool).tril(s - t)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
-    got = cpu.kernels().attention_prefill(q, k, v, d ** -0.5, None, None)
+    got = cpu.kernels().attention_prefill(q, k, v, d ** -0.5, None, None, tiles)
     assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max().item() <= ulps(ref)
     if t > 2:
-        tail = cpu.kernels().attention_prefill(q[:, :, -2:].contiguous(), k, v, d ** -0.5, None, None)
+        tail = cpu.kernels().attention_prefill(q[:, :, -2:].contiguous(), k, v, d ** -0.5, None, None, tiles)
         assert torch.equal(tail, got[:, :, -2:])
     qk, qv = (quantize_kv(x) for x in (k, v))  # an 8-bit cache: exactly its bf16 dequantization's answer
-    got8 = cpu.kernels().attention_prefill(q, qk.q, qv.q, d ** -0.5, qk.scale, qv.scale)
+    got8 = cpu.kernels().attention_prefill(q, qk.q, qv.q, d ** -0.5, qk.scale, qv.scale, tiles)
     deq = cpu.kernels().attention_prefill(q, qk.dequantize(torch.bfloat16), qv.dequantize(torch.bfloat16), d ** -0.5,
-                                          None, None)
+                                          None, None, tiles)
     assert torch.equal(got8, deq)
 
 

@@ -21,6 +21,11 @@
 #if defined(QWEN35_AVX512) || defined(QWEN35_AVX2)
 #define QWEN35_KERNELS 1
 #endif
+#if defined(QWEN35_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define QWEN35_AMX 1  // Sapphire Rapids and later: the prefill attention's products on tiles
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace qwen35 {
 
@@ -71,6 +76,22 @@ inline __m512i load_bf16(const uint16_t* p, int64_t n) {  // n < 32: masked tail
 inline __m512 load_bf16_ps(const bf16* p, int64_t n) {
   const __m256i v = _mm256_maskz_loadu_epi16((__mmask16)(n >= 16 ? 0xFFFF : (1u << n) - 1), p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// e^x on 16 lanes, as exp8 computes each lane.
+inline __m512 exp16(__m512 x) {
+  const __mmask16 masked = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i two_n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(~masked, y, _mm512_castsi512_ps(two_n));
 }
 
 // Sums of R vectors' lanes, to y[0..R-1] (R = 4: one transposing reduction instead of four).
@@ -133,6 +154,7 @@ inline __m256 exp8(__m256 x) {
 // The kernels (one line each on what they compute; the .cpp files say how).
 bool available();
 std::string isa();
+bool amx();
 torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales);
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
@@ -152,7 +174,7 @@ torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k, c
                                const std::optional<torch::Tensor>& v_scale);
 torch::Tensor attention_prefill(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 double scale, const std::optional<torch::Tensor>& k_scale,
-                                const std::optional<torch::Tensor>& v_scale);
+                                const std::optional<torch::Tensor>& v_scale, bool tiles);
 std::tuple<torch::Tensor, torch::Tensor> chunk_delta_rule(const torch::Tensor& q, const torch::Tensor& k,
                                                           const torch::Tensor& v, const torch::Tensor& g,
                                                           const torch::Tensor& beta,

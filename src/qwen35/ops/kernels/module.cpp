@@ -5,6 +5,7 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &qwen35::available, "True when built with AVX-512 BF16 or AVX2 (the GEMV kernels work)");
   m.def("isa", &qwen35::isa, "The instruction set the kernels were built for: avx512, avx2 or empty");
+  m.def("amx", &qwen35::amx, "True when the prefill attention can run on AMX tiles (built for them, granted by the OS)");
   m.def("linear_bf16", &qwen35::linear_bf16);
   m.def("linear_int8", &qwen35::linear_int8);
   m.def("linear_int4", &qwen35::linear_int4);
