@@ -179,6 +179,7 @@ std::tuple<torch::Tensor, torch::Tensor> chunk_delta_rule(const torch::Tensor& q
   float* sp = S.data_ptr<float>();
   bf16* op = out.data_ptr<at::BFloat16>();
   at::parallel_for(0, B * Hv, 1, [&](int64_t h0, int64_t h1) {
+    const FlushDenormals flush;
     for (int64_t bh = h0; bh < h1; ++bh) {
       const int64_t b = bh / Hv, h = bh % Hv, kh = h / group;
       std::vector<float> bt(T), gt(T);

@@ -91,6 +91,7 @@ torch::Tensor deltanet_decode(const torch::Tensor& qkv, const torch::Tensor& z, 
   // One task per sequence and key head: its q/k channels, then the value heads reading them. A single parallel
   // region with no serial part: the conv over all channels had run on one thread while the other waited.
   at::parallel_for(0, B * Hk, 1, [&](int64_t t0, int64_t t1) {
+    const FlushDenormals flush;
     std::vector<float> pred(dv), o(dv);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bi = t / Hk, hk = t % Hk;
