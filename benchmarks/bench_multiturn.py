@@ -141,8 +141,9 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         while True:
             if self.proc.poll() is not None or time.perf_counter() - start > 1800:
+                tail = self.tail()  # before stop() closes the log
                 self.stop()
-                raise RuntimeError(f"{Path(cmd[0]).name} did not start: {self.tail()}")
+                raise RuntimeError(f"{Path(cmd[0]).name} did not start: {tail}")
             try:
                 if httpx.get(self.url + "/health", timeout=5).status_code == 200:
                     break
@@ -182,7 +183,8 @@ def start(engine: str, size: str, variant: str, args: argparse.Namespace) -> Ser
     port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     if engine == "llama-server":
         cmd = [str(llama_bin("llama-server", args)), "-m", str(gguf(size, GGUF[variant], args)), "--host",
-               "127.0.0.1", "--port", str(port), "-c", str(args.ctx), "-t", str(args.threads), "--jinja"]
+               "127.0.0.1", "--port", str(port), "-c", str(args.ctx), "-t", str(args.threads), "--jinja",
+               *args.llama_args.split()]
         return Server(cmd, port, env)
     cmd = [sys.executable, "-m", "qwen35", "serve", "-m", str(qwen35_dir(size, variant, Path(args.cache))),
            "--port", str(port), "--device", "cpu", "--dtype", "bfloat16", "--model-name", "bench"]
@@ -343,6 +345,8 @@ def main() -> None:
     p.add_argument("--pause", type=float, default=0.0, help="seconds between a reply and the next turn (a person "
                    "reading, an agent's tool running): qwen35 prefills the reply as history renders it meanwhile")
     p.add_argument("--ctx", type=int, default=32768, help="llama-server context size (-c)")
+    p.add_argument("--llama-args", default="", help="more llama-server flags, space-separated (-nr: its AMX "
+                   "repacking crashed at start on a Sapphire Rapids Xeon, a GP fault in ldtilecfg)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "qwen35-bench"))
