@@ -267,10 +267,9 @@ struct Task {
           for (int64_t d = 0; d < D; ++d) o[r * D + d] *= fade;
       }
 #ifdef QWEN35_AMX
-      if (tiles) {
+      if (tiles)
         for (int64_t r0 = 0; r0 < Rt; r0 += 32) tile_values(p.data(), r0, vp.data(), width / 2, D, o.data());
-        continue;
-      }
+      else
 #endif
       for (int64_t d0 = 0; d0 < D; d0 += 64)
         by_four(R, [&](int64_t r, int64_t m) {
