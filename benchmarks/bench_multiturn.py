@@ -6,7 +6,8 @@ token (TTFT); with reuse, TTFT should follow the turn's new tokens, not the conv
 The conversation is seeded and synthetic (no downloads): a ~2,000-token system prompt with tool definitions, then
 user turns of 50-300 tokens, each answered in `--max-tokens` tokens (random weights never stop on their own;
 `ignore_eos` makes every engine write the same length), the reply appended as the server returned it (content,
-and reasoning_content when present). Run with thinking off and on, temperature 0, one server at a time.
+and reasoning_content when present). Run with thinking off and on, temperature 0, one server at a time; with
+thinking on a qwen35 reply reasons for `--thinking-budget` tokens, then answers as long as with thinking off.
 Models: shape-true checkpoints (`shape_true.py`, in --cache), qwen35 bf16 / int4 (g64, int8 head) against GGUF
 F16 / Q4_0 from llama.cpp's converter. llama-server is built once from the llama.cpp vendored in the
 llama-cpp-python sdist (`cpu_engines.llama_source`) into --cache, and runs with its own defaults for prompt
@@ -248,17 +249,22 @@ def turn(client: httpx.Client, server: Server, body: dict) -> dict:
 
 
 def run_conversation(server: Server, system: str, users: list[str], thinking: bool, args: argparse.Namespace,
-                     rows: list[dict]) -> None:
+                     rows: list[dict], budget: int | None = None) -> None:
     """The whole conversation on one fresh server, as a client does: every turn resends everything so far. Turns
-    go into `rows` as they end, so a failing turn keeps the ones before it."""
+    go into `rows` as they end, so a failing turn keeps the ones before it. With thinking on, `budget` is the
+    `thinking_budget` field (qwen35's) and replies get `args.think_tokens` more tokens: reasoning, then an answer
+    as long as a reply with thinking off."""
     messages: list[dict] = [{"role": "system", "content": system}]
     for i, user in enumerate(users):
         if i:
             time.sleep(args.pause)  # the user reads the reply and types, or the agent's tools run
         messages.append({"role": "user", "content": user})
-        body = {"model": "bench", "messages": messages, "tools": TOOLS, "max_tokens": args.max_tokens,
+        length = args.max_tokens + (args.think_tokens if thinking else 0)
+        body = {"model": "bench", "messages": messages, "tools": TOOLS, "max_tokens": length,
                 "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
                 "chat_template_kwargs": {"enable_thinking": thinking}}
+        if thinking and budget is not None:
+            body["thinking_budget"] = budget
         # a connection per turn: llama-server may drop a kept-alive one after a stream (seen: turn 2 failing
         # "Server disconnected"); the same loopback connect cost for every engine
         with httpx.Client(timeout=3600) as client:
@@ -340,6 +346,11 @@ def main() -> None:
     p.add_argument("--nocache-turns", type=int, default=1, help="qwen35-nocache runs only the first N turns (its "
                    "cost grows with the conversation; later turns count their whole prompt as computed in (b))")
     p.add_argument("--thinking", default="off,on", help="off, on or off,on")
+    p.add_argument("--thinking-budget", type=int, default=60, help="thinking on: qwen35 closes each reply's "
+                   "reasoning after this many tokens (and its closing sentence), then answers in --max-tokens, as a "
+                   "real model reasons and then answers (random weights never close it, and the template drops past "
+                   "reasoning from the history); -1: no budget, replies of --max-tokens all reasoning. llama-server "
+                   "has no per-request budget: its replies are as long, all reasoning")
     p.add_argument("--cache-ram", type=float, default=2.0, help="qwen35's snapshot budget in GiB (--cache-ram)")
     p.add_argument("--max-tokens", type=int, default=100, help="reply length of every turn")
     p.add_argument("--pause", type=float, default=0.0, help="seconds between a reply and the next turn (a person "
@@ -351,6 +362,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "qwen35-bench"))
     args = p.parse_args()
+    from qwen35.runtime.steering import CLOSE_THINKING
     engines = args.engines.split(",")
     args.cache_flag = any(e.startswith("qwen35") for e in engines) and has_cache_flag()
     if not args.cache_flag and any(e.startswith("qwen35") for e in engines):
@@ -363,6 +375,8 @@ def main() -> None:
         variants = (["bf16", "int4"] if size == "0.8B" else ["int4"]) if args.variants == "auto" \
             else args.variants.split(",")
         tok = Tokenizer.from_file(str(write_checkpoint(size, cache / size) / "tokenizer.json"))
+        args.think_tokens = (args.thinking_budget + len(tok.encode(CLOSE_THINKING).ids)
+                             if args.thinking_budget >= 0 else 0)
         system, users = conversation(args.seed, args.turns, tok)
         for variant in variants:
             for mode in args.thinking.split(","):
@@ -380,7 +394,9 @@ def main() -> None:
                         continue
                     res[engine] = {"load_s": server.load_s, "turns": []}
                     try:
-                        run_conversation(server, system, users[:n], mode == "on", args, res[engine]["turns"])
+                        budget = args.thinking_budget if engine.startswith("qwen35") and args.thinking_budget >= 0 \
+                            else None
+                        run_conversation(server, system, users[:n], mode == "on", args, res[engine]["turns"], budget)
                         res[engine]["peak_rss"] = server.rss("VmHWM")
                         if engine.startswith("qwen35"):
                             time.sleep(args.pause)  # the last reply's warm-up, counted like the others
@@ -395,7 +411,8 @@ def main() -> None:
                 results.append({"size": size, "variant": variant, "gguf": GGUF[variant], "thinking": mode,
                                 "engines": res, "checks": verdicts})
     print(json.dumps({"benchmark": "multiturn", "threads": args.threads, "turns": args.turns,
-                      "max_tokens": args.max_tokens, "pause_s": args.pause, "cache_ram_gib": args.cache_ram,
+                      "max_tokens": args.max_tokens, "pause_s": args.pause,
+                      "thinking_budget": args.thinking_budget, "cache_ram_gib": args.cache_ram,
                       "qwen35_cache_flag": args.cache_flag, "results": results}))
 
 

@@ -80,6 +80,26 @@ def test_a_restored_state_is_planned_for_the_context(model):
     torch.testing.assert_close(got, _cold_logits(model, follow), atol=1e-5, rtol=0)
 
 
+def test_a_restore_copies_into_a_retired_sequences_buffers(model):
+    """K/V buffers given back to the pool take the next restore's copy (new ones fault their pages in afresh), and
+    what the earlier, longer sequence left in the slots past the restored ones changes nothing."""
+    cache = PrefixCache(GIB)
+    prompt = _random(40, 8)
+    list(run(model, Request("a", prompt, GREEDY), prefix_cache=cache, context=128))
+    follow = prompt + _random(30, 9)
+    _, first = cache.restore(follow, (), context=128)
+    with torch.inference_mode():  # fill slots past the snapshot, as a longer sequence would have
+        prefill_chunk(model, torch.tensor([follow]), first, 40, 70)
+    buffers = [layer.k.data_ptr() for layer in first.layers if isinstance(layer, KVCache)]
+    cache.pool.give(first)
+    del first
+    position, state = cache.restore(follow[:60], (), context=128)
+    assert position == 40 and [layer.k.data_ptr() for layer in state.layers if isinstance(layer, KVCache)] == buffers
+    with torch.inference_mode():  # 20 rows: see the warm-up test below
+        got = prefill_chunk(model, torch.tensor([follow[:60]]), state, position, 60)[0][0, -1]
+    torch.testing.assert_close(got, _cold_logits(model, follow[:60]), atol=1e-5, rtol=0)
+
+
 def test_a_one_token_reply_still_saves_its_prompt_states(model):
     """Snapshots are copied the step after their forward; a reply that ends at its first token has no such step."""
     cache, prompt = PrefixCache(GIB), _random(30, 60)

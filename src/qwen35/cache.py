@@ -11,6 +11,7 @@ speculative decoding (`track`, `rollback`), which records the state after each o
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -274,10 +275,48 @@ def merge_caches(caches: list[ModelCache]) -> ModelCache:
     return ModelCache(layers[:n], torch.cat([c.seen for c in caches]), valid, delta, layers[n:], hidden)
 
 
-def select_rows(cache: ModelCache, rows: list[int], context: int | None = None) -> ModelCache:
+class BufferPool:
+    """The K/V buffers of the last retired one-sequence cache, handed to the next `select_rows` that plans buffers
+    of the same shape (a snapshot's restore) instead of new ones.
+
+    Why: a new buffer's pages fault in as they are first written, and page faults are dear on virtual machines:
+    restoring a 2,014-token 0.8B snapshot into new context-sized buffers took 70 ms here (2 MB pages, 24 of
+    them), after 15 s idle 170-220 ms; into recycled ones 10 ms. It holds one sequence's K/V at most (`give`
+    replaces what it held), pages that sequence had already made resident.
+    """
+
+    def __init__(self) -> None:
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def give(self, cache: ModelCache) -> None:
+        """Keep the K/V buffers of `cache`, which nobody uses any more (a batch's are let go: no restore has
+        their shape)."""
+        if cache.seen.shape[0] != 1:
+            return
+        buffers = [t for layer in cache.layers + cache.draft if isinstance(layer, KVCache)
+                   for t in (layer.k, layer.v, layer.k_scale, layer.v_scale) if t is not None]
+        with self._lock:
+            self._free = buffers
+
+    def take(self, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """A held buffer of this shape and `like`'s dtype (its contents stale), else a new one (`_buffer`)."""
+        with self._lock:
+            for i, t in enumerate(self._free):
+                if t.shape == shape and t.dtype == like.dtype and t.device == like.device:
+                    return self._free.pop(i)
+        return _buffer(like, shape)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free = []
+
+
+def select_rows(cache: ModelCache, rows: list[int], context: int | None = None,
+                pool: BufferPool | None = None) -> ModelCache:
     """Keep only `rows` of the batch, then drop leading slots that no remaining row uses. With `context`, K/V go
-    straight into buffers planned for it (`ModelCache.plan`): one copy, where a tight copy would be copied again
-    into them by the next step's `reserve` (a 3,700-token restore: 26 -> 13 ms)."""
+    straight into buffers planned for it (`ModelCache.plan`; from `pool` where it holds some): one copy, where a
+    tight copy would be copied again into them by the next step's `reserve` (a 3,700-token restore: 26 -> 13 ms)."""
     index = torch.tensor(rows, device=cache.seen.device)
     valid = cache.valid[index]
     used = valid.any(0)
@@ -289,8 +328,9 @@ def select_rows(cache: ModelCache, rows: list[int], context: int | None = None) 
             if context is None:
                 layers.append(_kv(layer.bits, kept, [t[index, :, start:] for t in layer.tensors()]))
                 continue
-            buffers = [_buffer(t, (len(rows), t.shape[1], max(context, kept) + 1, t.shape[3]))
-                       for t in layer.tensors()]
+            shapes = [(len(rows), t.shape[1], max(context, kept) + 1, t.shape[3]) for t in layer.tensors()]
+            buffers = [_buffer(t, shape) if pool is None else pool.take(t, shape)
+                       for t, shape in zip(layer.tensors(), shapes)]
             for buffer, t in zip(buffers, layer.tensors()):
                 for i, row in enumerate(rows):
                     buffer[i, :, :kept] = t[row, :, start:]

@@ -81,6 +81,7 @@ class Engine:
         self.device = model.embed_tokens.weight.device
         self.batch: ModelCache | None = None
         self.pending: list[tuple[list[int], tuple[str, ...], ModelCache]] = []  # snapshots to store next step
+        self.retired: list[ModelCache] = []  # caches no sequence uses: their K/V buffers go to the pool at `settle`
 
     def add(self, request: Request) -> None:
         """Queue a request (its prompt ids already expanded for its images)."""
@@ -106,6 +107,7 @@ class Engine:
         """Drop every sequence and the batch state (after a failed step); returns the dropped ids."""
         self.batch = None
         self.pending.clear()
+        self.retired.clear()
         return [seq.id for seq in self.scheduler.clear()]
 
     def has_work(self) -> bool:
@@ -150,11 +152,15 @@ class Engine:
         return events
 
     def settle(self) -> None:
-        """Store the snapshots the last prefill captured (before anything changes their state), then let the
-        sequences prefilled last step join the batch."""
+        """Store the snapshots the last prefill captured (before anything changes their state), hand the K/V
+        buffers of retired caches to the pool (the captures were their last users), then let the sequences
+        prefilled last step join the batch."""
         for tokens, key, state in self.pending:
             self.prefix_cache.store(tokens, key, state)
         self.pending.clear()
+        for cache in self.retired:
+            self.prefix_cache.pool.give(cache)
+        self.retired.clear()
         for seq in self.scheduler.join():
             self.batch = (seq.cache if self.batch is None else merge_caches([self.batch, seq.cache])).plan(self.context)
             seq.cache = None
@@ -187,13 +193,13 @@ class Engine:
         if not self.scheduler.prefilled(seq, end):
             return []
         if seq.warm:
-            seq.cache = None
+            self._retire(seq)
             return []
         event = self._sample_or_fail(seq, logits)
         if event.finish_reason is None:
             self.scheduler.joining.append(seq)
         else:
-            seq.cache = None
+            self._retire(seq)
         return [event]
 
     def _restore(self, seq: Sequence) -> None:
@@ -260,7 +266,16 @@ class Engine:
             return Event(seq.id, -1, "error", error=SEQUENCE_FAILED)
 
     def _keep(self, rows: list[int]) -> None:
-        self.batch = select_rows(self.batch, rows, self.context) if rows else None
+        old, pool = self.batch, None if self.prefix_cache is None else self.prefix_cache.pool
+        self.batch = select_rows(old, rows, self.context, pool) if rows else None
+        if pool is not None:
+            self.retired.append(old)
+
+    def _retire(self, seq: Sequence) -> None:
+        """`seq` is done with its own cache (it never joined the batch)."""
+        if self.prefix_cache is not None:
+            self.retired.append(seq.cache)
+        seq.cache = None
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> Event:
         if self.sample_limit is not None and self.sample_limit < logits.shape[-1]:
@@ -317,8 +332,8 @@ def run(model: Qwen35Model, request: Request, eos_ids: Seq[int] = (), sample_lim
             if event.finish_reason is not None:
                 if background is not None and engine.has_work():
                     background(engine.drain)
-                elif background is None:
-                    engine.settle()  # the snapshots its last step captured (a reply of one token)
+                else:
+                    engine.settle()  # the snapshots its last step captured (a reply of one token), the pool's buffers
                 yield event
                 return
             yield event

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from qwen35.cache import ModelCache, is_finite, select_rows
+from qwen35.cache import BufferPool, ModelCache, is_finite, select_rows
 
 GIB = 1 << 30
 DEFAULT_CACHE_RAM = 2.0  # GiB: ~40 snapshots of a 0.8B at 2,000 tokens, ~15 of a 4B; fits beside the model on 16 GB
@@ -41,10 +41,12 @@ class CacheStats:
 
 class PrefixCache:
     """Snapshots under `budget` bytes, least recently used evicted first. Thread-safe: the server's engine thread
-    and Python API callers may share one."""
+    and Python API callers may share one. `pool`: K/V buffers of finished sequences that restores copy into
+    (`BufferPool`; engines give them back)."""
 
     def __init__(self, budget: int):
         self.budget = budget
+        self.pool = BufferPool()
         self.stats = CacheStats()
         self._snapshots: OrderedDict[tuple[tuple[int, ...], tuple[str, ...]], Snapshot] = OrderedDict()
         self._bytes = 0
@@ -116,7 +118,7 @@ class PrefixCache:
                 self.stats.computed_tokens += len(tokens) - position
         if best is None:
             return 0, None
-        cache = select_rows(best.cache, [0], context)
+        cache = select_rows(best.cache, [0], context, self.pool)
         if not draft:
             cache.draft, cache.hidden = [], None
         return position, cache
@@ -125,6 +127,7 @@ class PrefixCache:
         with self._lock:
             self._snapshots.clear()
             self._bytes = 0
+        self.pool.clear()
 
 
 def snapshot_points(length: int, marks: Sequence[int], start: int) -> list[int]:
