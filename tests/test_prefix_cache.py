@@ -98,6 +98,11 @@ def test_a_restore_copies_into_a_retired_sequences_buffers(model):
     with torch.inference_mode():  # 20 rows: see the warm-up test below
         got = prefill_chunk(model, torch.tensor([follow[:60]]), state, position, 60)[0][0, -1]
     torch.testing.assert_close(got, _cold_logits(model, follow[:60]), atol=1e-5, rtol=0)
+    list(run(model, Request("b", follow, GREEDY), prefix_cache=cache, context=128))
+    held = []  # a prompt with no snapshot grows new buffers: the pool must not keep b's beside them
+    list(run(model, Request("c", _random(30, 11), GREEDY, progress=lambda done, total: held.append(len(cache.pool))),
+             prefix_cache=cache, context=128))
+    assert held == [0] and len(cache.pool) > 0  # cleared while c ran; c's buffers given back after
 
 
 def test_a_one_token_reply_still_saves_its_prompt_states(model):

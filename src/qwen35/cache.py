@@ -282,7 +282,8 @@ class BufferPool:
     Why: a new buffer's pages fault in as they are first written, and page faults are dear on virtual machines:
     restoring a 2,014-token 0.8B snapshot into new context-sized buffers took 70 ms here (2 MB pages, 24 of
     them), after 15 s idle 170-220 ms; into recycled ones 10 ms. It holds one sequence's K/V at most (`give`
-    replaces what it held), pages that sequence had already made resident.
+    replaces what it held), pages that sequence had already made resident; a sequence that starts without a
+    snapshot clears it first, so two sequences' K/V are never resident for one.
     """
 
     def __init__(self) -> None:
@@ -310,6 +311,9 @@ class BufferPool:
     def clear(self) -> None:
         with self._lock:
             self._free = []
+
+    def __len__(self) -> int:
+        return len(self._free)
 
 
 def select_rows(cache: ModelCache, rows: list[int], context: int | None = None,

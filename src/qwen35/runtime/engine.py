@@ -211,6 +211,8 @@ class Engine:
             seq.prefilled = seq.cached
             seq.stops = snapshot_points(len(seq.prompt), seq.request.marks, seq.prefilled)
         if seq.cache is None:
+            if self.prefix_cache is not None:
+                self.prefix_cache.pool.clear()  # its K/V grows in new buffers: the held ones would double it
             layers = self.model.config.mtp_num_hidden_layers if drafting else 0
             seq.cache = make_cache(self.model.config, 1, self.device, self.kv_bits, draft_layers=layers)
         seq.cache.plan(self.context)
