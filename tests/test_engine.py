@@ -119,3 +119,17 @@ def test_a_failure_in_one_sequence_ends_that_sequence_alone(model, monkeypatch):
         alone = list(generate_tokens(model, ids, SamplingParams(temperature=0, max_tokens=12)))
         assert [e.token for e in out[seq_id]] == alone and out[seq_id][-1].finish_reason == "length", seq_id
     assert engine.batch is None and not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def test_a_prompt_alone_takes_the_idle_chunk_and_beside_decoding_streams_the_short_one():
+    """`prefill_chunk` bounds what a step adds to running streams' latency; with none running there is nothing to
+    stall, and every extra forward costs its fixed part."""
+    from qwen35.runtime.scheduler import Sequence
+
+    sched = Scheduler(prefill_chunk=64, idle_chunk=512)
+    seq = Sequence(Request("a", list(range(600)), SamplingParams(max_tokens=4)))
+    sched.add(seq)
+    assert sched.chunk_end(seq) == 512
+    sched.running.append(Sequence(Request("b", [1], SamplingParams(max_tokens=4))))
+    assert sched.chunk_end(seq) == 64
+    assert Scheduler(prefill_chunk=300, idle_chunk=0).idle_chunk == 300  # never below prefill_chunk

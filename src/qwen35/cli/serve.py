@@ -40,7 +40,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 503")
     p.add_argument("--max-n", type=int, default=8, help="largest `n` a request may ask for")
     p.add_argument("--max-body-mb", type=float, default=2.0, help="request body limit (413 beyond)")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per engine step")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per engine step while other "
+                   "requests decode (alone, a prompt runs in the model's larger memory-bounded chunks)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight work may finish on SIGTERM")
     p.add_argument("--read-timeout", type=float, default=30.0,
                    help="seconds a client has to send its headers, and again its body (408 beyond)")

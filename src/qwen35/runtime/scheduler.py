@@ -39,8 +39,14 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, max_running: int = 16, max_waiting: int = 256, prefill_chunk: int = 256):
+    """`prefill_chunk`: prompt tokens per step while other sequences decode (a long prompt must not stall their
+    streams); `idle_chunk`: per step while none does (the model's memory-bounded chunk: nothing to stall, and each
+    extra forward costs its fixed part: a 278-token turn as 256 + 22 took 0.95 + 0.16 s on a 0.8B)."""
+
+    def __init__(self, max_running: int = 16, max_waiting: int = 256, prefill_chunk: int = 256,
+                 idle_chunk: int = 0):
         self.max_running, self.max_waiting, self.prefill_chunk = max_running, max_waiting, prefill_chunk
+        self.idle_chunk = max(idle_chunk, prefill_chunk)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.joining: list[Sequence] = []  # prefilled, first token out: they join `running` next step
@@ -72,7 +78,8 @@ class Scheduler:
     def chunk_end(self, seq: Sequence) -> int:
         """Where this step's chunk of the prompt ends: a chunk's length on (snapshot points inside it are
         captured by the same forward)."""
-        return min(seq.prefilled + self.prefill_chunk, len(seq.prompt))
+        size = self.prefill_chunk if self.running or self.joining else self.idle_chunk
+        return min(seq.prefilled + size, len(seq.prompt))
 
     def prefilled(self, seq: Sequence, end: int) -> bool:
         """Record a prefilled chunk; True when the whole prompt is in and the sequence starts decoding."""

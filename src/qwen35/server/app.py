@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from qwen35.api import Qwen35
 from qwen35.ops.cpu import release_thread_pool
 from qwen35.runtime import Engine, Scheduler
+from qwen35.runtime.prefill import prefill_chunk_size
 from qwen35.server.anthropic import CountTokensRequest, MessagesGeneration, MessagesRequest, chat_request
 from qwen35.server.errors import APIError, error_response, install_handlers
 from qwen35.server.guard import Guard
@@ -67,7 +68,8 @@ class ServerState:
             return
         s = self.settings
         engine = Engine(qwen.model, qwen.tokenizer.eos_token_ids, qwen.tokenizer.vocab_size,
-                        Scheduler(max_running=s.max_running, max_waiting=s.max_queue, prefill_chunk=s.prefill_chunk),
+                        Scheduler(max_running=s.max_running, max_waiting=s.max_queue, prefill_chunk=s.prefill_chunk,
+                                  idle_chunk=prefill_chunk_size(qwen.model.config)),
                         prefix_cache=qwen.prefix_cache, context=qwen.context, kv_bits=qwen.kv_bits,
                         speculator=qwen.speculator)
         self.runner = Runner(engine, asyncio.get_running_loop(), s.max_queue, s.max_backlog, self.metrics.on_step)
