@@ -189,7 +189,8 @@ def run_llama(gguf_path: Path, row: dict, args: argparse.Namespace) -> dict:
     kv, port = LLAMA_KV[row["kv_bits"]], free_port()
     cmd = [str(llama_bin("llama-server", args)), "-m", str(gguf_path), "--host", "127.0.0.1", "--port", str(port),
            "-c", str(ctx), "-t", str(args.threads), "-tb", str(args.threads), "-np", "1", "-fa", "on",
-           "--cache-type-k", kv, "--cache-type-v", kv, "--cache-ram", "0", "--ctx-checkpoints", "0"]
+           "--cache-type-k", kv, "--cache-type-v", kv, "--cache-ram", "0", "--ctx-checkpoints", "0",
+           *args.llama_args.split()]
     server = Server(cmd, port, {**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     load_peak = server.rss("VmHWM")
     reset_peak(Path(f"/proc/{server.proc.pid}"))
@@ -583,6 +584,8 @@ def main() -> None:
     p.add_argument("--kv-bits", default="16,8", help="comma list of 16,8 (llama.cpp: f16, q8_0)")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {','.join(ENGINES)}")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens generated after each prompt")
+    p.add_argument("--llama-args", default="", help="more llama-server flags, space-separated (-nr: its AMX "
+                   "repacking crashed at start on a Sapphire Rapids Xeon)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", type=float, default=60.0, help="seconds between progress lines of a prefill")
