@@ -76,6 +76,17 @@ def test_bf16_gemv_matches_float_product(m, n, k):
     assert (got - ref).abs().max().item() <= ulps(ref)
 
 
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_bf16_gemv_outputs_are_the_same_bits_in_blocks_of_four_weight_rows(m):
+    """Weight rows in blocks of 4 take their 16-lane sums together (one shuffle tree); a lone weight row (a
+    thread's range end, or a matrix of one row) takes its own: the same pairing, so the same bits."""
+    g = torch.Generator().manual_seed(m)
+    x, w = torch.randn(m, 256, generator=g).bfloat16(), torch.randn(132, 256, generator=g).bfloat16()
+    together = cpu.kernels().linear_bf16(x, w)
+    alone = torch.cat([cpu.kernels().linear_bf16(x, w[i:i + 1]) for i in range(w.shape[0])], dim=1)
+    assert torch.equal(together, alone)
+
+
 @pytest.mark.parametrize("m", [1, 3, 16, 40])  # 40 rows: the tiled prefill path
 @pytest.mark.parametrize("bits, group", [(8, 0), (4, 32), (4, 64), (4, 128)])
 def test_quantized_layers_match_dequantized_reference(m, bits, group):

@@ -33,12 +33,13 @@ inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), 
 
 constexpr int64_t kAheadBf16 = 2048;  // bytes
 
-// One weight row against MB activation rows: y[m] = sum_k x[m, k] w[k]. Weight rows are read strictly in order
-// (one sequential stream per thread); U independent accumulators per activation row hide the dot latency. U is
-// the same for every MB: it sets the order of the sums, so a row's result must not depend on how many rows
-// share the call (batch invariance; with 2 for MB > 1, rows decoded in a batch differed from alone).
+// One weight row against MB activation rows: total[m], whose 16 lanes sum to y[m] = sum_k x[m, k] w[k]. Weight
+// rows are read strictly in order (one sequential stream per thread); U independent accumulators per activation
+// row hide the dot latency. U is the same for every MB: it sets the order of the sums, so a row's result must not
+// depend on how many rows share the call (batch invariance; with 2 for MB > 1, rows decoded in a batch differed
+// from alone).
 template <int MB>
-void bf16_row(const uint16_t* x, const uint16_t* w, int64_t K, bf16* y, int64_t ldy) {
+inline void bf16_sums(const uint16_t* x, const uint16_t* w, int64_t K, __m512* total) {
   constexpr int U = 4;
   __m512 acc[U][MB];
   for (int u = 0; u < U; ++u)
@@ -58,9 +59,39 @@ void bf16_row(const uint16_t* x, const uint16_t* w, int64_t K, bf16* y, int64_t 
     for (int m = 0; m < MB; ++m) acc[0][m] = _mm512_dpbf16_ps(acc[0][m], as_bh(load_bf16(x + m * K + k, K - k)), wv);
   }
   for (int m = 0; m < MB; ++m) {
-    __m512 total = acc[0][m];
-    for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[u][m]);
-    y[m * ldy] = bf16(_mm512_reduce_add_ps(total));
+    total[m] = acc[0][m];
+    for (int u = 1; u < U; ++u) total[m] = _mm512_add_ps(total[m], acc[u][m]);
+  }
+}
+
+template <int MB>
+void bf16_row(const uint16_t* x, const uint16_t* w, int64_t K, bf16* y, int64_t ldy) {
+  __m512 total[MB];
+  bf16_sums<MB>(x, w, K, total);
+  for (int m = 0; m < MB; ++m) y[m * ldy] = bf16(_mm512_reduce_add_ps(total[m]));
+}
+
+// Four weight rows (outputs y[m * ldy + 0..3]): bf16_row's sums, their 16-lane sums taken together by one shuffle
+// tree for four vectors. At K = 256 (the nano) a lone reduction was most of a row's work, and each activation row
+// added ~85% of the first one's time; the tree pairs lanes exactly as _mm512_reduce_add_ps (j with j+8, then j+4,
+// j^2, j^1), so each output is bit-identical to bf16_row's.
+template <int MB>
+void bf16_rows4(const uint16_t* x, const uint16_t* w, int64_t K, bf16* y, int64_t ldy) {
+  __m512 t[4][MB];
+  for (int i = 0; i < 4; ++i) bf16_sums<MB>(x, w + i * K, K, t[i]);
+  const __m512i lanes = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+  for (int m = 0; m < MB; ++m) {
+    // [a.q0+a.q2, a.q1+a.q3, b.q0+b.q2, b.q1+b.q3] (q: 128-bit quarters), then the halves of each 8-lane sum
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(t[0][m], t[1][m], 0x44),
+                                    _mm512_shuffle_f32x4(t[0][m], t[1][m], 0xEE));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(t[2][m], t[3][m], 0x44),
+                                    _mm512_shuffle_f32x4(t[2][m], t[3][m], 0xEE));
+    __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    s = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E));
+    s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1));
+    alignas(16) float out[4];
+    _mm_store_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(lanes, s)));
+    for (int i = 0; i < 4; ++i) y[m * ldy + i] = bf16(out[i]);
   }
 }
 
@@ -260,6 +291,9 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w) {
   bf16* yp = y.data_ptr<at::BFloat16>();
   for_blocks(M, N, [&](int64_t n, int r, int64_t m, int mb) {
     dispatch_rows(mb, [&](auto MB) {
+#ifdef QWEN35_AVX512
+      if (r == 4) return bf16_rows4<MB()>(xp + m * K, wp + n * K, K, yp + m * N + n, N);
+#endif
       for (int i = 0; i < r; ++i) bf16_row<MB()>(xp + m * K, wp + (n + i) * K, K, yp + m * N + n + i, N);
     });
   });
