@@ -56,7 +56,7 @@ class Oracle(Speculator):
         return super().step(cache, running, sample)
 
     def propose(self, cache, x, base, k):
-        super().propose(cache, x, base, k)
+        self.drafted = super().propose(cache, x, base, k)  # the head's own drafts
         rows = []
         for seq in self.running:
             truth, n = self.truth[seq.id], len(seq.generated)
@@ -121,23 +121,32 @@ def _reference_drafts(model, tokens: list[int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def test_drafts_are_those_of_the_whole_sequence_reference(model):
-    prompt = _prompts((19,))[0]
-    plain, _ = _run(model, [prompt])
-    seen: list[tuple[int, int]] = []  # (tokens generated when drafting, first draft)
+@pytest.mark.parametrize("lengths", [(19,), (5, 19, 30)], ids=["one", "batch-of-3-padded"])
+def test_drafts_are_those_of_the_whole_sequence_reference(model, lengths):
+    """Every sequence's first draft at every step is the head's prediction over its whole sequence: its K/V
+    (caught up after each verify pass, with holes where a batch-mate kept more) is exact."""
+    prompts = _prompts(lengths)
+    plain, _ = _run(model, prompts)
+    seen: list[tuple[str, int, int]] = []  # (sequence, tokens generated when drafting, its first draft)
 
     class Recorder(Oracle):
         def propose(self, cache, x, base, k):
-            drafts = Speculator.propose(self, cache, x, base, k)
-            seen.append((len(self.running[0].generated), int(drafts[0, 0])))
-            return super().propose(cache, x, base, k)
+            oracle = super().propose(cache, x, base, k)
+            seen.extend((s.id, len(s.generated), int(d)) for s, d in zip(self.running, self.drafted[:, 0]))
+            return oracle
 
-    assert _run(model, [prompt], speculator=Recorder(model, 3, plain, wrong=3))[0] == plain
-    reference = _reference_drafts(model, prompt + plain["0"])
+    assert _run(model, prompts, speculator=Recorder(model, 3, plain, wrong=3))[0] == plain
     # with n tokens generated, the state holds prompt + generated[:-1] and the head drafts the token after
     # generated[-1]: the reference's prediction at position len(prompt) + n - 2
-    assert len(seen) > 3
-    assert [d for _, d in seen] == [int(reference[len(prompt) + n - 2]) for n, _ in seen]
+    agree = total = 0
+    for i, prompt in enumerate(prompts):
+        mine = [(n, d) for sid, n, d in seen if sid == str(i)]
+        reference = _reference_drafts(model, prompt + plain[str(i)])
+        assert len(mine) > 3
+        agree += sum(d == int(reference[len(prompt) + n - 2]) for n, d in mine)
+        total += len(mine)
+    exact = model.embed_tokens.weight.dtype == torch.float32  # bf16: the reference's full-sequence products
+    assert agree == total if exact else agree >= 0.9 * total  # round otherwise; a near-tie argmax can flip
 
 
 @pytest.mark.parametrize("lengths", [(23,), (5, 23, 40)], ids=["one", "batch-of-3-padded"])
