@@ -41,8 +41,8 @@ MAX_DRAFT = 4
 # Zen 4). Off where it did not pay: int4 below 4B (0.8B: 1.00-1.24x at 0.6 on a Zen 4, 1.17x on the Zen 3), int4
 # on the AVX2 kernels (4B: a verify pass of 2 tokens 1.52x a step, 1.00x / 1.04x at 0.6 / 0.7), int8 (not
 # measured since its kernel took activations to int8 as int4's does), the built-in nano, whose steps are Python
-# overhead (0.70-0.99x with its retrained head, 2.1 tokens a step), CPUs without qwen35's kernels (PyTorch's on
-# AVX2: a verify pass of 2 tokens cost 2.5x a step), and where it was not measured (GPU, fp32).
+# overhead (0.92-1.02x at k = 2 with its retrained head, 2.1 tokens a step), CPUs without qwen35's kernels
+# (PyTorch's on AVX2: a verify pass of 2 tokens cost 2.5x a step), and where it was not measured (GPU, fp32).
 DEFAULT_DRAFT, DEFAULT_DRAFT_VOCAB = 2, 16384
 INT4_FROM_HIDDEN = 2560  # the 4B's width
 Sampler = Callable[[Sequence, torch.Tensor], "Event"]
